@@ -1,0 +1,483 @@
+//! Agents: microservices that consume a card's work items and publish results.
+//!
+//! [`run`] drives any [`Handler`]; [`CommandHandler`] runs a card's `command` runtime. Offsets are
+//! committed only up to the lowest work item not yet answered, so a crash re-delivers unanswered
+//! work (at least once); results carry the step id and attempt, which the router dedupes on.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::cards::{Card, Runtime};
+use crate::envelope::{EventKind, TaskEvent, Usage, WorkItem};
+use crate::kafka::{self, set_default, KafkaConfig};
+use crate::metrics::AgentMetrics;
+
+/// Errors that stop an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Kafka failed.
+    #[error(transparent)]
+    Kafka(#[from] kafka::Error),
+    /// A client call failed.
+    #[error("kafka: {0}")]
+    Client(#[from] rdkafka::error::KafkaError),
+    /// The card cannot be run by `switchyard agent`.
+    #[error("card `{card}` has runtime `{runtime}`, which {why}")]
+    NotRunnable {
+        /// The card.
+        card: String,
+        /// Its runtime kind.
+        runtime: &'static str,
+        /// Why it cannot run here.
+        why: &'static str,
+    },
+    /// Metrics could not be served.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::Error),
+}
+
+/// Result type of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An agent's answer to one work item.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reply {
+    /// The output payload.
+    pub payload: Value,
+    /// Confidence in the output, 0 to 1.
+    pub confidence: Option<f64>,
+    /// Tokens and cost spent.
+    pub usage: Option<Usage>,
+}
+
+/// Handles work items; implement it to write an agent in Rust.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one work item: `Ok` publishes a RESULT, `Err(reason)` a FAILED event.
+    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, String>> + Send;
+}
+
+/// Runs a card's `command` runtime: one JSON work item on stdin, one JSON object on stdout.
+/// A top-level numeric `confidence` in the output becomes the result's confidence.
+#[derive(Debug, Clone)]
+pub struct CommandHandler {
+    program: String,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+    dir: PathBuf,
+    timeout: Duration,
+}
+
+impl CommandHandler {
+    /// The handler for `card`, loaded from a file in `dir` (relative paths resolve there).
+    pub fn new(card: &Card, dir: PathBuf) -> Result<Self> {
+        let Runtime::Command { command, env } = &card.runtime else {
+            return Err(not_runnable(card));
+        };
+        Ok(Self {
+            program: command[0].clone(),
+            args: command[1..].to_vec(),
+            env: env.clone(),
+            dir,
+            timeout: card.timeout,
+        })
+    }
+
+    async fn run(&self, item: &WorkItem) -> Result<Reply, String> {
+        let mut child = tokio::process::Command::new(&self.program)
+            .args(&self.args)
+            .envs(&self.env)
+            .current_dir(&self.dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start `{}`: {e}", self.program))?;
+        let input = serde_json::to_vec(item).map_err(|e| e.to_string())?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A program that does not read its input closes the pipe early; its exit decides.
+            match stdin.write_all(&input).await {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    return Err(format!("cannot write the work item: {e}"));
+                }
+                _ => {}
+            }
+        }
+        let output = tokio::time::timeout(self.timeout, child.wait_with_output())
+            .await
+            .map_err(|_| format!("timed out after {:?}", self.timeout))?
+            .map_err(|e| e.to_string())?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: String = stderr
+                .chars()
+                .rev()
+                .take(500)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            return Err(format!(
+                "`{}` exited with {}: {}",
+                self.program,
+                output.status,
+                tail.trim()
+            ));
+        }
+        let payload: Value = serde_json::from_slice(&output.stdout)
+            .map_err(|e| format!("`{}` did not print a JSON object: {e}", self.program))?;
+        if !payload.is_object() {
+            return Err(format!(
+                "`{}` printed JSON that is not an object",
+                self.program
+            ));
+        }
+        let confidence = payload.get("confidence").and_then(Value::as_f64);
+        Ok(Reply {
+            payload,
+            confidence,
+            usage: None,
+        })
+    }
+}
+
+impl Handler for CommandHandler {
+    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, String>> + Send {
+        let this = self.clone();
+        async move { this.run(&item).await }
+    }
+}
+
+fn not_runnable(card: &Card) -> Error {
+    let (runtime, why) = match card.runtime {
+        Runtime::Command { .. } => ("command", "is runnable"),
+        Runtime::Handler => (
+            "handler",
+            "runs in your own Rust program through `switchyard::agent::run`",
+        ),
+        Runtime::Human => (
+            "human",
+            "is answered by people with `switchyard submit --kind HUMAN_DECISION`",
+        ),
+    };
+    Error::NotRunnable {
+        card: card.name.clone(),
+        runtime,
+        why,
+    }
+}
+
+/// How an agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Kafka settings.
+    pub kafka: KafkaConfig,
+    /// The card.
+    pub card: Card,
+    /// Consumer group; replicas of one card share it. Default `<prefix>.agent.<card>`.
+    pub group_id: String,
+    /// Consumer session timeout.
+    pub session_timeout: Duration,
+    /// Where to serve `/metrics`, `/health` and `/ready`, if anywhere.
+    pub http_addr: Option<SocketAddr>,
+}
+
+impl AgentConfig {
+    /// Defaults for `card` on `kafka`.
+    pub fn new(kafka: KafkaConfig, card: Card) -> Self {
+        let group_id = format!("{}.agent.{}", kafka.topic_prefix, card.name);
+        Self {
+            kafka,
+            card,
+            group_id,
+            session_timeout: Duration::from_secs(10),
+            http_addr: None,
+        }
+    }
+}
+
+/// Offsets of one partition: in flight and the highest done.
+#[derive(Debug, Default)]
+struct PartitionOffsets {
+    inflight: BTreeSet<i64>,
+    next: Option<i64>,
+}
+
+impl PartitionOffsets {
+    /// The offset to commit: the lowest in flight, else one past the highest done.
+    fn committable(&self) -> Option<i64> {
+        self.inflight.first().copied().or(self.next)
+    }
+}
+
+/// Recently answered (task, step, attempt), to skip re-delivered work items.
+#[derive(Debug, Default)]
+struct Recent {
+    seen: HashSet<(String, u32, u32)>,
+    order: VecDeque<(String, u32, u32)>,
+}
+
+impl Recent {
+    const CAPACITY: usize = 50_000;
+
+    fn insert(&mut self, key: (String, u32, u32)) -> bool {
+        if !self.seen.insert(key.clone()) {
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() > Self::CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+/// Runs an agent until `shutdown` turns true; then it stops fetching, finishes the work it holds,
+/// commits and returns.
+pub async fn run<H: Handler>(
+    config: AgentConfig,
+    handler: Arc<H>,
+    metrics: AgentMetrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let card = config.card.clone();
+    let topics = config.kafka.topics();
+    let inbox = card.topic(&config.kafka.topic_prefix);
+    config.kafka.partition_count(&inbox)?;
+    let ready = Arc::new(AtomicBool::new(true));
+    if let Some(addr) = config.http_addr {
+        let bound = crate::metrics::serve(addr, metrics.registry.clone(), ready).await?;
+        tracing::info!(%bound, "serving /metrics, /health, /ready");
+    }
+    let mut client = config.kafka.client_config();
+    client
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set(
+            "session.timeout.ms",
+            config.session_timeout.as_millis().to_string(),
+        )
+        .set_log_level(RDKafkaLogLevel::Warning);
+    set_default(&mut client, "auto.offset.reset", "earliest");
+    set_default(&mut client, "heartbeat.interval.ms", "1000");
+    let consumer: StreamConsumer = client.create()?;
+    consumer.subscribe(&[&inbox])?;
+    let producer: FutureProducer = config.kafka.producer()?;
+    let tasks_topic = topics.tasks();
+    tracing::info!(card = %card.name, %inbox, group = %config.group_id, "agent started");
+
+    let mut offsets: BTreeMap<i32, PartitionOffsets> = BTreeMap::new();
+    let mut recent = Recent::default();
+    let mut running: JoinSet<(i32, i64, Option<Outcome>)> = JoinSet::new();
+    let mut commit_ticker = tokio::time::interval(Duration::from_millis(500));
+    let mut stopping = false;
+    loop {
+        let room = running.len() < card.concurrency;
+        tokio::select! {
+            _ = shutdown.changed(), if !stopping => {
+                tracing::info!(inflight = running.len(), "draining");
+                stopping = true;
+            }
+            _ = commit_ticker.tick() => commit(&consumer, &inbox, &offsets, CommitMode::Async),
+            Some(done) = running.join_next() => {
+                let (partition, offset, outcome) = done.expect("work item tasks do not panic");
+                if let Some(outcome) = outcome {
+                    publish(&producer, &tasks_topic, &card.name, outcome, &metrics).await?;
+                }
+                let entry = offsets.entry(partition).or_default();
+                entry.inflight.remove(&offset);
+                entry.next = Some(entry.next.unwrap_or(0).max(offset + 1));
+            }
+            message = consumer.recv(), if room && !stopping => {
+                let message = match message {
+                    Ok(m) => m.detach(),
+                    Err(e) => { tracing::warn!(error = %e, "consumer error"); continue; }
+                };
+                let (partition, offset) = (message.partition(), message.offset());
+                offsets.entry(partition).or_default().inflight.insert(offset);
+                let item: Option<WorkItem> = match message.payload().map(serde_json::from_slice) {
+                    Some(Ok(item)) => Some(item),
+                    other => {
+                        let why = other.map(|r| r.err().map(|e| e.to_string())).unwrap_or(Some("empty record".into()));
+                        tracing::warn!(partition, offset, error = ?why, "skipping a record that is not a work item");
+                        None
+                    }
+                };
+                let fresh = item.filter(|i| {
+                    let new = recent.insert((i.task_id.clone(), i.step_id, i.attempt));
+                    if !new {
+                        metrics.work_items.with_label_values(&[&card.name, "duplicate"]).inc();
+                    }
+                    new
+                });
+                let handler = handler.clone();
+                let metrics = metrics.clone();
+                let name = card.name.clone();
+                running.spawn(async move {
+                    let Some(item) = fresh else { return (partition, offset, None) };
+                    metrics.inflight.inc();
+                    let started = Instant::now();
+                    let result = handler.handle(item.clone()).await;
+                    metrics.handle_seconds.with_label_values(&[&name]).observe(started.elapsed().as_secs_f64());
+                    metrics.inflight.dec();
+                    (partition, offset, Some(Outcome { item, result }))
+                });
+            }
+            else => break,
+        }
+        if stopping && running.is_empty() {
+            break;
+        }
+    }
+    commit(&consumer, &inbox, &offsets, CommitMode::Sync);
+    tracing::info!(card = %card.name, "agent stopped");
+    Ok(())
+}
+
+struct Outcome {
+    item: WorkItem,
+    result: Result<Reply, String>,
+}
+
+async fn publish(
+    producer: &FutureProducer,
+    tasks_topic: &str,
+    card: &str,
+    outcome: Outcome,
+    metrics: &AgentMetrics,
+) -> Result<()> {
+    let Outcome { item, result } = outcome;
+    let (kind, label) = if result.is_ok() {
+        (EventKind::Result, "result")
+    } else {
+        (EventKind::Failed, "failed")
+    };
+    let mut event = TaskEvent::new(&item.task_id, kind, card);
+    event.tenant = item.tenant.clone();
+    event.step_id = Some(item.step_id);
+    event.attempt = Some(item.attempt);
+    match result {
+        Ok(reply) => {
+            event.payload = reply.payload;
+            event.confidence = reply.confidence;
+            event.usage = reply.usage;
+        }
+        Err(error) => {
+            tracing::warn!(task = %item.task_id, step = item.step_id, attempt = item.attempt, %error, "work item failed");
+            event.payload = serde_json::json!({ "error": error });
+        }
+    }
+    let payload = serde_json::to_vec(&event).expect("events serialize");
+    let record = FutureRecord::to(tasks_topic)
+        .key(item.task_id.as_str())
+        .payload(&payload)
+        .partition(item.reply_partition);
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| Error::Client(e))?;
+    metrics.work_items.with_label_values(&[card, label]).inc();
+    Ok(())
+}
+
+fn commit(
+    consumer: &StreamConsumer,
+    topic: &str,
+    offsets: &BTreeMap<i32, PartitionOffsets>,
+    mode: CommitMode,
+) {
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in offsets {
+        if let Some(next) = o.committable() {
+            let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(next));
+        }
+    }
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            tracing::debug!(error = %e, "offset commit failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item() -> WorkItem {
+        WorkItem {
+            task_id: "t".into(),
+            tenant: "default".into(),
+            step_id: 1,
+            attempt: 1,
+            card: "c".into(),
+            input: serde_json::json!({"message": "hi"}),
+            context: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            deadline: None,
+            reply_partition: 0,
+        }
+    }
+
+    fn handler(script: &str) -> CommandHandler {
+        CommandHandler {
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: BTreeMap::new(),
+            dir: std::env::temp_dir(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn command_reads_stdin_and_prints_json() {
+        let reply = handler(r#"cat >/dev/null; echo '{"ok": true, "confidence": 0.7}'"#)
+            .run(&item())
+            .await
+            .unwrap();
+        assert_eq!(reply.payload["ok"], true);
+        assert_eq!(reply.confidence, Some(0.7));
+    }
+
+    #[tokio::test]
+    async fn non_zero_exit_and_bad_json_fail() {
+        let err = handler("echo boom >&2; exit 3")
+            .run(&item())
+            .await
+            .unwrap_err();
+        assert!(
+            err.contains("boom") && err.contains("exit status: 3"),
+            "{err}"
+        );
+        let err = handler("echo not-json").run(&item()).await.unwrap_err();
+        assert!(err.contains("did not print a JSON object"), "{err}");
+    }
+
+    #[test]
+    fn committable_offset_is_the_lowest_unfinished() {
+        let mut o = PartitionOffsets::default();
+        o.inflight.extend([5, 6, 7]);
+        o.inflight.remove(&6);
+        o.next = Some(7);
+        assert_eq!(o.committable(), Some(5));
+        o.inflight.clear();
+        assert_eq!(o.committable(), Some(7));
+    }
+}

@@ -1,0 +1,385 @@
+//! Agent cards: what each agent is, where its work arrives and how it runs.
+//!
+//! A card is one YAML file. Its fields follow the A2A AgentCard where they mean the same thing, plus
+//! what a Kafka agent needs. Unknown fields and bad values are refused with the file, the field and
+//! what is allowed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors loading cards.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or directory could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A card failed to parse or validate.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The card file.
+        path: PathBuf,
+        /// What is wrong: the field and what is allowed.
+        message: String,
+    },
+}
+
+/// Result type of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One skill of an agent (A2A `AgentSkill`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Skill {
+    /// Unique id of the skill.
+    pub id: String,
+    /// Short name.
+    pub name: String,
+    /// What the skill does.
+    #[serde(default)]
+    pub description: String,
+    /// Keywords.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Example requests.
+    #[serde(default)]
+    pub examples: Vec<String>,
+}
+
+/// How an agent runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Runtime {
+    /// A program that reads one JSON work item on stdin and writes one JSON result on stdout.
+    /// A non-zero exit or output that is not JSON is a failure.
+    Command {
+        /// Program and arguments; a relative program path is resolved against the card's directory.
+        command: Vec<String>,
+        /// Extra environment variables.
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+    },
+    /// A handler written in Rust against `switchyard::agent`; `switchyard agent` cannot run it.
+    Handler,
+    /// A human: work items wait in the card's topic and are answered with a `HUMAN_DECISION` event.
+    Human,
+}
+
+/// Retry policy of a card.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, including the first (1 = no retry).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_attempts(),
+        }
+    }
+}
+
+/// An agent card.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Card {
+    /// Unique name: lower-case letters, digits, `_` and `-`. Also names the inbox topic.
+    pub name: String,
+    /// What the agent does; shown to people and to the LLM decider.
+    #[serde(default)]
+    pub description: String,
+    /// Version of the card.
+    #[serde(default = "default_version")]
+    pub version: String,
+    /// The agent's skills.
+    #[serde(default)]
+    pub skills: Vec<Skill>,
+    /// Media types the agent accepts.
+    #[serde(default = "default_modes")]
+    pub input_modes: Vec<String>,
+    /// Media types the agent produces.
+    #[serde(default = "default_modes")]
+    pub output_modes: Vec<String>,
+    /// Inbox topic; defaults to `<prefix>.agent.<name>`.
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// How the agent runs.
+    pub runtime: Runtime,
+    /// Work items one replica handles at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// How long one attempt may take, e.g. `30s`.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// What happens when an attempt fails.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Card that takes over when this card's attempts are exhausted.
+    #[serde(default)]
+    pub fallback: Option<String>,
+    /// Cost of one call, in the operator's currency.
+    #[serde(default)]
+    pub cost_per_call: f64,
+}
+
+fn default_version() -> String {
+    "1.0.0".into()
+}
+
+fn default_modes() -> Vec<String> {
+    vec![crate::envelope::JSON.to_string()]
+}
+
+fn default_concurrency() -> usize {
+    1
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Card {
+    /// The card's inbox topic under `prefix`.
+    pub fn topic(&self, prefix: &str) -> String {
+        self.topic
+            .clone()
+            .unwrap_or_else(|| format!("{prefix}.agent.{}", self.name))
+    }
+
+    /// Whether this card is answered by a human.
+    pub fn is_human(&self) -> bool {
+        matches!(self.runtime, Runtime::Human)
+    }
+
+    /// Parses and checks one card file.
+    pub fn load(path: &Path) -> Result<Card> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |message: String| Error::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let card: Card = serde_yaml_ng::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        card.validate().map_err(invalid)?;
+        Ok(card)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if !valid_name(&self.name) {
+            return Err(format!(
+                "field `name`: `{}` is not allowed; use 1-100 lower-case letters, digits, `_` or `-`",
+                self.name
+            ));
+        }
+        if self.concurrency == 0 {
+            return Err("field `concurrency`: must be at least 1".into());
+        }
+        if self.retry.max_attempts == 0 {
+            return Err("field `retry.max_attempts`: must be at least 1".into());
+        }
+        if self.timeout.is_zero() {
+            return Err("field `timeout`: must be more than 0s".into());
+        }
+        if !(self.cost_per_call.is_finite() && self.cost_per_call >= 0.0) {
+            return Err("field `cost_per_call`: must be a number >= 0".into());
+        }
+        if let Runtime::Command { command, .. } = &self.runtime {
+            if command.is_empty() {
+                return Err("field `runtime.command`: must name a program".into());
+            }
+        }
+        if self.fallback.as_deref() == Some(self.name.as_str()) {
+            return Err("field `fallback`: a card cannot be its own fallback".into());
+        }
+        Ok(())
+    }
+}
+
+/// Whether `name` may name a card (and so a topic).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// A loaded set of cards, keyed by name, with the file each came from.
+#[derive(Debug, Clone, Default)]
+pub struct Cards {
+    cards: BTreeMap<String, (Card, PathBuf)>,
+}
+
+impl Cards {
+    /// Loads every `*.yaml` / `*.yml` file of `dir` as a card.
+    pub fn load_dir(dir: &Path) -> Result<Cards> {
+        let io = |source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .map(|entry| entry.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()
+            .map_err(io)?;
+        paths.retain(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")));
+        paths.sort();
+        let mut cards = Cards::default();
+        for path in paths {
+            let card = Card::load(&path)?;
+            cards.insert(card, path)?;
+        }
+        cards.check_fallbacks()?;
+        Ok(cards)
+    }
+
+    /// Adds a card loaded from `path`, refusing a second card of the same name.
+    pub fn insert(&mut self, card: Card, path: PathBuf) -> Result<()> {
+        if let Some((_, first)) = self.cards.get(&card.name) {
+            return Err(Error::Invalid {
+                path,
+                message: format!(
+                    "field `name`: `{}` is already used by {}",
+                    card.name,
+                    first.display()
+                ),
+            });
+        }
+        self.cards.insert(card.name.clone(), (card, path));
+        Ok(())
+    }
+
+    fn check_fallbacks(&self) -> Result<()> {
+        for (card, path) in self.cards.values() {
+            if let Some(fallback) = &card.fallback {
+                if !self.cards.contains_key(fallback) {
+                    return Err(Error::Invalid {
+                        path: path.clone(),
+                        message: format!(
+                            "field `fallback`: no card named `{fallback}`; known cards: {}",
+                            self.names().join(", ")
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The card called `name`.
+    pub fn get(&self, name: &str) -> Option<&Card> {
+        self.cards.get(name).map(|(card, _)| card)
+    }
+
+    /// Every card.
+    pub fn iter(&self) -> impl Iterator<Item = &Card> {
+        self.cards.values().map(|(card, _)| card)
+    }
+
+    /// The names of every card, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        self.cards.keys().map(String::as_str).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn unknown_field_names_file_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "a.yaml",
+            "name: a\nruntime: {kind: human}\ncolour: red\n",
+        );
+        let err = Card::load(&path).unwrap_err().to_string();
+        assert!(err.contains("a.yaml"), "{err}");
+        assert!(err.contains("unknown field `colour`"), "{err}");
+        assert!(err.contains("expected one of"), "{err}");
+    }
+
+    #[test]
+    fn bad_runtime_kind_lists_the_allowed_kinds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "a.yaml", "name: a\nruntime: {kind: quantum}\n");
+        let err = Card::load(&path).unwrap_err().to_string();
+        assert!(err.contains("runtime"), "{err}");
+        assert!(err.contains("`command`, `handler`, `human`"), "{err}");
+    }
+
+    #[test]
+    fn bad_name_and_zero_concurrency_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "a.yaml",
+            "name: Big Agent\nruntime: {kind: human}\n",
+        );
+        assert!(Card::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("field `name`"));
+        let path = write(
+            dir.path(),
+            "b.yaml",
+            "name: b\nconcurrency: 0\nruntime: {kind: human}\n",
+        );
+        assert!(Card::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("field `concurrency`"));
+    }
+
+    #[test]
+    fn unknown_fallback_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "a.yaml",
+            "name: a\nfallback: ghost\nruntime: {kind: human}\n",
+        );
+        let err = Cards::load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("a.yaml") && err.contains("field `fallback`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn card_defaults_and_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "a.yaml",
+            "name: a\ntimeout: 5s\nruntime: {kind: command, command: [./run.sh]}\n",
+        );
+        let card = Card::load(&path).unwrap();
+        assert_eq!(card.timeout, Duration::from_secs(5));
+        assert_eq!(card.retry.max_attempts, 3);
+        assert_eq!(card.topic("sy"), "sy.agent.a");
+    }
+}

@@ -1,0 +1,587 @@
+//! The `switchyard` command line.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use rdkafka::producer::FutureRecord;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::agent::{self, AgentConfig, CommandHandler};
+use crate::cards::{Card, Runtime};
+use crate::envelope::{Decision, EventKind, TaskEvent};
+use crate::journey::{describe, follow, is_final};
+use crate::kafka::KafkaConfig;
+use crate::metrics::{AgentMetrics, RouterMetrics};
+use crate::router::{Router, RouterConfig};
+use crate::topics::{self, TopicSpecs};
+use crate::workflow::Workflow;
+
+/// A Kafka-native router for multi-agent AI systems.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Settings every subcommand shares.
+#[derive(Debug, Args)]
+struct Global {
+    /// YAML config file (`kafka:` section, see README); flags and environment override it.
+    #[arg(long, global = true, env = "SWITCHYARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers.
+    #[arg(long, global = true, env = "SWITCHYARD_BOOTSTRAP_SERVERS")]
+    bootstrap_servers: Option<String>,
+    /// Prefix of every topic name.
+    #[arg(long, global = true, env = "SWITCHYARD_TOPIC_PREFIX")]
+    topic_prefix: Option<String>,
+    /// A librdkafka property, `key=value` (repeatable), e.g. `-X security.protocol=SASL_SSL`.
+    #[arg(short = 'X', global = true, value_name = "KEY=VALUE")]
+    options: Vec<String>,
+}
+
+/// The config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    /// Kafka settings.
+    #[serde(default)]
+    kafka: KafkaConfig,
+}
+
+impl Global {
+    fn kafka(&self) -> Result<KafkaConfig> {
+        let mut kafka = match &self.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+                let file: FileConfig = serde_yaml_ng::from_str(&text)
+                    .with_context(|| format!("{}", path.display()))?;
+                file.kafka
+            }
+            None => KafkaConfig::default(),
+        };
+        if let Some(b) = &self.bootstrap_servers {
+            kafka.bootstrap_servers = b.clone();
+        }
+        if let Some(p) = &self.topic_prefix {
+            kafka.topic_prefix = p.clone();
+        }
+        for option in &self.options {
+            let Some((k, v)) = option.split_once('=') else {
+                bail!("-X {option}: expected KEY=VALUE");
+            };
+            kafka.options.insert(k.to_string(), v.to_string());
+        }
+        Ok(kafka)
+    }
+
+    /// These settings as flags, for child processes.
+    fn as_args(&self, kafka: &KafkaConfig) -> Vec<String> {
+        vec![
+            "--bootstrap-servers".into(),
+            kafka.bootstrap_servers.clone(),
+            "--topic-prefix".into(),
+            kafka.topic_prefix.clone(),
+        ]
+        .into_iter()
+        .chain(
+            self.config
+                .iter()
+                .flat_map(|c| ["--config".into(), c.display().to_string()]),
+        )
+        .chain(self.options.iter().flat_map(|o| ["-X".into(), o.clone()]))
+        .collect()
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a router instance.
+    Router(RouterArgs),
+    /// Run one agent microservice for a card.
+    Agent(AgentArgs),
+    /// Publish a task event (a new task by default); prints the task id.
+    Submit(SubmitArgs),
+    /// Follow a task's events and decisions.
+    Tail(TailArgs),
+    /// Manage topics.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
+    /// Run everything locally: broker, topics, router, agents, and a sample task.
+    Dev(DevArgs),
+}
+
+#[derive(Debug, Args)]
+struct WorkflowArgs {
+    /// Workflow directory with `cards/` and `rules.yaml`.
+    #[arg(long, default_value = "agents/customer-service")]
+    workflow: PathBuf,
+    /// Rule table to use instead of `<workflow>/rules.yaml`.
+    #[arg(long)]
+    rules: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct RouterArgs {
+    #[command(flatten)]
+    workflow: WorkflowArgs,
+    /// This instance's id (default: random).
+    #[arg(long, env = "SWITCHYARD_INSTANCE_ID")]
+    instance_id: Option<String>,
+    /// Serve /metrics, /health and /ready here.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    http_addr: SocketAddr,
+    /// Most events decided per batch.
+    #[arg(long, default_value_t = 500)]
+    max_batch: usize,
+    /// Consumer session timeout: how soon a crashed instance's partitions move to another.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    session_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// The card file.
+    #[arg(long)]
+    card: PathBuf,
+    /// Serve /metrics, /health and /ready here.
+    #[arg(long)]
+    http_addr: Option<SocketAddr>,
+    /// Consumer session timeout.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    session_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+struct SubmitArgs {
+    /// Task id (default: a new UUID).
+    #[arg(long)]
+    task_id: Option<String>,
+    /// Event kind.
+    #[arg(long, default_value = "SUBMITTED", value_parser = parse_kind)]
+    kind: EventKind,
+    /// The payload, as JSON (default: read from stdin).
+    #[arg(long)]
+    payload: Option<String>,
+    /// Tenant.
+    #[arg(long, default_value = "default")]
+    tenant: String,
+    /// A label, `key=value` (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// The step this event answers (results and human decisions).
+    #[arg(long)]
+    step_id: Option<u32>,
+    /// The attempt this event answers.
+    #[arg(long)]
+    attempt: Option<u32>,
+    /// Confidence, 0 to 1.
+    #[arg(long)]
+    confidence: Option<f64>,
+    /// Event source (default `client`).
+    #[arg(long, default_value = "client")]
+    source: String,
+}
+
+#[derive(Debug, Args)]
+struct TailArgs {
+    /// The task id.
+    task_id: String,
+    /// Stop when the task completes, is cancelled or is dead-lettered.
+    #[arg(long)]
+    until_done: bool,
+    /// Give up after this long without a new event.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicsCommand {
+    /// Create the topics that are missing (idempotent).
+    Apply {
+        #[command(flatten)]
+        workflow: WorkflowArgs,
+        /// Topic spec file.
+        #[arg(long, default_value = "topics/switchyard.yaml")]
+        spec: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct DevArgs {
+    #[command(flatten)]
+    workflow: WorkflowArgs,
+    /// Topic spec file.
+    #[arg(long, default_value = "topics/switchyard.yaml")]
+    spec: PathBuf,
+    /// Customer messages to submit as sample tasks (default: one happy, one angry).
+    #[arg(long = "message")]
+    messages: Vec<String>,
+    /// Keep the router and agents running after the samples finish (Ctrl-C stops).
+    #[arg(long)]
+    keep_running: bool,
+}
+
+fn parse_kind(s: &str) -> Result<EventKind, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_uppercase()))
+        .map_err(|_| format!("`{s}` is not one of {}", EventKind::ALL.join(", ")))
+}
+
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
+    labels
+        .iter()
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) => Ok((k.to_string(), v.to_string())),
+            None => bail!("--label {l}: expected KEY=VALUE"),
+        })
+        .collect()
+}
+
+impl Cli {
+    /// Runs the chosen subcommand.
+    pub async fn run(self) -> Result<()> {
+        let kafka = self.global.kafka()?;
+        match self.command {
+            Command::Router(args) => run_router(kafka, args).await,
+            Command::Agent(args) => run_agent(kafka, args).await,
+            Command::Submit(args) => {
+                let task_id = submit(&kafka, args).await?;
+                println!("{task_id}");
+                Ok(())
+            }
+            Command::Tail(args) => tail(&kafka, args).await,
+            Command::Topics(TopicsCommand::Apply { workflow, spec }) => {
+                let wf = Workflow::load(&workflow.workflow, workflow.rules.as_deref())?;
+                kafka.wait_for_broker(Duration::from_secs(10))?;
+                for line in topics::apply(&kafka, &TopicSpecs::load(&spec)?, &wf.cards).await? {
+                    println!("{line}");
+                }
+                Ok(())
+            }
+            Command::Dev(args) => dev(&self.global, kafka, args).await,
+        }
+    }
+}
+
+/// A watch channel that turns true on SIGINT or SIGTERM.
+fn shutdown_signal() -> Result<watch::Receiver<bool>> {
+    let (tx, rx) = watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+async fn run_router(kafka: KafkaConfig, args: RouterArgs) -> Result<()> {
+    let workflow = Workflow::load(&args.workflow.workflow, args.workflow.rules.as_deref())?;
+    kafka.wait_for_broker(Duration::from_secs(30))?;
+    let mut config = RouterConfig::new(kafka);
+    if let Some(id) = args.instance_id {
+        config.instance_id = id;
+    }
+    config.http_addr = Some(args.http_addr);
+    config.max_batch = args.max_batch;
+    config.session_timeout = args.session_timeout;
+    let router = Router::new(config, workflow.engine(), RouterMetrics::new()?)?;
+    router.run(shutdown_signal()?).await?;
+    Ok(())
+}
+
+async fn run_agent(kafka: KafkaConfig, args: AgentArgs) -> Result<()> {
+    let card = Card::load(&args.card)?;
+    let dir = args
+        .card
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let handler = CommandHandler::new(&card, dir)?;
+    kafka.wait_for_broker(Duration::from_secs(30))?;
+    let mut config = AgentConfig::new(kafka, card);
+    config.http_addr = args.http_addr;
+    config.session_timeout = args.session_timeout;
+    agent::run(
+        config,
+        Arc::new(handler),
+        AgentMetrics::new()?,
+        shutdown_signal()?,
+    )
+    .await?;
+    Ok(())
+}
+
+async fn submit(kafka: &KafkaConfig, args: SubmitArgs) -> Result<String> {
+    let text = match args.payload {
+        Some(p) => p,
+        None => {
+            std::io::read_to_string(std::io::stdin()).context("reading the payload from stdin")?
+        }
+    };
+    let payload: serde_json::Value =
+        serde_json::from_str(&text).context("the payload is not JSON")?;
+    let task_id = args
+        .task_id
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let mut event = TaskEvent::new(&task_id, args.kind, args.source);
+    event.payload = payload;
+    event.tenant = args.tenant;
+    event.labels = parse_labels(&args.labels)?;
+    event.step_id = args.step_id;
+    event.attempt = args.attempt;
+    event.confidence = args.confidence;
+    publish(kafka, &event).await?;
+    Ok(task_id)
+}
+
+/// Publishes a task event to the tasks topic, keyed by its task id.
+async fn publish(kafka: &KafkaConfig, event: &TaskEvent) -> Result<()> {
+    let producer = kafka.producer()?;
+    let bytes = serde_json::to_vec(event)?;
+    let topic = kafka.topics().tasks();
+    producer
+        .send(
+            FutureRecord::to(&topic).key(&event.task_id).payload(&bytes),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .with_context(|| format!("publishing to `{topic}`"))?;
+    Ok(())
+}
+
+async fn tail(kafka: &KafkaConfig, args: TailArgs) -> Result<()> {
+    let start = std::cell::Cell::new(None);
+    let done = follow(kafka, &args.task_id, args.idle_timeout, |record| {
+        let t0 = start.get().unwrap_or(record.at);
+        start.set(Some(t0));
+        println!(
+            "{:>8.3}s  {}",
+            (record.at - t0) as f64 / 1000.0,
+            describe(record)
+        );
+        args.until_done && is_final(&record.decision)
+    })
+    .await?;
+    if args.until_done && !done {
+        bail!(
+            "no new event for {:?}; the task has not finished",
+            args.idle_timeout
+        );
+    }
+    Ok(())
+}
+
+/// A child process started by `dev`, stopped by PID.
+struct Child {
+    name: String,
+    child: tokio::process::Child,
+}
+
+impl Child {
+    fn spawn(name: &str, args: &[String], logs: &Path) -> Result<Self> {
+        let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+        let child = tokio::process::Command::new(std::env::current_exe()?)
+            .args(args)
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Self {
+            name: name.to_string(),
+            child,
+        })
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = tokio::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
+            if tokio::time::timeout(Duration::from_secs(15), self.child.wait())
+                .await
+                .is_err()
+            {
+                eprintln!("{} did not stop within 15s; killing it", self.name);
+                let _ = self.child.kill().await;
+            }
+        }
+    }
+}
+
+fn scripts_dir() -> PathBuf {
+    let local = PathBuf::from("scripts");
+    if local.join("start-broker").exists() {
+        local
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts")
+    }
+}
+
+const SAMPLES: [&str; 2] = [
+    "Hi! My order arrived yesterday. How do I change the delivery address for the next one?",
+    "This is the third time my refund has failed. I am furious and I want to cancel everything.",
+];
+
+async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
+    let workflow = Workflow::load(&args.workflow.workflow, args.workflow.rules.as_deref())?;
+    println!(
+        "workflow {}: {} cards, {} rules",
+        workflow.dir.display(),
+        workflow.cards.names().len(),
+        workflow.rules.rules.len()
+    );
+    let mut started_broker = false;
+    if kafka.wait_for_broker(Duration::from_secs(2)).is_err() {
+        if kafka.bootstrap_servers != crate::kafka::DEFAULT_BOOTSTRAP {
+            bail!("no broker answers at {}", kafka.bootstrap_servers);
+        }
+        println!("no broker at {}; starting one with scripts/start-broker (the first build takes ~17 min)", kafka.bootstrap_servers);
+        let status = tokio::process::Command::new(scripts_dir().join("start-broker"))
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("scripts/start-broker failed");
+        }
+        started_broker = true;
+    }
+    kafka.wait_for_broker(Duration::from_secs(30))?;
+    for line in topics::apply(&kafka, &TopicSpecs::load(&args.spec)?, &workflow.cards).await? {
+        println!("topic  {line}");
+    }
+    let logs = PathBuf::from(".switchyard/logs");
+    std::fs::create_dir_all(&logs)?;
+    let base = global.as_args(&kafka);
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter()
+            .cloned()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    let workflow_dir = workflow.dir.display().to_string();
+    let mut children = vec![Child::spawn(
+        "router",
+        &with(&[
+            "router",
+            "--workflow",
+            &workflow_dir,
+            "--http-addr",
+            "127.0.0.1:9464",
+        ]),
+        &logs,
+    )?];
+    let mut port = 9465;
+    for card in workflow
+        .cards
+        .iter()
+        .filter(|c| matches!(c.runtime, Runtime::Command { .. }))
+    {
+        let path = workflow
+            .dir
+            .join("cards")
+            .join(format!("{}.yaml", card.name));
+        let addr = format!("127.0.0.1:{port}");
+        port += 1;
+        let path = path.display().to_string();
+        children.push(Child::spawn(
+            &card.name,
+            &with(&["agent", "--card", &path, "--http-addr", &addr]),
+            &logs,
+        )?);
+    }
+    println!(
+        "started the router (metrics on http://127.0.0.1:9464/metrics) and {} agents; logs in {}",
+        children.len() - 1,
+        logs.display()
+    );
+    let messages: Vec<String> = if args.messages.is_empty() {
+        SAMPLES.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.messages
+    };
+    let result = run_samples(&kafka, &workflow, &messages).await;
+    if args.keep_running && result.is_ok() {
+        println!("running; Ctrl-C stops");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    for child in children {
+        child.stop().await;
+    }
+    if started_broker {
+        let _ = tokio::process::Command::new(scripts_dir().join("stop-broker"))
+            .status()
+            .await;
+    }
+    result
+}
+
+async fn run_samples(kafka: &KafkaConfig, workflow: &Workflow, messages: &[String]) -> Result<()> {
+    for message in messages {
+        let task_id = format!("dev-{}", uuid::Uuid::new_v4().simple());
+        let mut event = TaskEvent::new(&task_id, EventKind::Submitted, "client");
+        event.payload = serde_json::json!({ "customer_message": message });
+        publish(kafka, &event).await?;
+        println!("\ntask {task_id}: \"{message}\"");
+        let mut escalated = None;
+        let start = std::cell::Cell::new(None);
+        let print = |record: &crate::envelope::StateEvent| {
+            let t0 = start.get().unwrap_or(record.at);
+            start.set(Some(t0));
+            println!(
+                "  {:>7.3}s  {}",
+                (record.at - t0) as f64 / 1000.0,
+                describe(record)
+            );
+        };
+        let finished = follow(kafka, &task_id, Duration::from_secs(60), |record| {
+            print(record);
+            if let Decision::Escalated { step, .. } = &record.decision {
+                escalated = Some(step.clone());
+                return true;
+            }
+            is_final(&record.decision)
+        })
+        .await?;
+        if !finished {
+            bail!("task {task_id} made no progress for 60s; see .switchyard/logs/");
+        }
+        let Some(step) = escalated else { continue };
+        let human = workflow
+            .cards
+            .get(&step.card)
+            .map(|c| c.name.clone())
+            .unwrap_or_default();
+        println!("  (dev answers as the human `{human}`: switchyard submit --kind HUMAN_DECISION --task-id {task_id} --step-id {})", step.step_id);
+        let mut decision = TaskEvent::new(&task_id, EventKind::HumanDecision, "dev-human");
+        decision.step_id = Some(step.step_id);
+        decision.payload = serde_json::json!({ "reply": "A supervisor will call you today and your refund is approved." });
+        publish(kafka, &decision).await?;
+        let mut seen_escalation = false;
+        follow(kafka, &task_id, Duration::from_secs(60), |record| {
+            if seen_escalation {
+                print(record);
+            }
+            seen_escalation |= matches!(record.decision, Decision::Escalated { .. });
+            seen_escalation && is_final(&record.decision)
+        })
+        .await?;
+    }
+    println!("\nall sample tasks finished");
+    Ok(())
+}

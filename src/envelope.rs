@@ -1,0 +1,419 @@
+//! The records that travel on switchyard's topics: task events, work items, state events and the
+//! headers of dead letters.
+//!
+//! Records are JSON in this version (`content-type: application/json`). Unknown fields are ignored so
+//! that newer producers do not break older routers; the Avro schemas in `schemas/` describe the
+//! same records.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The content type of JSON payloads, the default.
+pub const JSON: &str = "application/json";
+
+/// What a task event says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EventKind {
+    /// A client submitted a new task.
+    Submitted,
+    /// An agent finished a step.
+    Result,
+    /// An agent gave up on a step.
+    Failed,
+    /// A human answered an escalated step.
+    HumanDecision,
+    /// A client cancelled the task.
+    Cancel,
+}
+
+impl EventKind {
+    /// Every kind, in the spelling used on the wire.
+    pub const ALL: [&'static str; 5] =
+        ["SUBMITTED", "RESULT", "FAILED", "HUMAN_DECISION", "CANCEL"];
+}
+
+/// Tokens and cost reported with a result.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    #[serde(default)]
+    pub tokens_in: u64,
+    /// Completion tokens.
+    #[serde(default)]
+    pub tokens_out: u64,
+    /// Cost in the operator's currency.
+    #[serde(default)]
+    pub cost: f64,
+}
+
+/// An event on the tasks topic: a submission, an agent's result or failure, a human decision, a
+/// cancellation. Keyed by `task_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    /// Unique id of this event.
+    pub event_id: String,
+    /// The task this event belongs to; the record key.
+    pub task_id: String,
+    /// Tenant that owns the task.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// `client` or the name of the card that produced the event.
+    #[serde(default)]
+    pub source: String,
+    /// The step this event answers (results, failures, human decisions).
+    #[serde(default)]
+    pub step_id: Option<u32>,
+    /// The attempt of that step this event answers.
+    #[serde(default)]
+    pub attempt: Option<u32>,
+    /// The user-defined payload: task input or agent output.
+    #[serde(default)]
+    pub payload: Value,
+    /// The payload's content type.
+    #[serde(default = "default_content_type")]
+    pub content_type: String,
+    /// The producer's confidence in a result, 0 to 1.
+    #[serde(default)]
+    pub confidence: Option<f64>,
+    /// Tokens and cost spent on this event.
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    /// Higher runs first where agents honour it.
+    #[serde(default)]
+    pub priority: i32,
+    /// Deadline, milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub deadline: Option<i64>,
+    /// Free-form labels rules can match on.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Creation time, milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub created_at: i64,
+}
+
+fn default_tenant() -> String {
+    "default".to_string()
+}
+
+fn default_content_type() -> String {
+    JSON.to_string()
+}
+
+impl TaskEvent {
+    /// A new event of `kind` for `task_id` with a fresh event id and the current time.
+    pub fn new(task_id: impl Into<String>, kind: EventKind, source: impl Into<String>) -> Self {
+        Self {
+            event_id: uuid::Uuid::new_v4().to_string(),
+            task_id: task_id.into(),
+            tenant: default_tenant(),
+            kind,
+            source: source.into(),
+            step_id: None,
+            attempt: None,
+            payload: Value::Null,
+            content_type: default_content_type(),
+            confidence: None,
+            usage: None,
+            priority: 0,
+            deadline: None,
+            labels: BTreeMap::new(),
+            created_at: now_ms(),
+        }
+    }
+}
+
+/// Why a task event could not be decoded; the `reason` is the dead-letter reason code.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The bytes are not a JSON object.
+    #[error("record is not a JSON object: {0}")]
+    NotJson(String),
+    /// `kind` holds a value outside [`EventKind::ALL`].
+    #[error(
+        "unknown event kind `{0}`; allowed: SUBMITTED, RESULT, FAILED, HUMAN_DECISION, CANCEL"
+    )]
+    UnknownKind(String),
+    /// A field is missing or has the wrong type.
+    #[error("invalid task event: {0}")]
+    Invalid(String),
+}
+
+impl DecodeError {
+    /// The dead-letter reason code of this error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::NotJson(_) => "deserialization",
+            DecodeError::UnknownKind(_) => "unknown_kind",
+            DecodeError::Invalid(_) => "invalid_event",
+        }
+    }
+}
+
+/// Decodes a task event, telling garbage, unknown kinds and invalid fields apart.
+pub fn decode_task_event(bytes: &[u8]) -> Result<TaskEvent, DecodeError> {
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    let Some(object) = value.as_object() else {
+        return Err(DecodeError::NotJson("top level is not an object".into()));
+    };
+    if let Some(kind) = object.get("kind").and_then(Value::as_str) {
+        if !EventKind::ALL.contains(&kind) {
+            return Err(DecodeError::UnknownKind(kind.to_string()));
+        }
+    }
+    let event: TaskEvent =
+        serde_json::from_value(value).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+    if event.task_id.is_empty() {
+        return Err(DecodeError::Invalid("`task_id` is empty".into()));
+    }
+    Ok(event)
+}
+
+/// A unit of work for one agent card, written to the card's inbox topic. Keyed by `task_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkItem {
+    /// The task.
+    pub task_id: String,
+    /// Tenant that owns the task.
+    pub tenant: String,
+    /// Stable id of the step within the task; agents and the router dedupe on (task, step, attempt).
+    pub step_id: u32,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// The card that should act.
+    pub card: String,
+    /// The task's input payload.
+    pub input: Value,
+    /// Bounded context: the latest output of each card that has answered so far.
+    pub context: BTreeMap<String, Value>,
+    /// The task's labels.
+    pub labels: BTreeMap<String, String>,
+    /// Deadline, milliseconds since the Unix epoch.
+    pub deadline: Option<i64>,
+    /// The tasks-topic partition to publish the result to (the task's partition).
+    pub reply_partition: i32,
+}
+
+/// Where a state event's input came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputRef {
+    /// The input event's id, when it could be decoded.
+    pub event_id: Option<String>,
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+}
+
+/// One step a decision creates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// Step id within the task.
+    pub step_id: u32,
+    /// The card that acts.
+    pub card: String,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+}
+
+/// Who made a routing decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "by", rename_all = "snake_case")]
+pub enum DecidedBy {
+    /// A rule of the rule table.
+    Rule {
+        /// The rule's id.
+        rule_id: String,
+    },
+    /// The card's failure policy sent the step to its fallback card.
+    Fallback {
+        /// The card that failed.
+        failed_card: String,
+    },
+}
+
+/// What the router decided for one input event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Decision {
+    /// An instance took over the partition; the record's offset is its epoch.
+    Owned {
+        /// The instance that took over.
+        instance: String,
+    },
+    /// New steps were created and work items sent to their cards.
+    Routed {
+        /// The new steps.
+        steps: Vec<Step>,
+        /// Rule or policy that decided.
+        decided_by: DecidedBy,
+    },
+    /// A result was recorded; the task waits for other steps (a join).
+    Recorded,
+    /// The task completed.
+    Completed {
+        /// The rule that completed it.
+        rule_id: String,
+    },
+    /// The task was escalated to a human card.
+    Escalated {
+        /// The human card's step.
+        step: Step,
+        /// The rule that escalated.
+        rule_id: String,
+    },
+    /// A failed step is tried again.
+    RetryScheduled {
+        /// The step with its new attempt number.
+        step: Step,
+    },
+    /// The input went to the dead-letter topic.
+    DeadLettered {
+        /// Reason code.
+        reason: String,
+        /// Human-readable explanation.
+        message: String,
+        /// Whether the task ended with this decision.
+        ends_task: bool,
+    },
+    /// A stale or duplicate result, counted and dropped.
+    Dropped {
+        /// Reason code.
+        reason: String,
+    },
+    /// The task was cancelled.
+    Cancelled,
+}
+
+impl Decision {
+    /// The decision's type as written on the wire.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Decision::Owned { .. } => "OWNED",
+            Decision::Routed { .. } => "ROUTED",
+            Decision::Recorded => "RECORDED",
+            Decision::Completed { .. } => "COMPLETED",
+            Decision::Escalated { .. } => "ESCALATED",
+            Decision::RetryScheduled { .. } => "RETRY_SCHEDULED",
+            Decision::DeadLettered { .. } => "DEAD_LETTERED",
+            Decision::Dropped { .. } => "DROPPED",
+            Decision::Cancelled => "CANCELLED",
+        }
+    }
+}
+
+/// A record on the state topic: one decision about one input event. The state topic is the
+/// event-sourced source of truth of the router; folding it restores every task's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateEvent {
+    /// The task (empty for ownership records and undecodable input).
+    pub task_id: String,
+    /// Per-task sequence number, from 1.
+    pub seq: u64,
+    /// Ownership epoch of the writer: the offset of its ownership record.
+    pub epoch: i64,
+    /// The instance that wrote this record.
+    pub instance: String,
+    /// The input this decision answers.
+    pub input: Option<InputRef>,
+    /// The decoded input event.
+    pub event: Option<TaskEvent>,
+    /// The step the input answered, as resolved by the router.
+    pub answers_step: Option<u32>,
+    /// What was decided.
+    pub decision: Decision,
+    /// When, milliseconds since the Unix epoch.
+    pub at: i64,
+}
+
+/// Header names of dead-letter records (in the spirit of KIP-1034).
+pub mod dlq_headers {
+    /// Reason code.
+    pub const REASON: &str = "switchyard.error.reason";
+    /// Human-readable error message.
+    pub const MESSAGE: &str = "switchyard.error.message";
+    /// Source topic.
+    pub const TOPIC: &str = "switchyard.error.topic";
+    /// Source partition.
+    pub const PARTITION: &str = "switchyard.error.partition";
+    /// Source offset.
+    pub const OFFSET: &str = "switchyard.error.offset";
+    /// Version of the router that dead-lettered the record.
+    pub const ROUTER_VERSION: &str = "switchyard.error.router.version";
+    /// Time of dead-lettering, milliseconds since the Unix epoch.
+    pub const TIME: &str = "switchyard.error.time";
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_unknown_kind_and_invalid_events_are_told_apart() {
+        assert_eq!(
+            decode_task_event(b"\x00\xff").unwrap_err().reason(),
+            "deserialization"
+        );
+        let unknown = br#"{"event_id":"e","task_id":"t","kind":"EXPLODE"}"#;
+        assert_eq!(
+            decode_task_event(unknown).unwrap_err().reason(),
+            "unknown_kind"
+        );
+        let no_task = br#"{"event_id":"e","kind":"SUBMITTED"}"#;
+        assert_eq!(
+            decode_task_event(no_task).unwrap_err().reason(),
+            "invalid_event"
+        );
+    }
+
+    #[test]
+    fn minimal_event_gets_defaults() {
+        let e = decode_task_event(br#"{"event_id":"e","task_id":"t","kind":"SUBMITTED"}"#).unwrap();
+        assert_eq!(e.tenant, "default");
+        assert_eq!(e.content_type, JSON);
+        assert_eq!(e.kind, EventKind::Submitted);
+    }
+
+    #[test]
+    fn state_event_round_trips() {
+        let s = StateEvent {
+            task_id: "t".into(),
+            seq: 1,
+            epoch: 7,
+            instance: "i".into(),
+            input: None,
+            event: None,
+            answers_step: Some(2),
+            decision: Decision::Routed {
+                steps: vec![Step {
+                    step_id: 3,
+                    card: "a".into(),
+                    attempt: 1,
+                }],
+                decided_by: DecidedBy::Rule {
+                    rule_id: "r".into(),
+                },
+            },
+            at: 0,
+        };
+        let bytes = serde_json::to_vec(&s).unwrap();
+        assert_eq!(serde_json::from_slice::<StateEvent>(&bytes).unwrap(), s);
+    }
+}

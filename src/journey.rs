@@ -1,0 +1,116 @@
+//! Following a task on the state topic, and describing its decisions for people.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::envelope::{DecidedBy, Decision, EventKind, StateEvent};
+use crate::kafka::{self, partition_for_key, KafkaConfig};
+
+/// Whether a decision ends the task.
+pub fn is_final(decision: &Decision) -> bool {
+    matches!(
+        decision,
+        Decision::Completed { .. }
+            | Decision::Cancelled
+            | Decision::DeadLettered {
+                ends_task: true,
+                ..
+            }
+    )
+}
+
+/// One line describing a state event: the input it answers and what was decided.
+pub fn describe(record: &StateEvent) -> String {
+    let input = match &record.event {
+        Some(e) => {
+            let step = e.step_id.map(|s| format!(" step {s}")).unwrap_or_default();
+            let attempt = e
+                .attempt
+                .filter(|a| *a > 1)
+                .map(|a| format!(" attempt {a}"))
+                .unwrap_or_default();
+            let confidence = e
+                .confidence
+                .map(|c| format!(" confidence {c:.2}"))
+                .unwrap_or_default();
+            let from = match e.kind {
+                EventKind::Submitted | EventKind::Cancel => format!("from {}", e.source),
+                _ => format!("from {}{step}{attempt}", e.source),
+            };
+            format!(
+                "{:<15} {from}{confidence}",
+                format!("{:?}", e.kind).to_uppercase()
+            )
+        }
+        None => "UNDECODABLE".to_string(),
+    };
+    let decision = match &record.decision {
+        Decision::Routed { steps, decided_by } => {
+            let to: Vec<String> = steps
+                .iter()
+                .map(|s| format!("{} (step {})", s.card, s.step_id))
+                .collect();
+            let by = match decided_by {
+                DecidedBy::Rule { rule_id } => format!("rule {rule_id}"),
+                DecidedBy::Fallback { failed_card } => format!("fallback for {failed_card}"),
+            };
+            format!("ROUTED → {}   [{by}]", to.join(", "))
+        }
+        Decision::Escalated { step, rule_id } => format!(
+            "ESCALATED → {} (step {})   [rule {rule_id}]",
+            step.card, step.step_id
+        ),
+        Decision::Completed { rule_id } => format!("COMPLETED   [rule {rule_id}]"),
+        Decision::RetryScheduled { step } => format!(
+            "RETRY → {} (step {} attempt {})",
+            step.card, step.step_id, step.attempt
+        ),
+        Decision::DeadLettered {
+            reason, message, ..
+        } => format!("DEAD_LETTERED {reason}: {message}"),
+        Decision::Dropped { reason } => format!("DROPPED {reason}"),
+        Decision::Recorded => "RECORDED (waiting for the other branches)".to_string(),
+        Decision::Cancelled => "CANCELLED".to_string(),
+        Decision::Owned { instance } => format!("OWNED by {instance}"),
+    };
+    format!("{input:<50} ⇒ {decision}")
+}
+
+/// Reads the state events of `task_id` from the start of its partition and calls `on` for each,
+/// until `stop` says so or `timeout` passes without one.
+pub async fn follow(
+    kafka: &KafkaConfig,
+    task_id: &str,
+    timeout: Duration,
+    mut on: impl FnMut(&StateEvent) -> bool,
+) -> kafka::Result<bool> {
+    let topic = kafka.topics().state();
+    let partitions = kafka.partition_count(&topic)?;
+    let partition = partition_for_key(task_id.as_bytes(), partitions);
+    let mut config = kafka.client_config();
+    config
+        .set("group.id", "switchyard-tail")
+        .set("enable.auto.commit", "false");
+    let consumer: StreamConsumer = config.create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, partition, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    loop {
+        let Ok(message) = tokio::time::timeout(timeout, consumer.recv()).await else {
+            return Ok(false);
+        };
+        let message = message?;
+        let Some(record) = message
+            .payload()
+            .and_then(|b| serde_json::from_slice::<StateEvent>(b).ok())
+        else {
+            continue;
+        };
+        if record.task_id == task_id && on(&record) {
+            return Ok(true);
+        }
+    }
+}

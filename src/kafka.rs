@@ -1,0 +1,276 @@
+//! Kafka client settings, topic names and partitioning shared by every switchyard process.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::FutureProducer;
+use serde::{Deserialize, Serialize};
+
+/// Errors talking to Kafka.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A client call failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// No broker answered.
+    #[error("no Kafka broker answered at {bootstrap} within {timeout:?}: {source}; start one with `scripts/start-broker` or point --bootstrap-servers at yours")]
+    Unreachable {
+        /// The bootstrap servers tried.
+        bootstrap: String,
+        /// How long we waited.
+        timeout: Duration,
+        /// The last error.
+        source: KafkaError,
+    },
+    /// A topic is missing from the cluster.
+    #[error("topic `{0}` does not exist; create it with `switchyard topics apply`")]
+    MissingTopic(String),
+}
+
+/// Result type of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How to reach Kafka.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list of brokers.
+    #[serde(default = "default_bootstrap")]
+    pub bootstrap_servers: String,
+    /// Prefix of every topic name (`<prefix>.tasks`, `<prefix>.state`, ...).
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    /// librdkafka properties passed through unchanged, e.g. `security.protocol`, `sasl.mechanism`,
+    /// `sasl.username`, `sasl.password`, `ssl.ca.location`.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+/// The default bootstrap servers.
+pub const DEFAULT_BOOTSTRAP: &str = "127.0.0.1:9092";
+
+fn default_bootstrap() -> String {
+    DEFAULT_BOOTSTRAP.into()
+}
+
+fn default_prefix() -> String {
+    "switchyard".into()
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: default_bootstrap(),
+            topic_prefix: default_prefix(),
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+/// Whether a librdkafka property holds a secret that must never be printed.
+pub fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "token", "key.pem", "private"]
+        .iter()
+        .any(|s| key.contains(s))
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let options: BTreeMap<&str, &str> = self
+            .options
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    if is_secret(k) {
+                        "<redacted>"
+                    } else {
+                        v.as_str()
+                    },
+                )
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("options", &options)
+            .finish()
+    }
+}
+
+impl KafkaConfig {
+    /// The topic names under this config's prefix.
+    pub fn topics(&self) -> Topics {
+        Topics {
+            prefix: self.topic_prefix.clone(),
+        }
+    }
+
+    /// A client config with the bootstrap servers and the pass-through options.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap_servers);
+        for (k, v) in &self.options {
+            config.set(k, v);
+        }
+        config
+    }
+
+    /// An idempotent producer that partitions keys like the Java client (murmur2).
+    pub fn producer(&self) -> Result<FutureProducer> {
+        let mut config = self.client_config();
+        set_default(&mut config, "enable.idempotence", "true");
+        set_default(&mut config, "acks", "all");
+        set_default(&mut config, "linger.ms", "2");
+        set_default(&mut config, "partitioner", "murmur2_random");
+        set_default(&mut config, "message.timeout.ms", "30000");
+        Ok(config.create()?)
+    }
+
+    /// Waits until a broker answers a metadata request.
+    pub fn wait_for_broker(&self, timeout: Duration) -> Result<()> {
+        let client: BaseConsumer = self.client_config().create()?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match client.fetch_metadata(None, Duration::from_secs(2)) {
+                Ok(_) => return Ok(()),
+                Err(source) if std::time::Instant::now() >= deadline => {
+                    return Err(Error::Unreachable {
+                        bootstrap: self.bootstrap_servers.clone(),
+                        timeout,
+                        source,
+                    })
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// The partition count of `topic`.
+    pub fn partition_count(&self, topic: &str) -> Result<i32> {
+        let client: BaseConsumer = self.client_config().create()?;
+        let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        match metadata.topics().first() {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                Ok(t.partitions().len() as i32)
+            }
+            _ => Err(Error::MissingTopic(topic.to_string())),
+        }
+    }
+}
+
+/// Sets `key` unless the user set it through the pass-through options.
+pub fn set_default(config: &mut ClientConfig, key: &str, value: &str) {
+    if config.get(key).is_none() {
+        config.set(key, value);
+    }
+}
+
+/// The topic names of one deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    /// The prefix.
+    pub prefix: String,
+}
+
+impl Topics {
+    /// Task events: submissions, results, failures, human decisions.
+    pub fn tasks(&self) -> String {
+        format!("{}.tasks", self.prefix)
+    }
+
+    /// The event-sourced decision log.
+    pub fn state(&self) -> String {
+        format!("{}.state", self.prefix)
+    }
+
+    /// Dead letters.
+    pub fn dlq(&self) -> String {
+        format!("{}.dlq", self.prefix)
+    }
+
+    /// The default consumer group of the router.
+    pub fn router_group(&self) -> String {
+        format!("{}.router", self.prefix)
+    }
+}
+
+/// The partition the Java client's default partitioner (and librdkafka's `murmur2_random`) picks
+/// for a non-empty key.
+pub fn partition_for_key(key: &[u8], partitions: i32) -> i32 {
+    ((murmur2(key) & 0x7fff_ffff) % partitions as u32) as i32
+}
+
+/// Kafka's murmur2 hash (`org.apache.kafka.common.utils.Utils.murmur2`).
+pub fn murmur2(data: &[u8]) -> u32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h = SEED ^ data.len() as u32;
+    let chunks = data.chunks_exact(4);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Values from Kafka's own UtilsTest / DefaultPartitionerTest.
+        assert_eq!(murmur2(b"21") as i32, -973932308);
+        assert_eq!(murmur2(b"foobar") as i32, -790332482);
+        assert_eq!(murmur2(b"a-little-bit-long-string") as i32, -985981536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string") as i32, -1486304829);
+        assert_eq!(
+            murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") as i32,
+            -58897971
+        );
+        assert_eq!(murmur2(b"abc") as i32, 479470107);
+        assert!((0..7).contains(&partition_for_key(b"task-1", 7)));
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let mut config = KafkaConfig::default();
+        config
+            .options
+            .insert("sasl.password".into(), "hunter2".into());
+        config
+            .options
+            .insert("sasl.username".into(), "alice".into());
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(
+            printed.contains("alice") && printed.contains("<redacted>"),
+            "{printed}"
+        );
+    }
+}

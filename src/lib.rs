@@ -1,0 +1,19 @@
+//! switchyard: a Kafka-native router for multi-agent AI systems.
+//!
+//! Agents are microservices that consume work items from Kafka topics and publish results back as
+//! task events. The [`router`] reads every task event, folds it into the task's [`state`], decides
+//! with the [`rules`] which agent [`cards`] act next, records the decision on the event-sourced
+//! state topic and sends work items to the agents' topics. See the README for a walk-through.
+
+pub mod agent;
+pub mod cards;
+pub mod cli;
+pub mod envelope;
+pub mod journey;
+pub mod kafka;
+pub mod metrics;
+pub mod router;
+pub mod rules;
+pub mod state;
+pub mod topics;
+pub mod workflow;

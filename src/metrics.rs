@@ -1,0 +1,232 @@
+//! Prometheus metrics and the `/metrics`, `/health` and `/ready` endpoints.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A metric could not be registered.
+    #[error("metrics: {0}")]
+    Prometheus(#[from] prometheus::Error),
+    /// The HTTP listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Result type of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str) -> Result<Histogram> {
+    let buckets = prometheus::exponential_buckets(0.0005, 2.0, 16)?;
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+/// The router's metrics.
+#[derive(Clone)]
+pub struct RouterMetrics {
+    /// The registry they are in.
+    pub registry: Registry,
+    /// Task events consumed, by kind (`undecodable` for records that could not be decoded).
+    pub events: IntCounterVec,
+    /// Decisions, by decision type, deciding source (rule, fallback, policy) and card.
+    pub decisions: IntCounterVec,
+    /// Dead letters written, by reason.
+    pub dead_letters: IntCounterVec,
+    /// Stale or duplicate results dropped, by reason.
+    pub dropped: IntCounterVec,
+    /// Tasks active in this instance.
+    pub inflight_tasks: IntGauge,
+    /// Partitions this instance owns.
+    pub partitions: IntGauge,
+    /// Time from reading an event to its work items being acknowledged.
+    pub routing_latency: Histogram,
+    /// Time to write one batch (dead letters, state events, work items).
+    pub commit_latency: Histogram,
+    /// Time to restore one partition from the state topic.
+    pub restore_seconds: Histogram,
+    /// Work items sent again after a restore.
+    pub reemitted: IntCounterVec,
+}
+
+impl RouterMetrics {
+    /// Creates and registers the router's metrics.
+    pub fn new() -> Result<Self> {
+        let r = Registry::new();
+        Ok(Self {
+            events: counter(
+                &r,
+                "switchyard_events_consumed_total",
+                "Task events consumed",
+                &["kind"],
+            )?,
+            decisions: counter(
+                &r,
+                "switchyard_decisions_total",
+                "Router decisions",
+                &["decision", "source", "card"],
+            )?,
+            dead_letters: counter(
+                &r,
+                "switchyard_dead_letters_total",
+                "Records dead-lettered",
+                &["reason"],
+            )?,
+            dropped: counter(
+                &r,
+                "switchyard_dropped_results_total",
+                "Stale or duplicate results dropped",
+                &["reason"],
+            )?,
+            inflight_tasks: gauge(
+                &r,
+                "switchyard_inflight_tasks",
+                "Active tasks held by this instance",
+            )?,
+            partitions: gauge(
+                &r,
+                "switchyard_partitions_owned",
+                "Task partitions owned by this instance",
+            )?,
+            routing_latency: histogram(
+                &r,
+                "switchyard_routing_latency_seconds",
+                "Event read to work items acknowledged",
+            )?,
+            commit_latency: histogram(
+                &r,
+                "switchyard_batch_commit_seconds",
+                "Time to write one batch of decisions",
+            )?,
+            restore_seconds: histogram(
+                &r,
+                "switchyard_restore_seconds",
+                "Time to restore one partition",
+            )?,
+            reemitted: counter(
+                &r,
+                "switchyard_reemitted_work_items_total",
+                "Pending work items re-sent after a restore",
+                &["card"],
+            )?,
+            registry: r,
+        })
+    }
+}
+
+/// An agent's metrics.
+#[derive(Clone)]
+pub struct AgentMetrics {
+    /// The registry they are in.
+    pub registry: Registry,
+    /// Work items handled, by card and outcome (result, failed, duplicate).
+    pub work_items: IntCounterVec,
+    /// Work items being handled now.
+    pub inflight: IntGauge,
+    /// Time to handle one work item.
+    pub handle_seconds: HistogramVec,
+}
+
+impl AgentMetrics {
+    /// Creates and registers an agent's metrics.
+    pub fn new() -> Result<Self> {
+        let r = Registry::new();
+        let buckets = prometheus::exponential_buckets(0.001, 2.0, 16)?;
+        let handle_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "switchyard_agent_handle_seconds",
+                "Time to handle one work item",
+            )
+            .buckets(buckets),
+            &["card"],
+        )?;
+        r.register(Box::new(handle_seconds.clone()))?;
+        Ok(Self {
+            work_items: counter(
+                &r,
+                "switchyard_agent_work_items_total",
+                "Work items handled",
+                &["card", "outcome"],
+            )?,
+            inflight: gauge(&r, "switchyard_agent_inflight", "Work items being handled")?,
+            handle_seconds,
+            registry: r,
+        })
+    }
+}
+
+#[derive(Clone)]
+struct Shared {
+    registry: Registry,
+    ready: Arc<AtomicBool>,
+}
+
+/// Serves `/metrics`, `/health` (always 200 while the process runs) and `/ready` (200 once
+/// `ready` is set) on `addr`; returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+    ready: Arc<AtomicBool>,
+) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })?;
+    let app = axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready_handler))
+        .with_state(Shared { registry, ready });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(bound)
+}
+
+async fn metrics(State(shared): State<Shared>) -> (StatusCode, String) {
+    let mut out = Vec::new();
+    match TextEncoder::new().encode(&shared.registry.gather(), &mut out) {
+        Ok(()) => (StatusCode::OK, String::from_utf8_lossy(&out).into_owned()),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn ready_handler(State(shared): State<Shared>) -> (StatusCode, &'static str) {
+    if shared.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}

@@ -1,0 +1,530 @@
+//! The router's decision logic: a pure function of a partition's state and one event.
+//!
+//! Nothing here touches Kafka, the clock or randomness, so the same events always give the same
+//! decisions: the state topic can be restored and replayed.
+
+use crate::cards::Cards;
+use crate::envelope::{DecidedBy, Decision, EventKind, Step, TaskEvent, WorkItem};
+use crate::rules::{Action, Facts, Rule, RuleTable};
+use crate::state::{PartitionState, StepStatus, TaskState};
+
+/// A decision with the step the event answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// The step the event answered, as resolved by the router.
+    pub answers_step: Option<u32>,
+    /// What was decided.
+    pub decision: Decision,
+}
+
+impl Outcome {
+    fn new(answers_step: Option<u32>, decision: Decision) -> Self {
+        Self {
+            answers_step,
+            decision,
+        }
+    }
+
+    fn dead_letter(reason: &str, message: impl Into<String>, ends_task: bool) -> Self {
+        Self::new(
+            None,
+            Decision::DeadLettered {
+                reason: reason.into(),
+                message: message.into(),
+                ends_task,
+            },
+        )
+    }
+
+    fn dropped(answers_step: Option<u32>, reason: &str) -> Self {
+        Self::new(
+            answers_step,
+            Decision::Dropped {
+                reason: reason.into(),
+            },
+        )
+    }
+}
+
+/// Cards and rules: everything the router decides with.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    /// The agent cards.
+    pub cards: Cards,
+    /// The rule table.
+    pub rules: RuleTable,
+}
+
+impl Engine {
+    /// Decides what to do with `event` given the partition's state.
+    pub fn decide(&self, state: &PartitionState, event: &TaskEvent) -> Outcome {
+        let id = event.task_id.as_str();
+        let Some(task) = state.tasks.get(id) else {
+            return self.decide_without_task(state, event);
+        };
+        match event.kind {
+            EventKind::Submitted if task.submitted_event_id == event.event_id => {
+                Outcome::dropped(None, "duplicate_event")
+            }
+            EventKind::Submitted => Outcome::dead_letter(
+                "task_exists",
+                format!("task `{id}` is already active; submit with a new task id"),
+                false,
+            ),
+            EventKind::Cancel => Outcome::new(None, Decision::Cancelled),
+            EventKind::Result | EventKind::Failed | EventKind::HumanDecision => {
+                self.decide_answer(task, event)
+            }
+        }
+    }
+
+    fn decide_without_task(&self, state: &PartitionState, event: &TaskEvent) -> Outcome {
+        let id = event.task_id.as_str();
+        if let Some(last) = state.finished.last_step(id) {
+            let duplicate = matches!(event.kind, EventKind::Result | EventKind::Failed)
+                && event.step_id.is_some_and(|s| s <= last);
+            if duplicate {
+                return Outcome::dropped(event.step_id, "late_duplicate");
+            }
+            return Outcome::dead_letter(
+                "task_finished",
+                format!("task `{id}` has already finished"),
+                false,
+            );
+        }
+        if event.kind != EventKind::Submitted {
+            return Outcome::dead_letter(
+                "unknown_task",
+                format!("no active task `{id}` in this partition"),
+                false,
+            );
+        }
+        let facts = Facts {
+            kind: EventKind::Submitted,
+            source: None,
+            labels: &event.labels,
+            attempt: 0,
+            confidence: event.confidence,
+            payload: &event.payload,
+        };
+        match self.rules.decide(&facts, |_| false) {
+            Some(rule) => Outcome::new(None, self.act(rule, 0, 1)),
+            None => {
+                Outcome::dead_letter("no_rule_matched", "no rule matches this submission", true)
+            }
+        }
+    }
+
+    fn decide_answer(&self, task: &TaskState, event: &TaskEvent) -> Outcome {
+        let step_id = match event.step_id {
+            Some(id) => id,
+            None if event.kind == EventKind::HumanDecision => {
+                let human = task
+                    .pending()
+                    .filter(|s| self.cards.get(&s.card).is_some_and(|c| c.is_human()))
+                    .last();
+                match human {
+                    Some(step) => step.step_id,
+                    None => {
+                        return Outcome::dead_letter(
+                            "no_step",
+                            "no human step is pending for this task",
+                            false,
+                        )
+                    }
+                }
+            }
+            None => {
+                return Outcome::dead_letter(
+                    "no_step",
+                    "RESULT and FAILED events need a `step_id`",
+                    false,
+                )
+            }
+        };
+        let Some(step) = task.steps.get(&step_id) else {
+            return Outcome::dead_letter(
+                "unknown_step",
+                format!("task has no step {step_id}"),
+                false,
+            );
+        };
+        if step.status == StepStatus::Done {
+            return Outcome::dropped(Some(step_id), "duplicate_result");
+        }
+        let attempt = event.attempt.unwrap_or(step.attempt);
+        if attempt < step.attempt {
+            return Outcome::dropped(Some(step_id), "stale_attempt");
+        }
+        if attempt > step.attempt {
+            return Outcome::dead_letter(
+                "unknown_attempt",
+                format!(
+                    "step {step_id} is at attempt {}, not {attempt}",
+                    step.attempt
+                ),
+                false,
+            );
+        }
+        let answered = Some(step_id);
+        if event.kind == EventKind::Failed {
+            if let Some(card) = self.cards.get(&step.card) {
+                if step.attempt < card.retry.max_attempts {
+                    let step = Step {
+                        step_id,
+                        card: step.card.clone(),
+                        attempt: step.attempt + 1,
+                    };
+                    return Outcome::new(answered, Decision::RetryScheduled { step });
+                }
+                if let Some(fallback) = &card.fallback {
+                    let decided_by = DecidedBy::Fallback {
+                        failed_card: card.name.clone(),
+                    };
+                    return Outcome::new(
+                        answered,
+                        self.route(
+                            task.hops(),
+                            task.next_step(),
+                            &[fallback.clone()],
+                            decided_by,
+                        ),
+                    );
+                }
+            }
+        }
+        let facts = Facts {
+            kind: event.kind,
+            source: Some(&step.card),
+            labels: &task.labels,
+            attempt,
+            confidence: event.confidence,
+            payload: &event.payload,
+        };
+        match self
+            .rules
+            .decide(&facts, |card| task.latest_done(card, answered))
+        {
+            Some(rule) => Outcome::new(answered, self.act(rule, task.hops(), task.next_step())),
+            None if event.kind == EventKind::Failed => {
+                let message = event
+                    .payload
+                    .get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("agent failed");
+                Outcome::new(
+                    answered,
+                    Decision::DeadLettered {
+                        reason: "agent_failed".into(),
+                        message: format!(
+                            "card `{}` failed after {attempt} attempt(s): {message}",
+                            step.card
+                        ),
+                        ends_task: true,
+                    },
+                )
+            }
+            None if task.pending_except(answered) > 0 => Outcome::new(answered, Decision::Recorded),
+            None => Outcome::new(
+                answered,
+                Decision::DeadLettered {
+                    reason: "no_rule_matched".into(),
+                    message: format!("no rule matches this {:?} from `{}`", event.kind, step.card),
+                    ends_task: true,
+                },
+            ),
+        }
+    }
+
+    fn act(&self, rule: &Rule, hops: u32, next_step: u32) -> Decision {
+        let by_rule = || DecidedBy::Rule {
+            rule_id: rule.id.clone(),
+        };
+        match &rule.then {
+            Action::Route(cards) => self.route(hops, next_step, cards, by_rule()),
+            Action::Complete => Decision::Completed {
+                rule_id: rule.id.clone(),
+            },
+            Action::Escalate(card) => {
+                match self.route(hops, next_step, std::slice::from_ref(card), by_rule()) {
+                    Decision::Routed { mut steps, .. } => Decision::Escalated {
+                        step: steps.remove(0),
+                        rule_id: rule.id.clone(),
+                    },
+                    over_limit => over_limit,
+                }
+            }
+            Action::DeadLetter(reason) => Decision::DeadLettered {
+                reason: reason.clone(),
+                message: format!("rule `{}` dead-lettered the task", rule.id),
+                ends_task: true,
+            },
+        }
+    }
+
+    fn route(
+        &self,
+        hops: u32,
+        next_step: u32,
+        cards: &[String],
+        decided_by: DecidedBy,
+    ) -> Decision {
+        let limit = self.rules.hop_limit;
+        if hops + cards.len() as u32 > limit {
+            return Decision::DeadLettered {
+                reason: "hop_limit".into(),
+                message: format!("the task has taken {hops} steps; the hop limit is {limit}"),
+                ends_task: true,
+            };
+        }
+        let steps = (next_step..).zip(cards).map(|(step_id, card)| Step {
+            step_id,
+            card: card.clone(),
+            attempt: 1,
+        });
+        Decision::Routed {
+            steps: steps.collect(),
+            decided_by,
+        }
+    }
+
+    /// The work items a decision sends, built from the task's state after the decision.
+    pub fn work_items(
+        &self,
+        task: &TaskState,
+        decision: &Decision,
+        reply_partition: i32,
+    ) -> Vec<WorkItem> {
+        let steps: &[Step] = match decision {
+            Decision::Routed { steps, .. } => steps,
+            Decision::Escalated { step, .. } | Decision::RetryScheduled { step } => {
+                std::slice::from_ref(step)
+            }
+            _ => &[],
+        };
+        steps
+            .iter()
+            .map(|step| work_item(task, step, reply_partition))
+            .collect()
+    }
+}
+
+/// The work item for one step of a task.
+pub fn work_item(task: &TaskState, step: &Step, reply_partition: i32) -> WorkItem {
+    WorkItem {
+        task_id: task.task_id.clone(),
+        tenant: task.tenant.clone(),
+        step_id: step.step_id,
+        attempt: step.attempt,
+        card: step.card.clone(),
+        input: task.input.clone(),
+        context: task.outputs.clone(),
+        labels: task.labels.clone(),
+        deadline: task.deadline,
+        reply_partition,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::StateEvent;
+    use std::path::PathBuf;
+
+    fn engine(rules: &str, cards: &[&str]) -> Engine {
+        let mut set = Cards::default();
+        for name in cards {
+            let runtime = if name.starts_with('h') {
+                "human"
+            } else {
+                "handler"
+            };
+            let yaml =
+                format!("name: {name}\nretry: {{max_attempts: 2}}\nruntime: {{kind: {runtime}}}");
+            set.insert(serde_yaml_ng::from_str(&yaml).unwrap(), PathBuf::from(name))
+                .unwrap();
+        }
+        let rules: RuleTable = serde_yaml_ng::from_str(rules).unwrap();
+        rules.validate(&set).unwrap();
+        Engine { cards: set, rules }
+    }
+
+    const RULES: &str = r#"
+hop_limit: 6
+rules:
+  - { id: start, when: { kind: SUBMITTED }, then: { route: [a, b] } }
+  - { id: joined, when: { join: [a, b] }, then: { route: [c] } }
+  - { id: sure, when: { source: c, confidence: { gt: 0.8 } }, then: complete }
+  - { id: unsure, when: { source: c }, then: { escalate: h } }
+  - { id: human, when: { kind: HUMAN_DECISION }, then: complete }
+"#;
+
+    struct Run {
+        engine: Engine,
+        state: PartitionState,
+        seq: u64,
+    }
+
+    impl Run {
+        fn new(rules: &str, cards: &[&str]) -> Self {
+            Self {
+                engine: engine(rules, cards),
+                state: PartitionState::default(),
+                seq: 0,
+            }
+        }
+
+        fn send(&mut self, event: TaskEvent) -> Decision {
+            let outcome = self.engine.decide(&self.state, &event);
+            self.seq += 1;
+            self.state.apply(&StateEvent {
+                task_id: event.task_id.clone(),
+                seq: self.seq,
+                epoch: 0,
+                instance: "test".into(),
+                input: None,
+                event: Some(event),
+                answers_step: outcome.answers_step,
+                decision: outcome.decision.clone(),
+                at: 0,
+            });
+            outcome.decision
+        }
+    }
+
+    fn answer(kind: EventKind, step: u32, attempt: u32, confidence: Option<f64>) -> TaskEvent {
+        let mut e = TaskEvent::new("t1", kind, "agent");
+        e.step_id = Some(step);
+        e.attempt = Some(attempt);
+        e.confidence = confidence;
+        e
+    }
+
+    fn routed_cards(d: &Decision) -> Vec<(u32, String)> {
+        match d {
+            Decision::Routed { steps, .. } => {
+                steps.iter().map(|s| (s.step_id, s.card.clone())).collect()
+            }
+            other => panic!("expected ROUTED, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fan_out_join_then_complete() {
+        let mut run = Run::new(RULES, &["a", "b", "c", "h"]);
+        let d = run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
+        assert_eq!(routed_cards(&d), vec![(1, "a".into()), (2, "b".into())]);
+        assert_eq!(
+            run.send(answer(EventKind::Result, 2, 1, None)),
+            Decision::Recorded
+        );
+        assert_eq!(
+            routed_cards(&run.send(answer(EventKind::Result, 1, 1, None))),
+            vec![(3, "c".into())]
+        );
+        assert!(matches!(
+            run.send(answer(EventKind::Result, 3, 1, Some(0.95))),
+            Decision::Completed { .. }
+        ));
+        assert!(run.state.tasks.is_empty(), "finished tasks leave memory");
+        let late = run.send(answer(EventKind::Result, 3, 1, Some(0.95)));
+        assert_eq!(
+            late,
+            Decision::Dropped {
+                reason: "late_duplicate".into()
+            }
+        );
+    }
+
+    #[test]
+    fn low_confidence_escalates_and_human_completes() {
+        let mut run = Run::new(RULES, &["a", "b", "c", "h"]);
+        run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
+        run.send(answer(EventKind::Result, 1, 1, None));
+        run.send(answer(EventKind::Result, 2, 1, None));
+        let d = run.send(answer(EventKind::Result, 3, 1, Some(0.5)));
+        assert!(
+            matches!(&d, Decision::Escalated { step, .. } if step.card == "h" && step.step_id == 4),
+            "{d:?}"
+        );
+        let human = TaskEvent::new("t1", EventKind::HumanDecision, "someone");
+        assert!(matches!(run.send(human), Decision::Completed { .. }));
+    }
+
+    #[test]
+    fn duplicates_stale_attempts_and_unknowns() {
+        let mut run = Run::new(RULES, &["a", "b", "c", "h"]);
+        let submitted = TaskEvent::new("t1", EventKind::Submitted, "client");
+        run.send(submitted.clone());
+        assert_eq!(
+            run.send(submitted),
+            Decision::Dropped {
+                reason: "duplicate_event".into()
+            }
+        );
+        assert!(matches!(
+            run.send(answer(EventKind::Failed, 1, 1, None)),
+            Decision::RetryScheduled { .. }
+        ));
+        assert_eq!(
+            run.send(answer(EventKind::Result, 1, 1, None)),
+            Decision::Dropped {
+                reason: "stale_attempt".into()
+            }
+        );
+        assert_eq!(
+            run.send(answer(EventKind::Result, 1, 2, None)),
+            Decision::Recorded
+        );
+        assert_eq!(
+            run.send(answer(EventKind::Result, 1, 2, None)),
+            Decision::Dropped {
+                reason: "duplicate_result".into()
+            }
+        );
+        let d = run.send(answer(EventKind::Result, 9, 1, None));
+        assert!(
+            matches!(d, Decision::DeadLettered { ref reason, ends_task: false, .. } if reason == "unknown_step")
+        );
+        let mut other = answer(EventKind::Result, 1, 1, None);
+        other.task_id = "nope".into();
+        assert!(
+            matches!(run.send(other), Decision::DeadLettered { ref reason, .. } if reason == "unknown_task")
+        );
+    }
+
+    #[test]
+    fn failures_past_the_retry_budget_end_in_the_dead_letter_topic() {
+        let mut run = Run::new(RULES, &["a", "b", "c", "h"]);
+        run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
+        run.send(answer(EventKind::Failed, 1, 1, None));
+        let d = run.send(answer(EventKind::Failed, 1, 2, None));
+        assert!(
+            matches!(d, Decision::DeadLettered { ref reason, ends_task: true, .. } if reason == "agent_failed"),
+            "{d:?}"
+        );
+        assert!(run.state.tasks.is_empty());
+    }
+
+    #[test]
+    fn a_loop_ends_at_the_hop_limit() {
+        let rules = r#"
+hop_limit: 5
+rules:
+  - { id: s, when: { kind: SUBMITTED }, then: { route: [a] } }
+  - { id: ab, when: { source: a }, then: { route: [b] } }
+  - { id: done, when: { source: b, payload: [{ pointer: /done, eq: true }] }, then: complete }
+  - { id: ba, when: { source: b }, then: { route: [a] } }
+"#;
+        let mut run = Run::new(rules, &["a", "b"]);
+        run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
+        let mut last = Decision::Recorded;
+        for step in 1..=5 {
+            last = run.send(answer(EventKind::Result, step, 1, None));
+        }
+        assert!(
+            matches!(last, Decision::DeadLettered { ref reason, ends_task: true, .. } if reason == "hop_limit"),
+            "{last:?}"
+        );
+    }
+}

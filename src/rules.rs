@@ -1,0 +1,674 @@
+//! The rule table: what happens after each event.
+//!
+//! Rules are checked in order and the first whose `when` holds decides (`then`). The table is
+//! checked at load time: unknown cards, rules that an earlier rule always shadows, cards that are
+//! routed to but whose results no rule handles, and cycles with no way out are refused.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, Deserializer, IntoDeserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::cards::Cards;
+use crate::envelope::EventKind;
+
+/// Errors loading a rule table.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The table failed to parse or validate.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong: the field and what is allowed.
+        message: String,
+    },
+}
+
+/// Result type of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A numeric comparison; every bound that is set must hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compare {
+    /// Greater than.
+    pub gt: Option<f64>,
+    /// Greater than or equal.
+    pub gte: Option<f64>,
+    /// Less than.
+    pub lt: Option<f64>,
+    /// Less than or equal.
+    pub lte: Option<f64>,
+    /// Equal.
+    pub eq: Option<f64>,
+}
+
+impl Compare {
+    fn is_empty(&self) -> bool {
+        self.gt.is_none()
+            && self.gte.is_none()
+            && self.lt.is_none()
+            && self.lte.is_none()
+            && self.eq.is_none()
+    }
+
+    /// Whether `x` satisfies every bound.
+    pub fn holds(&self, x: f64) -> bool {
+        self.gt.is_none_or(|b| x > b)
+            && self.gte.is_none_or(|b| x >= b)
+            && self.lt.is_none_or(|b| x < b)
+            && self.lte.is_none_or(|b| x <= b)
+            && self.eq.is_none_or(|b| x == b)
+    }
+}
+
+/// A condition on one field of the payload, addressed by a JSON pointer (RFC 6901).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PayloadCondition {
+    /// JSON pointer into the payload, e.g. `/intent` or `/scores/0`.
+    pub pointer: String,
+    /// The field equals this value.
+    pub eq: Option<Value>,
+    /// The field differs from this value (or is absent).
+    pub ne: Option<Value>,
+    /// The field is one of these values.
+    #[serde(rename = "in")]
+    pub one_of: Option<Vec<Value>>,
+    /// The field is present (`true`) or absent (`false`).
+    pub exists: Option<bool>,
+    /// The field is a number that satisfies these bounds.
+    #[serde(flatten)]
+    pub number: Compare,
+}
+
+impl PayloadCondition {
+    /// Whether `payload` satisfies the condition.
+    pub fn holds(&self, payload: &Value) -> bool {
+        let field = payload.pointer(&self.pointer);
+        self.exists.is_none_or(|e| e == field.is_some())
+            && self.eq.as_ref().is_none_or(|v| field == Some(v))
+            && self.ne.as_ref().is_none_or(|v| field != Some(v))
+            && self
+                .one_of
+                .as_ref()
+                .is_none_or(|vs| field.is_some_and(|f| vs.contains(f)))
+            && (self.number.is_empty()
+                || field
+                    .and_then(Value::as_f64)
+                    .is_some_and(|x| self.number.holds(x)))
+    }
+}
+
+/// When a rule applies. Every condition that is set must hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct When {
+    /// Event kinds (one or a list). Default: `RESULT` and `HUMAN_DECISION`.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub kind: Vec<EventKind>,
+    /// The card whose step the event answers (one or a list).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub source: Vec<String>,
+    /// Join after fan-out: the event answers one of these cards and the latest step of every one
+    /// of them has finished.
+    #[serde(default)]
+    pub join: Vec<String>,
+    /// Task labels that must be present with these values.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Bounds on the attempt number of the answered step.
+    pub attempt: Option<Compare>,
+    /// Bounds on the event's confidence (an event without one never matches).
+    pub confidence: Option<Compare>,
+    /// Conditions on payload fields.
+    #[serde(default)]
+    pub payload: Vec<PayloadCondition>,
+}
+
+impl When {
+    /// The kinds this condition matches, with the default applied.
+    pub fn kinds(&self) -> Vec<EventKind> {
+        if self.kind.is_empty() {
+            vec![EventKind::Result, EventKind::HumanDecision]
+        } else {
+            self.kind.clone()
+        }
+    }
+
+    /// The cards whose results this condition can match; `None` means any card.
+    fn sources(&self) -> Option<BTreeSet<&str>> {
+        let sources: BTreeSet<&str> = self.source.iter().map(String::as_str).collect();
+        let join: BTreeSet<&str> = self.join.iter().map(String::as_str).collect();
+        match (sources.is_empty(), join.is_empty()) {
+            (true, true) => None,
+            (false, true) => Some(sources),
+            (true, false) => Some(join),
+            (false, false) => Some(sources.intersection(&join).copied().collect()),
+        }
+    }
+
+    /// Whether `self` matches every event that `other` matches.
+    fn covers(&self, other: &When) -> bool {
+        let kinds = self.kinds();
+        let sources_cover = match (self.sources(), other.sources()) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(mine), Some(theirs)) => theirs.is_subset(&mine),
+        };
+        other.kinds().iter().all(|k| kinds.contains(k))
+            && sources_cover
+            && (self.join.is_empty() || self.join == other.join)
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| other.labels.get(k) == Some(v))
+            && (self.attempt.is_none() || self.attempt == other.attempt)
+            && (self.confidence.is_none() || self.confidence == other.confidence)
+            && self.payload.iter().all(|c| other.payload.contains(c))
+    }
+}
+
+/// What a rule does: `complete`, `{route: [cards]}`, `{escalate: card}` or `{dead_letter: reason}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Send work items to these cards (several = fan-out).
+    Route(Vec<String>),
+    /// The task is done.
+    Complete,
+    /// Hand the task to this (human) card.
+    Escalate(String),
+    /// Send the event to the dead-letter topic with this reason and end the task.
+    DeadLetter(String),
+}
+
+const ACTIONS: &[&str] = &["route", "complete", "escalate", "dead_letter"];
+
+impl<'de> Deserialize<'de> for Action {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct ActionVisitor;
+        impl<'de> Visitor<'de> for ActionVisitor {
+            type Value = Action;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("`complete` or a map with one of `route`, `escalate`, `dead_letter`")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Action, E> {
+                match v {
+                    "complete" => Ok(Action::Complete),
+                    other => Err(E::unknown_variant(other, ACTIONS)),
+                }
+            }
+            fn visit_map<A: de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Action, A::Error> {
+                let Some(key) = map.next_key::<String>()? else {
+                    return Err(de::Error::invalid_length(0, &self));
+                };
+                let action = match key.as_str() {
+                    "route" => Action::Route(map.next_value::<OneOrMany<String>>()?.0),
+                    "escalate" => Action::Escalate(map.next_value()?),
+                    "dead_letter" => Action::DeadLetter(map.next_value()?),
+                    "complete" => {
+                        map.next_value::<de::IgnoredAny>()?;
+                        Action::Complete
+                    }
+                    other => return Err(de::Error::unknown_variant(other, ACTIONS)),
+                };
+                if let Some(extra) = map.next_key::<String>()? {
+                    return Err(de::Error::custom(format!(
+                        "a rule does one thing; remove `{extra}`"
+                    )));
+                }
+                Ok(action)
+            }
+        }
+        deserializer.deserialize_any(ActionVisitor)
+    }
+}
+
+/// One rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Unique id, recorded with every decision the rule makes.
+    pub id: String,
+    /// When it applies; empty = every result.
+    #[serde(default)]
+    pub when: When,
+    /// What it does.
+    pub then: Action,
+}
+
+/// The facts about one event that rules are matched against.
+pub struct Facts<'a> {
+    /// The event's kind.
+    pub kind: EventKind,
+    /// The card of the step the event answers.
+    pub source: Option<&'a str>,
+    /// The task's labels.
+    pub labels: &'a BTreeMap<String, String>,
+    /// The attempt of the answered step.
+    pub attempt: u32,
+    /// The event's confidence.
+    pub confidence: Option<f64>,
+    /// The event's payload.
+    pub payload: &'a Value,
+}
+
+/// A rule table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleTable {
+    /// Most steps one task may take; a task that would take more is dead-lettered.
+    #[serde(default = "default_hop_limit")]
+    pub hop_limit: u32,
+    /// The rules, first match wins.
+    pub rules: Vec<Rule>,
+}
+
+fn default_hop_limit() -> u32 {
+    25
+}
+
+impl RuleTable {
+    /// Loads a rule table from `path` and checks it against `cards`.
+    pub fn load(path: &Path, cards: &Cards) -> Result<RuleTable> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |message: String| Error::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let table: RuleTable =
+            serde_yaml_ng::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        table.validate(cards).map_err(invalid)?;
+        Ok(table)
+    }
+
+    /// The first rule that matches, given whether the latest step of a card has finished.
+    pub fn decide(&self, facts: &Facts<'_>, finished: impl Fn(&str) -> bool) -> Option<&Rule> {
+        self.rules
+            .iter()
+            .find(|rule| matches(&rule.when, facts, &finished))
+    }
+
+    /// Checks the table against the cards.
+    pub fn validate(&self, cards: &Cards) -> std::result::Result<(), String> {
+        if self.hop_limit == 0 {
+            return Err("field `hop_limit`: must be at least 1".into());
+        }
+        let known = |field: String, name: &str| {
+            if cards.get(name).is_some() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "field `{field}`: no card named `{name}`; known cards: {}",
+                    cards.names().join(", ")
+                ))
+            }
+        };
+        let mut ids = BTreeSet::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            let at = format!("rules[{i}]");
+            if rule.id.is_empty() || !ids.insert(rule.id.as_str()) {
+                return Err(format!(
+                    "field `{at}.id`: `{}` is empty or used twice; ids must be unique",
+                    rule.id
+                ));
+            }
+            for (j, s) in rule.when.source.iter().enumerate() {
+                known(format!("{at}.when.source[{j}]"), s)?;
+            }
+            for (j, s) in rule.when.join.iter().enumerate() {
+                known(format!("{at}.when.join[{j}]"), s)?;
+            }
+            if rule.when.join.len() == 1 {
+                return Err(format!(
+                    "field `{at}.when.join`: a join needs at least two cards; use `source` for one"
+                ));
+            }
+            for (j, c) in rule.when.payload.iter().enumerate() {
+                if !(c.pointer.is_empty() || c.pointer.starts_with('/')) {
+                    return Err(format!(
+                        "field `{at}.when.payload[{j}].pointer`: `{}` is not a JSON pointer; it must be empty or start with `/`",
+                        c.pointer
+                    ));
+                }
+            }
+            match &rule.then {
+                Action::Route(targets) if targets.is_empty() => {
+                    return Err(format!("field `{at}.then.route`: name at least one card"));
+                }
+                Action::Route(targets) => {
+                    for (j, t) in targets.iter().enumerate() {
+                        known(format!("{at}.then.route[{j}]"), t)?;
+                    }
+                }
+                Action::Escalate(card) => known(format!("{at}.then.escalate"), card)?,
+                Action::Complete | Action::DeadLetter(_) => {}
+            }
+            if let Some(k) = self.rules[..i]
+                .iter()
+                .position(|earlier| earlier.when.covers(&rule.when))
+            {
+                return Err(format!(
+                    "field `{at}`: rule `{}` is unreachable: rule `{}` (rules[{k}]) matches every event it matches",
+                    rule.id, self.rules[k].id
+                ));
+            }
+        }
+        self.check_flow(cards)
+    }
+
+    /// Every card reached from a submission must have a rule for its results, and every card must
+    /// have a way to finish (complete, escalate to a human, dead-letter).
+    fn check_flow(&self, cards: &Cards) -> std::result::Result<(), String> {
+        let mut edges: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        let mut exits: BTreeSet<&str> = BTreeSet::new();
+        let mut handled: BTreeSet<&str> = BTreeSet::new();
+        let mut reached: Vec<(&str, &str)> = Vec::new();
+        for rule in &self.rules {
+            let targets: Vec<&str> = match &rule.then {
+                Action::Route(t) => t.iter().map(String::as_str).collect(),
+                Action::Escalate(c) => vec![c.as_str()],
+                Action::Complete | Action::DeadLetter(_) => vec![],
+            };
+            let kinds = rule.when.kinds();
+            if kinds.contains(&EventKind::Submitted) {
+                reached.extend(targets.iter().map(|t| (*t, rule.id.as_str())));
+            }
+            if !kinds
+                .iter()
+                .any(|k| matches!(k, EventKind::Result | EventKind::HumanDecision))
+            {
+                continue;
+            }
+            let sources: Vec<&str> = match rule.when.sources() {
+                Some(s) => s.into_iter().collect(),
+                None => cards.names(),
+            };
+            for source in sources {
+                handled.insert(source);
+                match &rule.then {
+                    Action::Complete | Action::DeadLetter(_) => {
+                        exits.insert(source);
+                    }
+                    _ => edges
+                        .entry(source)
+                        .or_default()
+                        .extend(targets.iter().copied()),
+                }
+                reached.extend(targets.iter().map(|t| (*t, rule.id.as_str())));
+            }
+        }
+        if !self
+            .rules
+            .iter()
+            .any(|r| r.when.kinds().contains(&EventKind::Submitted))
+        {
+            return Err(
+                "field `rules`: no rule matches `kind: SUBMITTED`, so no task could start".into(),
+            );
+        }
+        if let Some((card, rule)) = reached.iter().find(|(card, _)| !handled.contains(card)) {
+            return Err(format!(
+                "field `rules`: rule `{rule}` routes to `{card}` but no rule handles `{card}`'s results"
+            ));
+        }
+        let mut can_finish = exits;
+        loop {
+            let before = can_finish.len();
+            for (source, targets) in &edges {
+                if targets.iter().any(|t| can_finish.contains(t)) {
+                    can_finish.insert(source);
+                }
+            }
+            if can_finish.len() == before {
+                break;
+            }
+        }
+        let stuck: Vec<&str> = handled
+            .iter()
+            .copied()
+            .filter(|c| !can_finish.contains(c))
+            .collect();
+        if !stuck.is_empty() {
+            return Err(format!(
+                "field `rules`: cards {} route among themselves with no rule that completes, escalates or dead-letters: a cycle without an exit",
+                stuck.join(", ")
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn matches(when: &When, facts: &Facts<'_>, finished: &impl Fn(&str) -> bool) -> bool {
+    let source_ok = |list: &[String]| facts.source.is_some_and(|s| list.iter().any(|c| c == s));
+    when.kinds().contains(&facts.kind)
+        && (when.source.is_empty() || source_ok(&when.source))
+        && (when.join.is_empty()
+            || (source_ok(&when.join) && when.join.iter().all(|c| finished(c))))
+        && when
+            .labels
+            .iter()
+            .all(|(k, v)| facts.labels.get(k) == Some(v))
+        && when
+            .attempt
+            .as_ref()
+            .is_none_or(|c| c.holds(f64::from(facts.attempt)))
+        && when
+            .confidence
+            .as_ref()
+            .is_none_or(|c| facts.confidence.is_some_and(|x| c.holds(x)))
+        && when.payload.iter().all(|c| c.holds(facts.payload))
+}
+
+/// One value or a list of values.
+struct OneOrMany<T>(Vec<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        one_or_many(deserializer).map(OneOrMany)
+    }
+}
+
+/// Accepts one value or a list of values.
+fn one_or_many<'de, D, T>(deserializer: D) -> std::result::Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Visit<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Visit<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("one value or a list")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Vec<T>, E> {
+            T::deserialize(v.into_deserializer()).map(|t| vec![t])
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(t) = seq.next_element()? {
+                out.push(t);
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_any(Visit(std::marker::PhantomData))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cards::{Card, Runtime};
+
+    fn cards(names: &[&str]) -> Cards {
+        let mut cards = Cards::default();
+        for name in names {
+            let card: Card =
+                serde_yaml_ng::from_str(&format!("name: {name}\nruntime: {{kind: handler}}"))
+                    .unwrap();
+            cards
+                .insert(card, PathBuf::from(format!("{name}.yaml")))
+                .unwrap();
+        }
+        assert!(cards.iter().all(|c| c.runtime == Runtime::Handler));
+        cards
+    }
+
+    fn parse(yaml: &str) -> RuleTable {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    const FLOW: &str = r#"
+rules:
+  - id: start
+    when: { kind: SUBMITTED }
+    then: { route: [a, b] }
+  - id: joined
+    when: { join: [a, b] }
+    then: { route: [c] }
+  - id: sure
+    when: { source: c, confidence: { gt: 0.8 } }
+    then: complete
+  - id: unsure
+    when: { source: c }
+    then: { escalate: h }
+  - id: human
+    when: { kind: HUMAN_DECISION }
+    then: complete
+"#;
+
+    #[test]
+    fn example_flow_validates_and_decides() {
+        let cards = cards(&["a", "b", "c", "h"]);
+        let table = parse(FLOW);
+        table.validate(&cards).unwrap();
+        let labels = BTreeMap::new();
+        let payload = Value::Null;
+        let facts = |kind, source, confidence| Facts {
+            kind,
+            source,
+            labels: &labels,
+            attempt: 1,
+            confidence,
+            payload: &payload,
+        };
+        let submitted = facts(EventKind::Submitted, None, None);
+        assert_eq!(table.decide(&submitted, |_| false).unwrap().id, "start");
+        let a_done = facts(EventKind::Result, Some("a"), None);
+        assert!(
+            table.decide(&a_done, |c| c == "a").is_none(),
+            "join waits for b"
+        );
+        assert_eq!(table.decide(&a_done, |_| true).unwrap().id, "joined");
+        let sure = facts(EventKind::Result, Some("c"), Some(0.9));
+        assert_eq!(table.decide(&sure, |_| true).unwrap().id, "sure");
+        let unsure = facts(EventKind::Result, Some("c"), Some(0.8));
+        assert_eq!(table.decide(&unsure, |_| true).unwrap().id, "unsure");
+    }
+
+    #[test]
+    fn payload_conditions() {
+        let cond: PayloadCondition = serde_yaml_ng::from_str("{pointer: /score, gte: 2}").unwrap();
+        assert!(cond.holds(&serde_json::json!({"score": 2})));
+        assert!(!cond.holds(&serde_json::json!({"score": 1})));
+        assert!(!cond.holds(&serde_json::json!({})));
+        let cond: PayloadCondition =
+            serde_yaml_ng::from_str("{pointer: /intent, in: [refund, cancel]}").unwrap();
+        assert!(cond.holds(&serde_json::json!({"intent": "refund"})));
+        assert!(!cond.holds(&serde_json::json!({"intent": "hello"})));
+        let cond: PayloadCondition =
+            serde_yaml_ng::from_str("{pointer: /x, exists: false}").unwrap();
+        assert!(cond.holds(&serde_json::json!({})));
+    }
+
+    #[test]
+    fn unknown_card_names_the_field() {
+        let err = parse(&FLOW.replace("route: [c]", "route: [ghost]"))
+            .validate(&cards(&["a", "b", "c", "h"]))
+            .unwrap_err();
+        assert!(
+            err.contains("rules[1].then.route[0]") && err.contains("ghost"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn shadowed_rule_is_unreachable() {
+        let yaml = FLOW.replace(
+            "  - id: sure\n    when: { source: c, confidence: { gt: 0.8 } }",
+            "  - id: any-c\n    when: { source: c }\n    then: complete\n  - id: sure\n    when: { source: c, confidence: { gt: 0.8 } }",
+        );
+        let err = parse(&yaml)
+            .validate(&cards(&["a", "b", "c", "h"]))
+            .unwrap_err();
+        assert!(
+            err.contains("`sure` is unreachable") && err.contains("`any-c`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cycle_without_exit_is_refused_but_cycle_with_exit_is_fine() {
+        let cards = cards(&["a", "b"]);
+        let with_exit = parse(
+            r#"
+rules:
+  - { id: s, when: { kind: SUBMITTED }, then: { route: [a] } }
+  - { id: ab, when: { source: a }, then: { route: [b] } }
+  - { id: done, when: { source: b, payload: [{ pointer: /done, eq: true }] }, then: complete }
+  - { id: ba, when: { source: b }, then: { route: [a] } }
+"#,
+        );
+        with_exit.validate(&cards).unwrap();
+        let mut without = with_exit.clone();
+        without.rules.remove(2);
+        let err = without.validate(&cards).unwrap_err();
+        assert!(
+            err.contains("cycle without an exit") && err.contains("a, b"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn dead_end_card_is_refused() {
+        let table =
+            parse("rules:\n  - { id: s, when: { kind: SUBMITTED }, then: { route: [a] } }\n");
+        let err = table.validate(&cards(&["a"])).unwrap_err();
+        assert!(err.contains("no rule handles `a`'s results"), "{err}");
+    }
+
+    #[test]
+    fn bad_action_and_kind_list_what_is_allowed() {
+        let err = serde_yaml_ng::from_str::<RuleTable>("rules: [{id: x, then: {teleport: a}}]")
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`route`, `complete`, `escalate`, `dead_letter`"),
+            "{err}"
+        );
+        let err = serde_yaml_ng::from_str::<RuleTable>(
+            "rules: [{id: x, when: {kind: DONE}, then: complete}]",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("SUBMITTED"), "{err}");
+    }
+}

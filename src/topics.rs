@@ -1,0 +1,197 @@
+//! Topic specs (`topics/*.yaml`) and `switchyard topics apply`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use serde::{Deserialize, Serialize};
+
+use crate::cards::Cards;
+use crate::kafka::KafkaConfig;
+
+/// Errors applying topics.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec file could not be read or parsed.
+    #[error("{path}: {message}")]
+    Spec {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A client call failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// Creating a topic failed.
+    #[error("cannot create `{topic}`: {code}")]
+    Create {
+        /// The topic.
+        topic: String,
+        /// The broker's error.
+        code: RDKafkaErrorCode,
+    },
+    /// An existing topic breaks the design.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// Result type of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The spec of one kind of topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    /// Partition count.
+    pub partitions: i32,
+    /// Replication factor.
+    #[serde(default = "one")]
+    pub replication: i32,
+    /// Topic configs, e.g. `retention.ms`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// The topics of a deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpecs {
+    /// `<prefix>.tasks`: task events. Must have as many partitions as `state`.
+    pub tasks: TopicSpec,
+    /// `<prefix>.state`: the decision log.
+    pub state: TopicSpec,
+    /// `<prefix>.dlq`: dead letters.
+    pub dlq: TopicSpec,
+    /// `<prefix>.agent.<card>`: one inbox per card.
+    pub agent: TopicSpec,
+}
+
+impl TopicSpecs {
+    /// Loads and checks a spec file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let spec_err = |message: String| Error::Spec {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| spec_err(e.to_string()))?;
+        let specs: TopicSpecs =
+            serde_yaml_ng::from_str(&text).map_err(|e| spec_err(e.to_string()))?;
+        for (field, spec) in [
+            ("tasks", &specs.tasks),
+            ("state", &specs.state),
+            ("dlq", &specs.dlq),
+            ("agent", &specs.agent),
+        ] {
+            if spec.partitions < 1 || spec.replication < 1 {
+                return Err(spec_err(format!(
+                    "field `{field}`: partitions and replication must be at least 1"
+                )));
+            }
+        }
+        if specs.tasks.partitions != specs.state.partitions {
+            return Err(spec_err(format!(
+                "fields `tasks.partitions` ({}) and `state.partitions` ({}) must be equal: the topics are co-partitioned",
+                specs.tasks.partitions, specs.state.partitions
+            )));
+        }
+        Ok(specs)
+    }
+
+    /// Every topic to have, with its spec.
+    pub fn wanted<'a>(
+        &'a self,
+        kafka: &KafkaConfig,
+        cards: &Cards,
+    ) -> Vec<(String, &'a TopicSpec)> {
+        let topics = kafka.topics();
+        let mut wanted = vec![
+            (topics.tasks(), &self.tasks),
+            (topics.state(), &self.state),
+            (topics.dlq(), &self.dlq),
+        ];
+        wanted.extend(
+            cards
+                .iter()
+                .map(|c| (c.topic(&kafka.topic_prefix), &self.agent)),
+        );
+        wanted
+    }
+}
+
+/// Creates the topics that are missing; refuses when existing topics break co-partitioning.
+/// Returns one line per topic saying what was done.
+pub async fn apply(kafka: &KafkaConfig, specs: &TopicSpecs, cards: &Cards) -> Result<Vec<String>> {
+    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))?;
+    let existing: HashMap<String, i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+        .collect();
+    let topics = kafka.topics();
+    let (tasks, state) = (topics.tasks(), topics.state());
+    let count =
+        |name: &str, spec: &TopicSpec| existing.get(name).copied().unwrap_or(spec.partitions);
+    let (tp, sp) = (count(&tasks, &specs.tasks), count(&state, &specs.state));
+    if tp != sp {
+        return Err(Error::Conflict(format!(
+            "`{tasks}` has {tp} partitions and `{state}` would have {sp}: they must be co-partitioned; \
+             recreate them with equal counts or change topics/ to match"
+        )));
+    }
+    let mut report = Vec::new();
+    let mut new_topics = Vec::new();
+    for (name, spec) in specs.wanted(kafka, cards) {
+        match existing.get(&name) {
+            Some(&n) if n != spec.partitions => {
+                report.push(format!("kept    {name} ({n} partitions; the spec says {}, which this tool does not change)", spec.partitions))
+            }
+            Some(&n) => report.push(format!("exists  {name} ({n} partitions)")),
+            None => new_topics.push((name, spec)),
+        }
+    }
+    if !new_topics.is_empty() {
+        let requests: Vec<NewTopic<'_>> = new_topics
+            .iter()
+            .map(|(name, spec)| {
+                spec.config.iter().fold(
+                    NewTopic::new(
+                        name,
+                        spec.partitions,
+                        TopicReplication::Fixed(spec.replication),
+                    ),
+                    |t, (k, v)| t.set(k, v),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        for result in admin.create_topics(&requests, &options).await? {
+            match result {
+                Ok(name) => {
+                    let spec = new_topics
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .map(|(_, s)| s.partitions)
+                        .unwrap_or_default();
+                    report.push(format!("created {name} ({spec} partitions)"));
+                }
+                Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    report.push(format!("exists  {name}"))
+                }
+                Err((topic, code)) => return Err(Error::Create { topic, code }),
+            }
+        }
+    }
+    Ok(report)
+}

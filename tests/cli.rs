@@ -1,0 +1,81 @@
+//! The command line: start-up refuses bad cards and rule tables with the file and the field.
+
+use std::process::Command;
+
+fn switchyard(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env("SWITCHYARD_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn workflow(card: &str, rules: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("cards")).unwrap();
+    std::fs::write(dir.path().join("cards/a.yaml"), card).unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), rules).unwrap();
+    dir
+}
+
+const RULES: &str = "rules:\n  - { id: s, when: { kind: SUBMITTED }, then: { route: [a] } }\n  - { id: d, when: { source: a }, then: complete }\n";
+
+#[test]
+fn a_bad_card_stops_start_up_naming_file_and_field() {
+    let dir = workflow(
+        "name: a\nruntime: {kind: command, command: [x]}\nconcurency: 2\n",
+        RULES,
+    );
+    let (ok, stderr) = switchyard(&["router", "--workflow", dir.path().to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("cards/a.yaml") && stderr.contains("unknown field `concurency`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_rule_table_stops_start_up_naming_file_and_field() {
+    let dir = workflow(
+        "name: a\nruntime: {kind: handler}\n",
+        &RULES.replace("route: [a]", "route: [b]"),
+    );
+    let (ok, stderr) = switchyard(&["router", "--workflow", dir.path().to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("rules.yaml")
+            && stderr.contains("rules[0].then.route[0]")
+            && stderr.contains("no card named `b`"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_shipped_workflow_loads() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let wf = switchyard::workflow::Workflow::load(
+        &std::path::Path::new(root).join("agents/customer-service"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(wf.cards.names().len(), 7);
+}
+
+#[test]
+fn every_subcommand_has_help() {
+    for sub in ["router", "agent", "submit", "tail", "topics", "dev"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args([sub, "--help"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{sub} --help");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{sub} --help"
+        );
+    }
+}

@@ -1,0 +1,284 @@
+//! Helpers shared by the integration tests. They need a broker on 127.0.0.1 (see README).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
+use switchyard::agent::{self, AgentConfig, Handler, Reply};
+use switchyard::envelope::{EventKind, StateEvent, TaskEvent, WorkItem};
+use switchyard::kafka::KafkaConfig;
+use switchyard::metrics::{AgentMetrics, RouterMetrics};
+use switchyard::router::{Router, RouterConfig};
+use switchyard::topics::{self, TopicSpecs};
+use switchyard::workflow::Workflow;
+use tokio::sync::watch;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Kafka settings with a topic prefix of this test's own; fails clearly when no broker answers.
+pub fn kafka(test: &str) -> KafkaConfig {
+    let bootstrap =
+        std::env::var("SWITCHYARD_TEST_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let prefix = format!(
+        "t-{test}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let kafka = KafkaConfig {
+        bootstrap_servers: bootstrap,
+        topic_prefix: prefix,
+        options: Default::default(),
+    };
+    if let Err(e) = kafka.wait_for_broker(Duration::from_secs(10)) {
+        panic!("this test needs a Kafka-protocol broker: {e}\n(start it with `scripts/start-broker`, or set SWITCHYARD_TEST_BOOTSTRAP)");
+    }
+    kafka
+}
+
+/// Loads a workflow and creates its topics.
+pub async fn setup(kafka: &KafkaConfig, workflow_dir: &Path) -> Workflow {
+    let workflow = Workflow::load(workflow_dir, None).expect("workflow loads");
+    let specs = TopicSpecs::load(&root().join("topics/switchyard.yaml")).unwrap();
+    topics::apply(kafka, &specs, &workflow.cards)
+        .await
+        .expect("topics apply");
+    workflow
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(t) = check().await {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A router running in this process.
+pub struct RunningRouter {
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl RunningRouter {
+    /// Starts a router for `workflow`.
+    pub fn start(kafka: &KafkaConfig, workflow: &Workflow) -> Self {
+        let mut config = RouterConfig::new(kafka.clone());
+        config.session_timeout = Duration::from_secs(6);
+        let router = Router::new(config, workflow.engine(), RouterMetrics::new().unwrap())
+            .expect("router starts");
+        let (stop, rx) = watch::channel(false);
+        let handle = tokio::spawn(async move { router.run(rx).await.expect("router runs") });
+        Self { stop, handle }
+    }
+
+    /// Stops it and waits.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.handle.await.unwrap();
+    }
+}
+
+/// Agents running in this process.
+pub struct RunningAgents {
+    stop: watch::Sender<bool>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningAgents {
+    /// Starts one agent per named card, each with the handler `make` gives it.
+    pub fn start<H: Handler>(
+        kafka: &KafkaConfig,
+        workflow: &Workflow,
+        cards: &[&str],
+        make: impl Fn(&str) -> H,
+    ) -> Self {
+        let (stop, rx) = watch::channel(false);
+        let handles = cards
+            .iter()
+            .map(|name| {
+                let card = workflow
+                    .cards
+                    .get(name)
+                    .unwrap_or_else(|| panic!("no card {name}"))
+                    .clone();
+                let mut config = AgentConfig::new(kafka.clone(), card);
+                config.session_timeout = Duration::from_secs(6);
+                let handler = Arc::new(make(name));
+                let rx = rx.clone();
+                tokio::spawn(async move {
+                    agent::run(config, handler, AgentMetrics::new().unwrap(), rx)
+                        .await
+                        .expect("agent runs")
+                })
+            })
+            .collect();
+        Self { stop, handles }
+    }
+
+    /// Stops them (they drain) and waits.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for h in self.handles {
+            h.await.unwrap();
+        }
+    }
+}
+
+/// A fast, deterministic stand-in for the example workflow's agents (the same logic as the
+/// Python scripts in agents/customer-service/bin): angry messages get a low-confidence review.
+pub struct ExampleAgent(pub String);
+
+impl Handler for ExampleAgent {
+    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, String>> + Send {
+        let card = self.0.clone();
+        async move {
+            let text = item.input["customer_message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_lowercase();
+            let angry = text.contains("furious");
+            let payload = match card.as_str() {
+                "sentiment_analyzer" => {
+                    serde_json::json!({ "sentiment": if angry { "negative" } else { "positive" } })
+                }
+                "intent_classifier" => serde_json::json!({ "intent": "delivery" }),
+                "knowledge_retriever" => serde_json::json!({ "articles": ["a"] }),
+                "response_generator" => serde_json::json!({ "draft": "hello" }),
+                "quality_controller" => {
+                    let negative = item.context["sentiment_analyzer"]["sentiment"] == "negative";
+                    let confidence = if negative { 0.55 } else { 0.93 };
+                    return Ok(Reply {
+                        payload: serde_json::json!({ "confidence": confidence }),
+                        confidence: Some(confidence),
+                        usage: None,
+                    });
+                }
+                _ => serde_json::json!({ "sent": true }),
+            };
+            Ok(Reply {
+                payload,
+                confidence: None,
+                usage: None,
+            })
+        }
+    }
+}
+
+/// Publishes raw bytes to the tasks topic with `key`.
+pub async fn publish_raw(kafka: &KafkaConfig, key: &str, bytes: &[u8]) {
+    let producer = kafka.producer().unwrap();
+    producer
+        .send(
+            FutureRecord::to(&kafka.topics().tasks())
+                .key(key)
+                .payload(bytes),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("publish");
+}
+
+/// Publishes a task event.
+pub async fn publish(kafka: &KafkaConfig, event: &TaskEvent) {
+    publish_raw(kafka, &event.task_id, &serde_json::to_vec(event).unwrap()).await;
+}
+
+/// A submission of `message` under `task_id`.
+pub fn submission(task_id: &str, message: &str) -> TaskEvent {
+    let mut e = TaskEvent::new(task_id, EventKind::Submitted, "client");
+    e.payload = serde_json::json!({ "customer_message": message });
+    e
+}
+
+/// Every record of `topic`, read from the beginning up to the high watermarks.
+pub fn read_all(kafka: &KafkaConfig, topic: &str) -> Vec<OwnedMessage> {
+    let mut config = kafka.client_config();
+    config
+        .set("group.id", "switchyard-test-reader")
+        .set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = config.create().unwrap();
+    let partitions = kafka.partition_count(topic).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for p in 0..partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
+        if high > low {
+            ends.insert(p, high);
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+    }
+    if ends.is_empty() {
+        return Vec::new();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ends.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic} to its end took over 60s"
+        );
+        if let Some(message) = consumer.poll(Duration::from_millis(500)) {
+            let message = message.unwrap().detach();
+            if ends
+                .get(&message.partition())
+                .is_some_and(|end| message.offset() + 1 >= *end)
+            {
+                ends.remove(&message.partition());
+            }
+            out.push(message);
+        }
+    }
+    out
+}
+
+/// Every state event, in partition order.
+pub fn state_events(kafka: &KafkaConfig) -> Vec<StateEvent> {
+    read_all(kafka, &kafka.topics().state())
+        .iter()
+        .map(|m| serde_json::from_slice(m.payload().unwrap()).expect("state events are JSON"))
+        .collect()
+}
+
+/// The state events of one task.
+pub fn task_events(kafka: &KafkaConfig, task_id: &str) -> Vec<StateEvent> {
+    state_events(kafka)
+        .into_iter()
+        .filter(|e| e.task_id == task_id)
+        .collect()
+}
+
+/// A header's value as text.
+pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}

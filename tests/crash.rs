@@ -1,0 +1,159 @@
+//! Effectively-once under crashes: 2,000 tasks through the example workflow while the router
+//! process is killed with SIGKILL several times and restarted. Every task must finish and the
+//! state topic must hold exactly one routing decision per (task, step).
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use switchyard::agent::{Handler, Reply};
+use switchyard::envelope::{Decision, EventKind, TaskEvent, WorkItem};
+use switchyard::kafka::KafkaConfig;
+
+const TASKS: usize = 2_000;
+const KILLS: usize = 3;
+
+fn spawn_router(kafka: &KafkaConfig, n: usize) -> Child {
+    let log = std::fs::File::create(
+        std::env::temp_dir().join(format!("{}-router-{n}.log", kafka.topic_prefix)),
+    )
+    .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "--bootstrap-servers",
+            &kafka.bootstrap_servers,
+            "--topic-prefix",
+            &kafka.topic_prefix,
+        ])
+        .args([
+            "router",
+            "--workflow",
+            "agents/customer-service",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--session-timeout",
+            "3s",
+        ])
+        .args(["--max-batch", "50"])
+        .current_dir(root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("router binary starts")
+}
+
+/// Answers escalations like a human would, through the human card's topic.
+struct Human(KafkaConfig);
+
+impl Handler for Human {
+    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, String>> + Send {
+        let kafka = self.0.clone();
+        async move {
+            let mut answer = TaskEvent::new(&item.task_id, EventKind::HumanDecision, "tester");
+            answer.step_id = Some(item.step_id);
+            publish(&kafka, &answer).await;
+            Ok(Reply::default())
+        }
+    }
+}
+
+fn finished(kafka: &KafkaConfig) -> usize {
+    state_events(kafka)
+        .iter()
+        .filter(|e| matches!(e.decision, Decision::Completed { .. }))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkilled_router_loses_and_duplicates_no_decision() {
+    let kafka = kafka("crash");
+    let workflow = setup(&kafka, &root().join("agents/customer-service")).await;
+    let machines: Vec<&str> = workflow
+        .cards
+        .iter()
+        .filter(|c| !c.is_human())
+        .map(|c| c.name.as_str())
+        .collect();
+    let agents = RunningAgents::start(&kafka, &workflow, &machines, |name| {
+        ExampleAgent(name.to_string())
+    });
+    let humans = RunningAgents::start(&kafka, &workflow, &["human_agent"], |_| {
+        Human(kafka.clone())
+    });
+
+    let mut router = spawn_router(&kafka, 0);
+    for i in 0..TASKS {
+        let message = if i % 10 == 0 {
+            "I am furious"
+        } else {
+            "where is my order"
+        };
+        publish(&kafka, &submission(&format!("task-{i}"), message)).await;
+    }
+    for kill in 1..=KILLS {
+        let target = TASKS * kill / (KILLS + 1);
+        eventually(
+            Duration::from_secs(300),
+            &format!("{target} tasks to finish before kill {kill}"),
+            || async { (finished(&kafka) >= target).then_some(()) },
+        )
+        .await;
+        router.kill().unwrap();
+        router.wait().unwrap();
+        router = spawn_router(&kafka, kill);
+    }
+    eventually(Duration::from_secs(300), "every task to finish", || async {
+        (finished(&kafka) >= TASKS).then_some(())
+    })
+    .await;
+    router.kill().unwrap();
+    router.wait().unwrap();
+    agents.stop().await;
+    humans.stop().await;
+
+    let events = state_events(&kafka);
+    let owners = events
+        .iter()
+        .filter(|e| matches!(e.decision, Decision::Owned { .. }))
+        .count();
+    assert!(
+        owners >= 3 * (KILLS + 1),
+        "each of the {} router runs took over the 3 partitions; saw {owners} ownership records",
+        KILLS + 1
+    );
+    let mut steps: HashMap<(String, u32), usize> = HashMap::new();
+    let mut completed: HashMap<String, usize> = HashMap::new();
+    for e in &events {
+        match &e.decision {
+            Decision::Routed { steps: new, .. } => {
+                for s in new {
+                    *steps.entry((e.task_id.clone(), s.step_id)).or_default() += 1;
+                }
+            }
+            Decision::Escalated { step, .. } => {
+                *steps.entry((e.task_id.clone(), step.step_id)).or_default() += 1
+            }
+            Decision::Completed { .. } => *completed.entry(e.task_id.clone()).or_default() += 1,
+            _ => {}
+        }
+    }
+    let duplicated: Vec<_> = steps.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(
+        duplicated.is_empty(),
+        "steps decided more than once: {:?}",
+        &duplicated[..duplicated.len().min(10)]
+    );
+    assert_eq!(completed.len(), TASKS, "every task completed");
+    assert!(
+        completed.values().all(|n| *n == 1),
+        "no task completed twice"
+    );
+    let tasks_with_steps: HashSet<&String> = steps.keys().map(|(t, _)| t).collect();
+    assert_eq!(tasks_with_steps.len(), TASKS);
+    // Happy tasks take 6 steps, escalated ones 6 (the human replaces the sender).
+    assert_eq!(steps.len(), TASKS * 6, "no step was lost");
+}
