@@ -486,18 +486,16 @@ async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
         ]),
         &logs,
     )?];
-    let mut port = 9465;
-    for card in workflow
+    let runnable = workflow
         .cards
         .iter()
-        .filter(|c| matches!(c.runtime, Runtime::Command { .. }))
-    {
+        .filter(|c| matches!(c.runtime, Runtime::Command { .. }));
+    for (port, card) in (9465..).zip(runnable) {
         let path = workflow
             .dir
             .join("cards")
             .join(format!("{}.yaml", card.name));
         let addr = format!("127.0.0.1:{port}");
-        port += 1;
         let path = path.display().to_string();
         children.push(Child::spawn(
             &card.name,

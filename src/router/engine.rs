@@ -186,7 +186,7 @@ impl Engine {
                         self.route(
                             task.hops(),
                             task.next_step(),
-                            &[fallback.clone()],
+                            std::slice::from_ref(fallback),
                             decided_by,
                         ),
                     );
