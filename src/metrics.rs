@@ -8,8 +8,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Errors of this module.
@@ -75,6 +75,8 @@ pub struct RouterMetrics {
     pub restore_seconds: Histogram,
     /// Work items sent again after a restore.
     pub reemitted: IntCounterVec,
+    /// Holes in a tasks partition accepted after fetching them again did not fill them.
+    pub gaps: IntCounter,
 }
 
 impl RouterMetrics {
@@ -137,6 +139,14 @@ impl RouterMetrics {
                 "Pending work items re-sent after a restore",
                 &["card"],
             )?,
+            gaps: {
+                let c = IntCounter::new(
+                    "switchyard_accepted_gaps_total",
+                    "Offset holes accepted in the tasks topic",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
             registry: r,
         })
     }

@@ -86,14 +86,17 @@ async fn sigkilled_router_loses_and_duplicates_no_decision() {
     });
 
     let mut router = spawn_router(&kafka, 0);
-    for i in 0..TASKS {
-        let message = if i % 10 == 0 {
-            "I am furious"
-        } else {
-            "where is my order"
-        };
-        publish(&kafka, &submission(&format!("task-{i}"), message)).await;
-    }
+    let submissions: Vec<TaskEvent> = (0..TASKS)
+        .map(|i| {
+            let message = if i % 10 == 0 {
+                "I am furious"
+            } else {
+                "where is my order"
+            };
+            submission(&format!("task-{i}"), message)
+        })
+        .collect();
+    futures::future::join_all(submissions.iter().map(|s| publish(&kafka, s))).await;
     for kill in 1..=KILLS {
         let target = TASKS * kill / (KILLS + 1);
         eventually(

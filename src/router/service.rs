@@ -182,8 +182,24 @@ pub struct Router {
     producer: FutureProducer,
     card_topics: HashMap<String, String>,
     partitions: HashMap<i32, PartitionState>,
+    gaps: HashMap<i32, Gap>,
     ready: Arc<AtomicBool>,
 }
+
+/// A hole in a tasks partition: records past `expected` arrived before `expected` itself.
+///
+/// Kafka never shows a record before the ones below it, but a broker that assigns offsets to
+/// concurrent producers before it stores them (nisshi's memory engine) can; the router then seeks
+/// back and fetches again. Holes that persist are real (compaction, transaction markers) and are
+/// accepted after [`GAP_RETRIES`] fetches.
+#[derive(Debug, Clone, Copy)]
+struct Gap {
+    expected: i64,
+    retries: u32,
+}
+
+/// How many times the router fetches a hole again before it accepts it.
+const GAP_RETRIES: u32 = 20;
 
 impl Router {
     /// Prepares a router; checks that the topics exist and are co-partitioned.
@@ -214,6 +230,7 @@ impl Router {
             engine: Arc::new(engine),
             metrics,
             partitions: HashMap::new(),
+            gaps: HashMap::new(),
             ready: Arc::new(AtomicBool::new(false)),
             config,
         })
@@ -253,6 +270,7 @@ impl Router {
             }
             tokio::select! {
                 _ = shutdown.changed() => break,
+                Some(event) = rebalances.recv() => self.rebalance(event, &consumer).await?,
                 _ = ticker.tick() => {
                     let active = self.partitions.values().map(|p| p.tasks.len() as i64).sum();
                     self.metrics.inflight_tasks.set(active);
@@ -273,7 +291,8 @@ impl Router {
                     while let Ok(event) = rebalances.try_recv() {
                         self.rebalance(event, &consumer).await?;
                     }
-                    self.process(batch).await?;
+                    let refetch = self.process(batch).await?;
+                    self.refetch(&consumer, refetch)?;
                     self.commit_positions(&consumer);
                 }
             }
@@ -298,6 +317,24 @@ impl Router {
         }
     }
 
+    /// Seeks partitions with a hole back to the first offset not yet decided.
+    fn refetch(
+        &self,
+        consumer: &StreamConsumer<RebalanceContext>,
+        partitions: Vec<i32>,
+    ) -> Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            if let Some(next) = self.partitions.get(&p).and_then(|s| s.next_offset) {
+                tpl.add_partition_offset(&self.topics.tasks(), p, Offset::Offset(next))?;
+            }
+        }
+        if tpl.count() > 0 {
+            consumer.seek_partitions(tpl, Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
     async fn rebalance(
         &mut self,
         event: RebalanceEvent,
@@ -307,6 +344,7 @@ impl Router {
             RebalanceEvent::Revoked(parts) => {
                 for p in parts {
                     self.partitions.remove(&p);
+                    self.gaps.remove(&p);
                 }
                 tracing::info!(owned = ?self.owned(), "partitions revoked");
             }
@@ -430,20 +468,47 @@ impl Router {
         Outgoing::json(topic, None, &item.task_id, item)
     }
 
-    async fn process(&mut self, batch: Vec<OwnedMessage>) -> Result<()> {
+    /// Decides a batch and writes its records; returns the partitions to fetch again (holes).
+    async fn process(&mut self, batch: Vec<OwnedMessage>) -> Result<Vec<i32>> {
         let started = Instant::now();
         let (mut dead, mut states, mut works) = (Vec::new(), Vec::new(), Vec::new());
         let tasks_topic = self.topics.tasks();
         let state_topic = self.topics.state();
         let mut decided = 0u64;
+        let mut refetch = Vec::new();
         for message in &batch {
             let p = message.partition();
             let Some(partition) = self.partitions.get_mut(&p) else {
                 continue;
             };
-            if message.offset() < partition.next_offset.unwrap_or(0) {
+            if refetch.contains(&p) || message.offset() < partition.next_offset.unwrap_or(0) {
                 continue;
             }
+            if let Some(expected) = partition.next_offset.filter(|e| message.offset() > *e) {
+                let gap = self.gaps.entry(p).or_insert(Gap {
+                    expected,
+                    retries: 0,
+                });
+                if gap.expected != expected {
+                    *gap = Gap {
+                        expected,
+                        retries: 0,
+                    };
+                }
+                if gap.retries < GAP_RETRIES {
+                    gap.retries += 1;
+                    refetch.push(p);
+                    continue;
+                }
+                tracing::warn!(
+                    partition = p,
+                    expected,
+                    got = message.offset(),
+                    "accepting a gap in the tasks partition"
+                );
+                self.metrics.gaps.inc();
+            }
+            self.gaps.remove(&p);
             decided += 1;
             let bytes = message.payload().unwrap_or_default();
             let (event, outcome) = match decode_task_event(bytes) {
@@ -517,7 +582,7 @@ impl Router {
             ));
         }
         if decided == 0 {
-            return Ok(());
+            return Ok(refetch);
         }
         let works: Vec<Outgoing> = works.iter().map(|w| self.work_record(w)).collect();
         self.send_all(dead).await?;
@@ -528,7 +593,7 @@ impl Router {
         for _ in 0..decided {
             self.metrics.routing_latency.observe(elapsed);
         }
-        Ok(())
+        Ok(refetch)
     }
 
     async fn send_all(&self, records: Vec<Outgoing>) -> Result<()> {

@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use switchyard::agent::{self, AgentConfig, Handler, Reply};
 use switchyard::envelope::{EventKind, StateEvent, TaskEvent, WorkItem};
@@ -184,9 +184,15 @@ impl Handler for ExampleAgent {
     }
 }
 
+/// One producer for all the tests of a binary (they share the broker).
+fn producer(kafka: &KafkaConfig) -> &'static FutureProducer {
+    static PRODUCER: OnceLock<FutureProducer> = OnceLock::new();
+    PRODUCER.get_or_init(|| kafka.producer().unwrap())
+}
+
 /// Publishes raw bytes to the tasks topic with `key`.
 pub async fn publish_raw(kafka: &KafkaConfig, key: &str, bytes: &[u8]) {
-    let producer = kafka.producer().unwrap();
+    let producer = producer(kafka);
     producer
         .send(
             FutureRecord::to(&kafka.topics().tasks())
