@@ -34,6 +34,17 @@ impl EventKind {
     /// Every kind, in the spelling used on the wire.
     pub const ALL: [&'static str; 5] =
         ["SUBMITTED", "RESULT", "FAILED", "HUMAN_DECISION", "CANCEL"];
+
+    /// The kind as spelled on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Submitted => "SUBMITTED",
+            EventKind::Result => "RESULT",
+            EventKind::Failed => "FAILED",
+            EventKind::HumanDecision => "HUMAN_DECISION",
+            EventKind::Cancel => "CANCEL",
+        }
+    }
 }
 
 /// Tokens and cost reported with a result.

@@ -40,10 +40,7 @@ pub fn describe(record: &StateEvent) -> String {
                 EventKind::Submitted | EventKind::Cancel => format!("from {}", e.source),
                 _ => format!("from {}{step}{attempt}", e.source),
             };
-            format!(
-                "{:<15} {from}{confidence}",
-                format!("{:?}", e.kind).to_uppercase()
-            )
+            format!("{:<15} {from}{confidence}", e.kind.as_str())
         }
         None => "UNDECODABLE".to_string(),
     };

@@ -531,7 +531,7 @@ impl Router {
                     )
                 }
             };
-            let kind = event.as_ref().map_or("undecodable", |e| kind_name(e.kind));
+            let kind = event.as_ref().map_or("undecodable", |e| e.kind.as_str());
             self.metrics.events.with_label_values(&[kind]).inc();
             let task_id = event
                 .as_ref()
@@ -623,17 +623,6 @@ fn to_record(r: &Outgoing) -> FutureRecord<'_, [u8], [u8]> {
         record = record.headers(h.clone());
     }
     record
-}
-
-fn kind_name(kind: crate::envelope::EventKind) -> &'static str {
-    use crate::envelope::EventKind::*;
-    match kind {
-        Submitted => "SUBMITTED",
-        Result => "RESULT",
-        Failed => "FAILED",
-        HumanDecision => "HUMAN_DECISION",
-        Cancel => "CANCEL",
-    }
 }
 
 fn count_decision(metrics: &RouterMetrics, decision: &Decision) {
