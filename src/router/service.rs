@@ -22,7 +22,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
@@ -223,6 +223,10 @@ impl Router {
             .map(|c| (c.name.clone(), c.topic(prefix)))
             .collect();
         let producer = config.kafka.producer()?;
+        // Connect now, so that the first ownership record does not pay for it.
+        producer
+            .client()
+            .fetch_metadata(Some(&state), Duration::from_secs(10))?;
         Ok(Self {
             topics,
             producer,
@@ -351,8 +355,9 @@ impl Router {
             RebalanceEvent::Assigned(parts) => {
                 self.ready.store(false, Ordering::Relaxed);
                 let tasks = self.topics.tasks();
-                for p in parts {
-                    let state = self.restore(p).await?;
+                let restored =
+                    futures::future::try_join_all(parts.iter().map(|p| self.restore(*p))).await?;
+                for (p, state) in parts.into_iter().zip(restored) {
                     let mut tpl = TopicPartitionList::new();
                     let position = state.next_offset.map_or(Offset::Beginning, Offset::Offset);
                     tpl.add_partition_offset(&tasks, p, position)?;
@@ -375,7 +380,7 @@ impl Router {
     }
 
     /// Takes over state partition `p`: ownership record, fold up to it, re-send pending work.
-    async fn restore(&mut self, p: i32) -> Result<PartitionState> {
+    async fn restore(&self, p: i32) -> Result<PartitionState> {
         let started = Instant::now();
         let topic = self.topics.state();
         let owned = StateEvent {
@@ -409,6 +414,7 @@ impl Router {
         let mut config = self.config.kafka.client_config();
         config
             .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
             .set("group.id", format!("{}.restore", self.config.group_id));
         let reader: StreamConsumer = config.create()?;
         let mut tpl = TopicPartitionList::new();
