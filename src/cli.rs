@@ -120,6 +120,100 @@ enum Command {
     Topics(TopicsCommand),
     /// Run everything locally: broker, topics, router, agents, and a sample task.
     Dev(DevArgs),
+    /// A task's whole timeline from the topics: every event, decision and dead letter.
+    Audit(AuditArgs),
+    /// Re-run the router's decisions over recorded history: verify them, or try another rule table.
+    Replay(ReplayArgs),
+    /// Dead letters: list, show, redrive.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Args)]
+struct AuditArgs {
+    /// The task id.
+    task_id: String,
+    /// Print JSON for tools.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    workflow: WorkflowArgs,
+    /// Report every divergence from the recorded decisions and exit non-zero if there is one.
+    #[arg(long)]
+    verify: bool,
+    /// Check only decisions at or after this state-topic offset (every partition).
+    #[arg(long)]
+    from_offset: Option<i64>,
+    /// Check only decisions at or after this time (RFC 3339, e.g. 2026-11-23T10:00:00Z).
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    from_time: Option<std::time::SystemTime>,
+    /// Check only this tenant's tasks.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Check only this task.
+    #[arg(long)]
+    task: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct DlqFilter {
+    /// Only this reason.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only this task (record key).
+    #[arg(long)]
+    task: Option<String>,
+    /// Only these positions, `partition:offset` (repeatable).
+    #[arg(long = "at", value_parser = parse_position)]
+    positions: Vec<(i32, i64)>,
+}
+
+impl DlqFilter {
+    fn selection(self) -> crate::dlq::Selection {
+        crate::dlq::Selection {
+            reason: self.reason,
+            task: self.task,
+            positions: self.positions,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List dead letters with counts by reason.
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+    /// Show one dead letter with all its headers and its bytes.
+    Show {
+        /// Its position, `partition:offset`.
+        #[arg(value_parser = parse_position)]
+        position: (i32, i64),
+    },
+    /// Send dead letters back to their source topic.
+    Redrive {
+        #[command(flatten)]
+        filter: DlqFilter,
+        /// Refuse records already redriven this many times.
+        #[arg(long, default_value_t = 3)]
+        max_redrives: u32,
+    },
+}
+
+fn parse_position(s: &str) -> Result<(i32, i64), String> {
+    let (p, o) = s.split_once(':').ok_or("expected PARTITION:OFFSET")?;
+    Ok((
+        p.parse().map_err(|e| format!("partition: {e}"))?,
+        o.parse().map_err(|e| format!("offset: {e}"))?,
+    ))
 }
 
 #[derive(Debug, Args)]
@@ -270,6 +364,24 @@ impl Cli {
                 Ok(())
             }
             Command::Dev(args) => dev(&self.global, kafka, args).await,
+            Command::Audit(args) => {
+                let timeline = crate::journey::audit(&kafka, &args.task_id)?;
+                if timeline.decisions.is_empty() && timeline.dead_letters.is_empty() {
+                    bail!(
+                        "no record of task `{}` in `{}`",
+                        args.task_id,
+                        kafka.topics().state()
+                    );
+                }
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&timeline)?);
+                } else {
+                    print!("{}", timeline.render());
+                }
+                Ok(())
+            }
+            Command::Replay(args) => replay(&kafka, args),
+            Command::Dlq(command) => dlq(&kafka, command).await,
         }
     }
 }
@@ -581,5 +693,159 @@ async fn run_samples(kafka: &KafkaConfig, workflow: &Workflow, messages: &[Strin
         .await?;
     }
     println!("\nall sample tasks finished");
+    Ok(())
+}
+
+fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> Result<()> {
+    let workflow = Workflow::load(&args.workflow.workflow, args.workflow.rules.as_deref())?;
+    let what_if = args.workflow.rules.is_some() && !args.verify;
+    let filter = crate::replay::Filter {
+        from_offset: args.from_offset,
+        from_time: args.from_time.map(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+        }),
+        tenant: args.tenant,
+        task: args.task,
+    };
+    let state = kafka.topics().state();
+    let total: i64 = {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let client: BaseConsumer = kafka.client_config().create()?;
+        (0..kafka.partition_count(&state)?)
+            .map(|p| {
+                client
+                    .fetch_watermarks(&state, p, Duration::from_secs(10))
+                    .map(|(l, h)| h - l)
+            })
+            .sum::<Result<i64, _>>()?
+    };
+    let bar = indicatif::ProgressBar::new(total.max(0) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} state records, {per_sec}, eta {eta}",
+        )
+        .expect("the template is valid"),
+    );
+    let started = std::time::Instant::now();
+    let report = crate::replay::replay(kafka, &workflow.engine(), &filter, |n| {
+        if n % 1000 == 0 {
+            bar.set_position(n);
+        }
+    })?;
+    bar.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if what_if {
+        println!(
+            "what-if with {}:",
+            args.workflow.rules.unwrap_or_default().display()
+        );
+        println!(
+            "{} of {} decisions change, in {} tasks",
+            report.route_changes().count(),
+            report.checked,
+            report.changed_tasks().len()
+        );
+        for ((from, to), n) in report.transitions() {
+            println!("  {n:>6}  {from}  →  {to}");
+        }
+        println!(
+            "decisions no rule would make (to the LLM where configured, else dead-lettered): {}",
+            report.unmatched()
+        );
+        for task in report.changed_tasks() {
+            println!("  task {task}");
+        }
+    } else {
+        for d in &report.divergences {
+            println!(
+                "DIVERGENCE task {} at {}[{}]@{}: recorded {} / replayed {}{}",
+                d.task_id,
+                state,
+                d.partition,
+                d.offset,
+                serde_json::to_string(&d.recorded)?,
+                serde_json::to_string(&d.replayed)?,
+                d.note
+                    .as_deref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    eprintln!(
+        "replayed {} state records in {seconds:.2}s ({:.0}/s): {} decisions checked, {} divergences, {} fenced records ignored, {} inputs missing",
+        report.records,
+        report.records as f64 / seconds.max(1e-9),
+        report.checked,
+        report.divergences.len(),
+        report.fenced,
+        report.inputs_missing
+    );
+    if args.verify && !report.divergences.is_empty() {
+        bail!(
+            "{} recorded decisions do not follow from the recorded events and rules",
+            report.divergences.len()
+        );
+    }
+    Ok(())
+}
+
+async fn dlq(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> {
+    match command {
+        DlqCommand::List { filter } => {
+            let letters = crate::dlq::list(kafka, &filter.selection())?;
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+            for d in &letters {
+                *counts.entry(d.reason.as_str()).or_default() += 1;
+                println!(
+                    "{}:{}  {:<16} key={} from {}[{}]@{}  {}",
+                    d.partition,
+                    d.offset,
+                    d.reason,
+                    d.key,
+                    d.source_topic,
+                    d.source_partition,
+                    d.source_offset,
+                    d.message
+                );
+            }
+            println!("{} dead letters", letters.len());
+            for (reason, n) in counts {
+                println!("  {n:>6}  {reason}");
+            }
+        }
+        DlqCommand::Show {
+            position: (partition, offset),
+        } => {
+            let d = crate::dlq::show(kafka, partition, offset)?;
+            println!("{}", serde_json::to_string_pretty(&d)?);
+            println!("payload: {}", String::from_utf8_lossy(&d.payload));
+        }
+        DlqCommand::Redrive {
+            filter,
+            max_redrives,
+        } => {
+            for r in crate::dlq::redrive(kafka, &filter.selection(), max_redrives).await? {
+                match r {
+                    crate::dlq::Redriven::Sent { dead_letter: d } => {
+                        println!(
+                            "redriven {}:{} ({}) to {}",
+                            d.partition, d.offset, d.reason, d.source_topic
+                        )
+                    }
+                    crate::dlq::Redriven::Refused {
+                        dead_letter: d,
+                        max,
+                    } => println!(
+                        "refused  {}:{} ({}): redriven {} times already, the limit is {max}",
+                        d.partition, d.offset, d.reason, d.redrives
+                    ),
+                }
+            }
+        }
+    }
     Ok(())
 }

@@ -362,6 +362,8 @@ pub mod dlq_headers {
     pub const ROUTER_VERSION: &str = "switchyard.error.router.version";
     /// Time of dead-lettering, milliseconds since the Unix epoch.
     pub const TIME: &str = "switchyard.error.time";
+    /// How often the record has been redriven from the dead-letter topic.
+    pub const REDRIVES: &str = "switchyard.redrive.count";
 }
 
 /// Milliseconds since the Unix epoch.

@@ -1,4 +1,4 @@
-//! Following a task on the state topic, and describing its decisions for people.
+//! A task's journey: following it live, its full audit timeline, and describing decisions for people.
 
 use std::time::Duration;
 
@@ -109,5 +109,86 @@ pub async fn follow(
         if record.task_id == task_id && on(&record) {
             return Ok(true);
         }
+    }
+}
+
+/// A task's whole history: every decision (with the input it answered) and its dead letters.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Timeline {
+    /// The task.
+    pub task_id: String,
+    /// The partition of the tasks and state topics that holds it.
+    pub partition: i32,
+    /// State events in order, with their state-topic offsets.
+    pub decisions: Vec<(i64, StateEvent)>,
+    /// Its dead letters.
+    pub dead_letters: Vec<crate::dlq::DeadLetter>,
+}
+
+/// Reads a task's timeline, touching only the partitions its key maps to.
+pub fn audit(kafka: &KafkaConfig, task_id: &str) -> Result<Timeline, crate::dlq::Error> {
+    use rdkafka::message::Message;
+    let topics = kafka.topics();
+    let partition = partition_for_key(task_id.as_bytes(), kafka.partition_count(&topics.state())?);
+    let mut decisions = Vec::new();
+    kafka::read_topic(kafka, &topics.state(), Some(&[partition]), |m| {
+        if let Some(record) = m
+            .payload()
+            .and_then(|b| serde_json::from_slice::<StateEvent>(b).ok())
+        {
+            if record.task_id == task_id {
+                decisions.push((m.offset(), record));
+            }
+        }
+    })?;
+    let dlq_partition =
+        partition_for_key(task_id.as_bytes(), kafka.partition_count(&topics.dlq())?);
+    let selection = crate::dlq::Selection {
+        task: Some(task_id.to_string()),
+        ..Default::default()
+    };
+    let dead_letters = crate::dlq::list(kafka, &selection)?
+        .into_iter()
+        .filter(|d| d.partition == dlq_partition)
+        .collect();
+    Ok(Timeline {
+        task_id: task_id.to_string(),
+        partition,
+        decisions,
+        dead_letters,
+    })
+}
+
+impl Timeline {
+    /// The timeline for people: one line per decision, then the dead letters.
+    pub fn render(&self) -> String {
+        let mut out = format!("task {} (partition {})\n", self.task_id, self.partition);
+        for (offset, record) in &self.decisions {
+            let at = humantime::format_rfc3339_millis(
+                std::time::UNIX_EPOCH + Duration::from_millis(record.at.max(0) as u64),
+            );
+            out.push_str(&format!(
+                "{at}  #{:<3} @{offset:<6} {}\n",
+                record.seq,
+                describe(record)
+            ));
+        }
+        if self.dead_letters.is_empty() {
+            out.push_str("no dead letters\n");
+        }
+        for d in &self.dead_letters {
+            out.push_str(&format!(
+                "dead letter {}@{}: {} ({}) from {}[{}]@{}, redriven {} times\n",
+                d.partition,
+                d.offset,
+                d.reason,
+                d.message,
+                d.source_topic,
+                d.source_partition,
+                d.source_offset,
+                d.redrives
+            ));
+        }
+        out
     }
 }

@@ -164,6 +164,48 @@ impl KafkaConfig {
     }
 }
 
+/// Reads every record of `topic` (the given partitions, or all) from the beginning up to the
+/// high watermarks at the time of the call, calling `on` for each in partition order.
+pub fn read_topic(
+    kafka: &KafkaConfig,
+    topic: &str,
+    partitions: Option<&[i32]>,
+    mut on: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> Result<()> {
+    use rdkafka::{Offset, TopicPartitionList};
+    let mut config = kafka.client_config();
+    config
+        .set("group.id", "switchyard-reader")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10");
+    let consumer: BaseConsumer = config.create()?;
+    let all: Vec<i32> = (0..kafka.partition_count(topic)?).collect();
+    for &p in partitions.unwrap_or(&all) {
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        if high <= low {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        consumer.assign(&tpl)?;
+        loop {
+            let Some(message) = consumer.poll(Duration::from_secs(10)) else {
+                return Err(Error::Kafka(KafkaError::MessageConsumption(
+                    rdkafka::types::RDKafkaErrorCode::RequestTimedOut,
+                )));
+            };
+            let message = message?;
+            use rdkafka::Message;
+            let offset = message.offset();
+            on(&message);
+            if offset + 1 >= high {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Sets `key` unless the user set it through the pass-through options.
 pub fn set_default(config: &mut ClientConfig, key: &str, value: &str) {
     if config.get(key).is_none() {

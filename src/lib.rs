@@ -8,10 +8,12 @@
 pub mod agent;
 pub mod cards;
 pub mod cli;
+pub mod dlq;
 pub mod envelope;
 pub mod journey;
 pub mod kafka;
 pub mod metrics;
+pub mod replay;
 pub mod router;
 pub mod rules;
 pub mod state;

@@ -50,10 +50,12 @@ pub struct TaskState {
     pub steps: BTreeMap<u32, StepState>,
     /// Latest output of each card that has answered.
     pub outputs: BTreeMap<String, Value>,
+    /// Steps of earlier lives of the task (a redriven task continues after them).
+    pub step_base: u32,
 }
 
 impl TaskState {
-    fn new(event: &TaskEvent) -> Self {
+    fn new(event: &TaskEvent, step_base: u32) -> Self {
         Self {
             task_id: event.task_id.clone(),
             tenant: event.tenant.clone(),
@@ -64,6 +66,7 @@ impl TaskState {
             seq: 0,
             steps: BTreeMap::new(),
             outputs: BTreeMap::new(),
+            step_base,
         }
     }
 
@@ -74,7 +77,11 @@ impl TaskState {
 
     /// The next step id.
     pub fn next_step(&self) -> u32 {
-        self.steps.keys().next_back().map_or(1, |last| last + 1)
+        self.steps
+            .keys()
+            .next_back()
+            .map_or(self.step_base, |last| *last)
+            + 1
     }
 
     /// Whether the latest step of `card` is done (`also_done` counts as done).
@@ -118,10 +125,19 @@ impl TaskState {
     }
 }
 
-/// A bounded memory of finished tasks: task id → the last step id it had.
+/// How a remembered task finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// Its last step id (0 if it took none).
+    pub last_step: u32,
+    /// Whether it ended in the dead-letter topic (a redriven submission may start it again).
+    pub dead_lettered: bool,
+}
+
+/// A bounded memory of finished tasks.
 #[derive(Debug, Clone, Default)]
 pub struct FinishedTasks {
-    last_step: HashMap<String, u32>,
+    tasks: HashMap<String, Finished>,
     order: VecDeque<String>,
 }
 
@@ -129,20 +145,26 @@ pub struct FinishedTasks {
 pub const FINISHED_MEMORY: usize = 100_000;
 
 impl FinishedTasks {
-    fn insert(&mut self, task_id: String, last_step: u32) {
-        if self.last_step.insert(task_id.clone(), last_step).is_none() {
+    fn insert(&mut self, task_id: String, finished: Finished) {
+        if self.tasks.insert(task_id.clone(), finished).is_none() {
             self.order.push_back(task_id);
             if self.order.len() > FINISHED_MEMORY {
                 if let Some(old) = self.order.pop_front() {
-                    self.last_step.remove(&old);
+                    self.tasks.remove(&old);
                 }
             }
         }
     }
 
-    /// The last step id of a finished task, if it is remembered.
-    pub fn last_step(&self, task_id: &str) -> Option<u32> {
-        self.last_step.get(task_id).copied()
+    fn remove(&mut self, task_id: &str) {
+        if self.tasks.remove(task_id).is_some() {
+            self.order.retain(|t| t != task_id);
+        }
+    }
+
+    /// How a finished task ended, if it is remembered.
+    pub fn get(&self, task_id: &str) -> Option<Finished> {
+        self.tasks.get(task_id).copied()
     }
 }
 
@@ -181,15 +203,16 @@ impl PartitionState {
         }
         let Some(event) = &record.event else { return };
         let id = &event.task_id;
-        if event.kind == EventKind::Submitted
-            && !self.tasks.contains_key(id)
-            && self.finished.last_step(id).is_none()
-        {
+        let revivable = self.finished.get(id).is_none_or(|f| f.dead_lettered);
+        if event.kind == EventKind::Submitted && !self.tasks.contains_key(id) && revivable {
             if let Decision::Routed { .. }
             | Decision::Completed { .. }
             | Decision::Escalated { .. } = record.decision
             {
-                self.tasks.insert(id.clone(), TaskState::new(event));
+                let step_base = self.finished.get(id).map_or(0, |f| f.last_step);
+                self.finished.remove(id);
+                self.tasks
+                    .insert(id.clone(), TaskState::new(event, step_base));
             }
         }
         let Some(task) = self.tasks.get_mut(id) else {
@@ -197,7 +220,14 @@ impl PartitionState {
                 ends_task: true, ..
             } = record.decision
             {
-                self.finished.insert(id.clone(), 0);
+                let last_step = self.finished.get(id).map_or(0, |f| f.last_step);
+                self.finished.insert(
+                    id.clone(),
+                    Finished {
+                        last_step,
+                        dead_lettered: true,
+                    },
+                );
             }
             return;
         };
@@ -229,9 +259,12 @@ impl PartitionState {
             Decision::DeadLettered { ends_task, .. } => *ends_task,
         };
         if ends {
-            let last = task.next_step() - 1;
+            let finished = Finished {
+                last_step: task.next_step() - 1,
+                dead_lettered: matches!(record.decision, Decision::DeadLettered { .. }),
+            };
             self.tasks.remove(id);
-            self.finished.insert(id.clone(), last);
+            self.finished.insert(id.clone(), finished);
         }
     }
 }

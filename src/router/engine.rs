@@ -80,9 +80,12 @@ impl Engine {
 
     fn decide_without_task(&self, state: &PartitionState, event: &TaskEvent) -> Outcome {
         let id = event.task_id.as_str();
-        if let Some(last) = state.finished.last_step(id) {
+        let finished = state.finished.get(id);
+        let revived =
+            event.kind == EventKind::Submitted && finished.is_some_and(|f| f.dead_lettered);
+        if let Some(finished) = finished.filter(|_| !revived) {
             let duplicate = matches!(event.kind, EventKind::Result | EventKind::Failed)
-                && event.step_id.is_some_and(|s| s <= last);
+                && event.step_id.is_some_and(|s| s <= finished.last_step);
             if duplicate {
                 return Outcome::dropped(event.step_id, "late_duplicate");
             }
@@ -107,8 +110,9 @@ impl Engine {
             confidence: event.confidence,
             payload: &event.payload,
         };
+        let first_step = finished.map_or(0, |f| f.last_step) + 1;
         match self.rules.decide(&facts, |_| false) {
-            Some(rule) => Outcome::new(None, self.act(rule, 0, 1)),
+            Some(rule) => Outcome::new(None, self.act(rule, 0, first_step)),
             None => {
                 Outcome::dead_letter("no_rule_matched", "no rule matches this submission", true)
             }

@@ -21,7 +21,7 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
@@ -702,6 +702,21 @@ fn dead_letter(topic: String, message: &OwnedMessage, reason: &str, why: &str) -
             key: dlq_headers::TIME,
             value: Some(&time),
         });
+    let redrives = message
+        .headers()
+        .and_then(|hs| {
+            hs.iter()
+                .find(|h| h.key == dlq_headers::REDRIVES)
+                .and_then(|h| h.value)
+        })
+        .map(|v| String::from_utf8_lossy(v).into_owned());
+    let headers = match &redrives {
+        Some(count) => headers.insert(Header {
+            key: dlq_headers::REDRIVES,
+            value: Some(count),
+        }),
+        None => headers,
+    };
     Outgoing {
         topic,
         partition: None,

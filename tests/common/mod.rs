@@ -145,7 +145,9 @@ impl RunningAgents {
 }
 
 /// A fast, deterministic stand-in for the example workflow's agents (the same logic as the
-/// Python scripts in agents/customer-service/bin): angry messages get a low-confidence review.
+/// Python scripts in agents/customer-service/bin): angry ("furious") messages get a
+/// low-confidence review; a numeric `score` in the input is the review's confidence; "flaky"
+/// messages make intent_classifier fail its first attempt and response_generator fail always.
 pub struct ExampleAgent(pub String);
 
 impl Handler for ExampleAgent {
@@ -157,16 +159,22 @@ impl Handler for ExampleAgent {
                 .unwrap_or_default()
                 .to_lowercase();
             let angry = text.contains("furious");
+            let flaky = text.contains("flaky");
             let payload = match card.as_str() {
                 "sentiment_analyzer" => {
                     serde_json::json!({ "sentiment": if angry { "negative" } else { "positive" } })
                 }
+                "intent_classifier" if flaky && item.attempt == 1 => {
+                    return Err("classifier overloaded".into())
+                }
                 "intent_classifier" => serde_json::json!({ "intent": "delivery" }),
                 "knowledge_retriever" => serde_json::json!({ "articles": ["a"] }),
+                "response_generator" if flaky => return Err("generator crashed".into()),
                 "response_generator" => serde_json::json!({ "draft": "hello" }),
                 "quality_controller" => {
                     let negative = item.context["sentiment_analyzer"]["sentiment"] == "negative";
-                    let confidence = if negative { 0.55 } else { 0.93 };
+                    let default = if negative { 0.55 } else { 0.93 };
+                    let confidence = item.input["score"].as_f64().unwrap_or(default);
                     return Ok(Reply {
                         payload: serde_json::json!({ "confidence": confidence }),
                         confidence: Some(confidence),

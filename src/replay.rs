@@ -1,0 +1,264 @@
+//! Replay: re-run the router's decisions over recorded history, offline.
+//!
+//! The state topic is folded partition by partition exactly as a restoring router does. For each
+//! recorded decision in range, the input is read again from the tasks topic, decoded and decided
+//! anew with the given engine, and compared with what was recorded; the state then advances with
+//! the *recorded* decision, so every later decision is judged against the history that really
+//! happened. Nothing is written to Kafka and no LLM is called.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use rdkafka::message::Message;
+use serde::Serialize;
+
+use crate::envelope::{decode_task_event, Decision, StateEvent, TaskEvent};
+use crate::kafka::{self, read_topic, KafkaConfig};
+use crate::router::{Engine, Outcome};
+use crate::state::PartitionState;
+
+/// Errors of a replay.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading the topics failed.
+    #[error(transparent)]
+    Kafka(#[from] kafka::Error),
+    /// A state record could not be read.
+    #[error("{topic}[{partition}] offset {offset} is not a state event: {message}")]
+    Corrupt {
+        /// The state topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// Offset.
+        offset: i64,
+        /// The decoding error.
+        message: String,
+    },
+}
+
+/// Result type of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Which recorded decisions to check. The fold always starts at the beginning of each partition.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only decisions recorded at or after this state-topic offset (in every partition).
+    pub from_offset: Option<i64>,
+    /// Only decisions recorded at or after this time, ms since the Unix epoch.
+    pub from_time: Option<i64>,
+    /// Only this tenant's tasks.
+    pub tenant: Option<String>,
+    /// Only this task.
+    pub task: Option<String>,
+}
+
+impl Filter {
+    fn admits(&self, offset: i64, record: &StateEvent) -> bool {
+        let tenant = record.event.as_ref().map(|e| e.tenant.as_str());
+        self.from_offset.is_none_or(|o| offset >= o)
+            && self.from_time.is_none_or(|t| record.at >= t)
+            && self.tenant.as_deref().is_none_or(|t| tenant == Some(t))
+            && self.task.as_deref().is_none_or(|t| record.task_id == t)
+    }
+}
+
+/// One decision that the replay decided differently from the record.
+#[derive(Debug, Clone, Serialize)]
+pub struct Divergence {
+    /// The task.
+    pub task_id: String,
+    /// State-topic partition.
+    pub partition: i32,
+    /// State-topic offset of the recorded decision.
+    pub offset: i64,
+    /// What was recorded.
+    pub recorded: Decision,
+    /// What the replay decided.
+    pub replayed: Decision,
+    /// A route-level summary of each, e.g. `ROUTED message_sender`.
+    pub change: (String, String),
+    /// Why the two differ when the decisions themselves agree (e.g. the recorded input copy).
+    pub note: Option<String>,
+}
+
+/// What a replay found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// State records read.
+    pub records: u64,
+    /// Decisions decided again and compared.
+    pub checked: u64,
+    /// Records of fenced owners, ignored as a restoring router ignores them.
+    pub fenced: u64,
+    /// Decisions whose input was no longer in the tasks topic (the recorded copy was used).
+    pub inputs_missing: u64,
+    /// Every divergence.
+    pub divergences: Vec<Divergence>,
+}
+
+impl Report {
+    /// Divergences whose route-level summary differs (what a what-if rule change would alter).
+    pub fn route_changes(&self) -> impl Iterator<Item = &Divergence> {
+        self.divergences.iter().filter(|d| d.change.0 != d.change.1)
+    }
+
+    /// The tasks whose route changes, sorted.
+    pub fn changed_tasks(&self) -> BTreeSet<&str> {
+        self.route_changes().map(|d| d.task_id.as_str()).collect()
+    }
+
+    /// How often each route-level change happens: (recorded, replayed) → count.
+    pub fn transitions(&self) -> BTreeMap<(String, String), u64> {
+        let mut out = BTreeMap::new();
+        for d in self.route_changes() {
+            *out.entry(d.change.clone()).or_default() += 1;
+        }
+        out
+    }
+
+    /// Decisions that no rule of the replayed table would make (they would fall through to the
+    /// LLM decider where one is configured, else to the dead-letter topic).
+    pub fn unmatched(&self) -> u64 {
+        self.route_changes()
+            .filter(|d| matches!(&d.replayed, Decision::DeadLettered { reason, .. } if reason == "no_rule_matched"))
+            .count() as u64
+    }
+}
+
+/// A route-level summary of a decision: its type and the cards it sends work to.
+pub fn summary(decision: &Decision) -> String {
+    match decision {
+        Decision::Routed { steps, .. } => {
+            let cards: Vec<&str> = steps.iter().map(|s| s.card.as_str()).collect();
+            format!("ROUTED {}", cards.join("+"))
+        }
+        Decision::Escalated { step, .. } => format!("ESCALATED {}", step.card),
+        Decision::RetryScheduled { step } => format!("RETRY {}", step.card),
+        Decision::DeadLettered { reason, .. } => format!("DEAD_LETTERED {reason}"),
+        Decision::Dropped { reason } => format!("DROPPED {reason}"),
+        other => other.name().to_string(),
+    }
+}
+
+/// Replays the history of `kafka`'s topics with `engine`; `progress` is told the number of
+/// records read so far and the total.
+pub fn replay(
+    kafka: &KafkaConfig,
+    engine: &Engine,
+    filter: &Filter,
+    mut progress: impl FnMut(u64),
+) -> Result<Report> {
+    let topics = kafka.topics();
+    let mut inputs: HashMap<(i32, i64), Vec<u8>> = HashMap::new();
+    read_topic(kafka, &topics.tasks(), None, |m| {
+        inputs.insert(
+            (m.partition(), m.offset()),
+            m.payload().unwrap_or_default().to_vec(),
+        );
+    })?;
+    let state_topic = topics.state();
+    let mut report = Report::default();
+    let mut states: HashMap<i32, PartitionState> = HashMap::new();
+    let mut corrupt = None;
+    read_topic(kafka, &state_topic, None, |m| {
+        if corrupt.is_some() {
+            return;
+        }
+        let (partition, offset) = (m.partition(), m.offset());
+        report.records += 1;
+        progress(report.records);
+        let record: StateEvent = match serde_json::from_slice(m.payload().unwrap_or_default()) {
+            Ok(r) => r,
+            Err(e) => {
+                corrupt = Some(Error::Corrupt {
+                    topic: state_topic.clone(),
+                    partition,
+                    offset,
+                    message: e.to_string(),
+                });
+                return;
+            }
+        };
+        let state = states.entry(partition).or_default();
+        let owned = matches!(record.decision, Decision::Owned { .. });
+        if !owned && filter.admits(offset, &record) && state.epoch.is_none_or(|e| e == record.epoch)
+        {
+            report.checked += 1;
+            let input = record
+                .input
+                .as_ref()
+                .and_then(|i| inputs.get(&(i.partition, i.offset)));
+            if input.is_none() {
+                report.inputs_missing += 1;
+            }
+            if let Some(d) = check(engine, state, &record, input, partition, offset) {
+                report.divergences.push(d);
+            }
+        }
+        if !state.restore(&record, offset) {
+            report.fenced += 1;
+        }
+    })?;
+    match corrupt {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
+fn check(
+    engine: &Engine,
+    state: &PartitionState,
+    record: &StateEvent,
+    input: Option<&Vec<u8>>,
+    partition: i32,
+    offset: i64,
+) -> Option<Divergence> {
+    let decoded: Result<TaskEvent, _> = match input {
+        Some(bytes) => decode_task_event(bytes),
+        None => record
+            .event
+            .clone()
+            .ok_or_else(|| crate::envelope::DecodeError::NotJson("input missing".into())),
+    };
+    let (outcome, note) = match decoded {
+        Ok(event) => {
+            let note = (record.event.as_ref() != Some(&event)).then(|| {
+                "the input copy in the state record differs from the tasks topic".to_string()
+            });
+            (engine.decide(state, &event), note)
+        }
+        Err(e) => {
+            let decision = Decision::DeadLettered {
+                reason: e.reason().into(),
+                message: e.to_string(),
+                ends_task: false,
+            };
+            (
+                Outcome {
+                    answers_step: None,
+                    decision,
+                },
+                None,
+            )
+        }
+    };
+    let step_note = (outcome.answers_step != record.answers_step).then(|| {
+        format!(
+            "answered step {:?} was recorded as {:?}",
+            outcome.answers_step, record.answers_step
+        )
+    });
+    let note = note.or(step_note);
+    if outcome.decision == record.decision && note.is_none() {
+        return None;
+    }
+    Some(Divergence {
+        task_id: record.task_id.clone(),
+        partition,
+        offset,
+        change: (summary(&record.decision), summary(&outcome.decision)),
+        recorded: record.decision.clone(),
+        replayed: outcome.decision,
+        note,
+    })
+}
