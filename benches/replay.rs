@@ -69,6 +69,7 @@ async fn main() {
         workflow.engine(),
         RouterMetrics::new().unwrap(),
     )
+    .await
     .unwrap();
     let (stop, rx) = tokio::sync::watch::channel(false);
     let handle = tokio::spawn(router.run(rx));

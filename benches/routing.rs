@@ -98,6 +98,7 @@ async fn route(kafka: &KafkaConfig, workflow: &Workflow, events: usize) -> (f64,
         workflow.engine(),
         metrics.clone(),
     )
+    .await
     .unwrap();
     let (stop, rx) = tokio::sync::watch::channel(false);
     let handle = tokio::spawn(router.run(rx));

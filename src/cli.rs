@@ -19,7 +19,7 @@ use crate::envelope::{Decision, EventKind, TaskEvent};
 use crate::journey::{describe, follow, is_final};
 use crate::kafka::KafkaConfig;
 use crate::metrics::{AgentMetrics, RouterMetrics};
-use crate::router::{Router, RouterConfig};
+use crate::router::{ConsistencyMode, Router, RouterConfig};
 use crate::topics::{self, TopicSpecs};
 use crate::workflow::Workflow;
 
@@ -242,6 +242,16 @@ struct RouterArgs {
     /// Consumer session timeout: how soon a crashed instance's partitions move to another.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     session_timeout: Duration,
+    /// The processing guarantee: `exactly-once` (Kafka transactions) or `effectively-once`.
+    #[arg(
+        long,
+        env = "SWITCHYARD_CONSISTENCY",
+        default_value = "effectively-once"
+    )]
+    consistency: ConsistencyMode,
+    /// Exactly-once: how long a batch gathers events before its transaction commits.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    commit_interval: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -410,7 +420,9 @@ async fn run_router(kafka: KafkaConfig, args: RouterArgs) -> Result<()> {
     config.http_addr = Some(args.http_addr);
     config.max_batch = args.max_batch;
     config.session_timeout = args.session_timeout;
-    let router = Router::new(config, workflow.engine(), RouterMetrics::new()?)?;
+    config.consistency = args.consistency;
+    config.commit_interval = args.commit_interval;
+    let router = Router::new(config, workflow.engine(), RouterMetrics::new()?).await?;
     router.run(shutdown_signal()?).await?;
     Ok(())
 }

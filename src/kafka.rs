@@ -123,13 +123,17 @@ impl KafkaConfig {
 
     /// An idempotent producer that partitions keys like the Java client (murmur2).
     pub fn producer(&self) -> Result<FutureProducer> {
-        let mut config = self.client_config();
+        Ok(Self::producer_from(self.client_config())?)
+    }
+
+    /// A producer from `config` with switchyard's defaults where it sets nothing else.
+    pub fn producer_from(mut config: ClientConfig) -> Result<FutureProducer, KafkaError> {
         set_default(&mut config, "enable.idempotence", "true");
         set_default(&mut config, "acks", "all");
         set_default(&mut config, "linger.ms", "2");
         set_default(&mut config, "partitioner", "murmur2_random");
         set_default(&mut config, "message.timeout.ms", "30000");
-        Ok(config.create()?)
+        config.create()
     }
 
     /// Waits until a broker answers a metadata request.

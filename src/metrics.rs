@@ -77,6 +77,8 @@ pub struct RouterMetrics {
     pub reemitted: IntCounterVec,
     /// Holes in a tasks partition accepted after fetching them again did not fill them.
     pub gaps: IntCounter,
+    /// Exactly-once: transactions aborted (and their batches read again).
+    pub aborted: IntCounter,
 }
 
 impl RouterMetrics {
@@ -139,6 +141,14 @@ impl RouterMetrics {
                 "Pending work items re-sent after a restore",
                 &["card"],
             )?,
+            aborted: {
+                let c = IntCounter::new(
+                    "switchyard_transactions_aborted_total",
+                    "Transactions aborted and re-processed",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
             gaps: {
                 let c = IntCounter::new(
                     "switchyard_accepted_gaps_total",

@@ -50,7 +50,7 @@ fn is_final(e: &StateEvent) -> bool {
 /// Runs the example workflow over `messages` (task id, message, optional score) until each ends.
 async fn run_history(kafka: &KafkaConfig, messages: &[(String, String, Option<f64>)]) -> Workflow {
     let workflow = setup(kafka, &root().join("agents/customer-service")).await;
-    let router = RunningRouter::start(kafka, &workflow);
+    let router = RunningRouter::start(kafka, &workflow).await;
     let machines: Vec<&str> = workflow
         .cards
         .iter()
@@ -340,7 +340,7 @@ async fn a_dead_letter_for_a_missing_card_is_redriven_after_the_card_is_added() 
     )
     .unwrap();
     let v1 = setup(&kafka, dir.path()).await;
-    let router = RunningRouter::start(&kafka, &v1);
+    let router = RunningRouter::start(&kafka, &v1).await;
     let mut task = TaskEvent::new("bill-1", EventKind::Submitted, "client");
     task.payload = serde_json::json!({ "topic": "billing" });
     publish(&kafka, &task).await;
@@ -359,7 +359,7 @@ async fn a_dead_letter_for_a_missing_card_is_redriven_after_the_card_is_added() 
     )
     .unwrap();
     let v2 = setup(&kafka, dir.path()).await;
-    let router = RunningRouter::start(&kafka, &v2);
+    let router = RunningRouter::start(&kafka, &v2).await;
     let agents = RunningAgents::start(&kafka, &v2, &["billing"], |n| ExampleAgent(n.to_string()));
     let (ok, stdout, stderr) = switchyard(
         &kafka,

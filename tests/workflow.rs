@@ -35,7 +35,7 @@ async fn example_workflow_completes_and_escalates_with_the_shipped_agents() {
     let kafka = kafka("example");
     let dir = root().join("agents/customer-service");
     let workflow = setup(&kafka, &dir).await;
-    let router = RunningRouter::start(&kafka, &workflow);
+    let router = RunningRouter::start(&kafka, &workflow).await;
     let commands: Vec<&str> = workflow
         .cards
         .iter()
@@ -131,7 +131,7 @@ async fn example_workflow_completes_and_escalates_with_the_shipped_agents() {
 async fn poison_input_and_stale_results_are_handled_and_routing_goes_on() {
     let kafka = kafka("poison");
     let workflow = setup(&kafka, &root().join("agents/customer-service")).await;
-    let router = RunningRouter::start(&kafka, &workflow);
+    let router = RunningRouter::start(&kafka, &workflow).await;
 
     publish_raw(&kafka, "garbage", b"\x00\x01not json at all").await;
     publish_raw(
@@ -239,7 +239,7 @@ rules:
     )
     .unwrap();
     let workflow = setup(&kafka, dir.path()).await;
-    let router = RunningRouter::start(&kafka, &workflow);
+    let router = RunningRouter::start(&kafka, &workflow).await;
     let agents = RunningAgents::start(&kafka, &workflow, &["ping", "pong"], |name| {
         ExampleAgent(name.to_string())
     });

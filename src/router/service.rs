@@ -1,13 +1,16 @@
-//! The router's Kafka loop (effectively-once, for brokers without transactions).
+//! The router's Kafka loop: a `tokio::select!` over the consumer, rebalances, a ticker and the
+//! shutdown signal.
 //!
-//! For each batch of task events: decide every event against its partition's state, then write
-//! (1) dead letters, (2) state events, (3) work items, waiting for each to be acknowledged before
-//! the next. A decision is therefore on the state topic before any work item it sends; the input
-//! position is recovered from the state topic. On assignment of a partition the router writes an
-//! ownership record to the state partition, restores state up to that record, re-sends the work
-//! items of pending steps (stable step ids: agents and the router dedupe), and only then reads the
-//! tasks partition from the restored position. Records of a fenced (older) owner written after a
-//! newer ownership record are ignored on restore.
+//! For each batch of task events the router decides every event against its partition's state and
+//! hands the resulting dead letters, state events and work items to the [`Writer`], which makes
+//! them durable in the configured [`ConsistencyMode`]. In effectively-once mode a decision is on
+//! the state topic before any work item it sends and the input position is recovered from the state
+//! topic; in exactly-once mode the batch and its offsets commit in one transaction.
+//!
+//! On assignment of partitions the router writes an ownership record to each state partition,
+//! restores state up to that record, re-sends the work items of pending steps (stable step ids:
+//! agents and the router dedupe), and only then reads the tasks partitions from the restored
+//! positions. Records of a fenced (older) owner written after a newer ownership record are ignored.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,17 +18,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::try_join_all;
 use futures::FutureExt;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::Producer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
+use super::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use super::engine::{work_item, Engine, Outcome};
 use crate::envelope::{
     decode_task_event, dlq_headers, now_ms, Decision, InputRef, StateEvent, WorkItem,
@@ -43,14 +46,9 @@ pub enum Error {
     /// A client call failed.
     #[error("kafka: {0}")]
     Client(#[from] rdkafka::error::KafkaError),
-    /// A write was not acknowledged; the router stops so that a restart restores from the log.
-    #[error("write to `{topic}` failed: {source}")]
-    Produce {
-        /// The topic.
-        topic: String,
-        /// The error.
-        source: rdkafka::error::KafkaError,
-    },
+    /// Writing a batch failed; a restart restores from the log.
+    #[error(transparent)]
+    Write(#[from] commit::Error),
     /// Restoring a partition failed.
     #[error("restore of {topic}[{partition}] failed: {message}")]
     Restore {
@@ -86,12 +84,18 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct RouterConfig {
     /// Kafka settings.
     pub kafka: KafkaConfig,
-    /// This instance's id, written in ownership records and state events.
+    /// This instance's id, written in ownership records and state events; with exactly-once it
+    /// also names the transactional id, so a restarted instance with the same id fences its
+    /// predecessor.
     pub instance_id: String,
     /// Consumer group of the router instances.
     pub group_id: String,
     /// Most events decided in one batch.
     pub max_batch: usize,
+    /// Exactly-once: how long a batch may gather events before it commits.
+    pub commit_interval: Duration,
+    /// The processing guarantee.
+    pub consistency: ConsistencyMode,
     /// Consumer session timeout: how soon a crashed instance's partitions move.
     pub session_timeout: Duration,
     /// Where to serve `/metrics`, `/health` and `/ready`, if anywhere.
@@ -99,7 +103,8 @@ pub struct RouterConfig {
 }
 
 impl RouterConfig {
-    /// Defaults for `kafka`: a random instance id, the prefix's router group, batches of 500.
+    /// Defaults for `kafka`: a random instance id, the prefix's router group, batches of 500,
+    /// effectively-once, a 100 ms commit interval.
     pub fn new(kafka: KafkaConfig) -> Self {
         let group_id = kafka.topics().router_group();
         Self {
@@ -107,6 +112,8 @@ impl RouterConfig {
             instance_id: format!("router-{}", uuid::Uuid::new_v4().simple()),
             group_id,
             max_batch: 500,
+            commit_interval: Duration::from_millis(100),
+            consistency: ConsistencyMode::EffectivelyOnce,
             session_timeout: Duration::from_secs(10),
             http_addr: None,
         }
@@ -146,52 +153,15 @@ impl ConsumerContext for RebalanceContext {
     }
 }
 
-/// One record to write.
-struct Outgoing {
-    topic: String,
-    partition: Option<i32>,
-    key: Vec<u8>,
-    payload: Vec<u8>,
-    headers: Option<OwnedHeaders>,
-}
-
-impl Outgoing {
-    fn json<T: serde::Serialize>(
-        topic: String,
-        partition: Option<i32>,
-        key: &str,
-        value: &T,
-    ) -> Self {
-        let payload = serde_json::to_vec(value).expect("records serialize to JSON");
-        Self {
-            topic,
-            partition,
-            key: key.as_bytes().to_vec(),
-            payload,
-            headers: None,
-        }
-    }
-}
-
-/// A running router.
-pub struct Router {
-    config: RouterConfig,
-    engine: Arc<Engine>,
-    metrics: RouterMetrics,
-    topics: Topics,
-    producer: FutureProducer,
-    card_topics: HashMap<String, String>,
-    partitions: HashMap<i32, PartitionState>,
-    gaps: HashMap<i32, Gap>,
-    ready: Arc<AtomicBool>,
-}
+type TasksConsumer = StreamConsumer<RebalanceContext>;
 
 /// A hole in a tasks partition: records past `expected` arrived before `expected` itself.
 ///
 /// Kafka never shows a record before the ones below it, but a broker that assigns offsets to
 /// concurrent producers before it stores them (nisshi's memory engine) can; the router then seeks
 /// back and fetches again. Holes that persist are real (compaction, transaction markers) and are
-/// accepted after [`GAP_RETRIES`] fetches.
+/// accepted after [`GAP_RETRIES`] fetches. Only in effectively-once mode: brokers with
+/// transactions have no such race, and their commit markers leave holes in every partition.
 #[derive(Debug, Clone, Copy)]
 struct Gap {
     expected: i64,
@@ -201,9 +171,30 @@ struct Gap {
 /// How many times the router fetches a hole again before it accepts it.
 const GAP_RETRIES: u32 = 20;
 
+/// A decided batch, ready to be written.
+struct Batch {
+    phases: Vec<Vec<Outgoing>>,
+    decided: u64,
+    refetch: Vec<i32>,
+}
+
+/// A running router.
+pub struct Router {
+    config: RouterConfig,
+    engine: Arc<Engine>,
+    metrics: RouterMetrics,
+    topics: Topics,
+    writer: Writer,
+    card_topics: HashMap<String, String>,
+    partitions: HashMap<i32, PartitionState>,
+    gaps: HashMap<i32, Gap>,
+    ready: Arc<AtomicBool>,
+}
+
 impl Router {
-    /// Prepares a router; checks that the topics exist and are co-partitioned.
-    pub fn new(config: RouterConfig, engine: Engine, metrics: RouterMetrics) -> Result<Self> {
+    /// Prepares a router: checks that the topics exist and are co-partitioned, and in
+    /// exactly-once mode that the broker does transactions.
+    pub async fn new(config: RouterConfig, engine: Engine, metrics: RouterMetrics) -> Result<Self> {
         let topics = config.kafka.topics();
         let (tasks, state) = (topics.tasks(), topics.state());
         let task_partitions = config.kafka.partition_count(&tasks)?;
@@ -222,14 +213,16 @@ impl Router {
             .iter()
             .map(|c| (c.name.clone(), c.topic(prefix)))
             .collect();
-        let producer = config.kafka.producer()?;
+        let transactional_id = format!("{}.{}", config.group_id, config.instance_id);
+        let writer = Writer::new(&config.kafka, config.consistency, &transactional_id).await?;
         // Connect now, so that the first ownership record does not pay for it.
-        producer
+        writer
+            .producer()
             .client()
             .fetch_metadata(Some(&state), Duration::from_secs(10))?;
         Ok(Self {
             topics,
-            producer,
+            writer,
             card_topics,
             engine: Arc::new(engine),
             metrics,
@@ -263,10 +256,13 @@ impl Router {
         set_default(&mut config, "auto.offset.reset", "earliest");
         set_default(&mut config, "isolation.level", "read_committed");
         set_default(&mut config, "heartbeat.interval.ms", "1000");
-        let consumer: StreamConsumer<RebalanceContext> =
+        let consumer: TasksConsumer =
             config.create_with_context(RebalanceContext { events: tx })?;
         consumer.subscribe(&[&self.topics.tasks()])?;
-        tracing::info!(instance = %self.config.instance_id, group = %self.config.group_id, "router started");
+        tracing::info!(
+            instance = %self.config.instance_id, group = %self.config.group_id,
+            consistency = %self.config.consistency, "router started"
+        );
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         loop {
             while let Ok(event) = rebalances.try_recv() {
@@ -280,40 +276,62 @@ impl Router {
                     self.metrics.inflight_tasks.set(active);
                 }
                 first = consumer.recv() => {
-                    let mut batch = Vec::new();
-                    match first {
-                        Ok(m) => batch.push(m.detach()),
+                    let first = match first {
+                        Ok(m) => m.detach(),
                         Err(e) => { tracing::warn!(error = %e, "consumer error"); continue; }
-                    }
-                    while batch.len() < self.config.max_batch {
-                        match consumer.recv().now_or_never() {
-                            Some(Ok(m)) => batch.push(m.detach()),
-                            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-                            None => break,
-                        }
-                    }
+                    };
+                    let batch = self.gather(&consumer, first).await;
                     while let Ok(event) = rebalances.try_recv() {
                         self.rebalance(event, &consumer).await?;
                     }
-                    let refetch = self.process(batch).await?;
-                    self.refetch(&consumer, refetch)?;
-                    self.commit_positions(&consumer);
+                    let batch = self.decide(batch);
+                    self.commit(batch, &consumer).await?;
                 }
             }
         }
-        self.commit_positions(&consumer);
+        if self.config.consistency == ConsistencyMode::EffectivelyOnce {
+            self.commit_positions(&consumer);
+        }
         tracing::info!("router stopped");
         Ok(())
     }
 
-    /// Commits the consumer group's offsets (informational: the state topic is authoritative).
-    fn commit_positions(&self, consumer: &StreamConsumer<RebalanceContext>) {
+    /// Gathers a batch: what is already fetched (effectively-once), or what arrives within the
+    /// commit interval (exactly-once, where each batch costs a transaction).
+    async fn gather(&self, consumer: &TasksConsumer, first: OwnedMessage) -> Vec<OwnedMessage> {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + self.config.commit_interval;
+        while batch.len() < self.config.max_batch {
+            let next = match self.config.consistency {
+                ConsistencyMode::EffectivelyOnce => consumer.recv().now_or_never(),
+                ConsistencyMode::ExactlyOnce => tokio::time::timeout_at(deadline, consumer.recv())
+                    .await
+                    .ok(),
+            };
+            match next {
+                Some(Ok(m)) => batch.push(m.detach()),
+                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                None => break,
+            }
+        }
+        batch
+    }
+
+    /// The next offset of every owned partition.
+    fn positions(&self) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
         for (p, state) in &self.partitions {
             if let Some(next) = state.next_offset {
                 let _ = tpl.add_partition_offset(&self.topics.tasks(), *p, Offset::Offset(next));
             }
         }
+        tpl
+    }
+
+    /// Commits the consumer group's offsets (effectively-once: informational, the state topic is
+    /// authoritative).
+    fn commit_positions(&self, consumer: &TasksConsumer) {
+        let tpl = self.positions();
         if tpl.count() > 0 {
             if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
                 tracing::debug!(error = %e, "offset commit failed");
@@ -321,29 +339,59 @@ impl Router {
         }
     }
 
-    /// Seeks partitions with a hole back to the first offset not yet decided.
-    fn refetch(
-        &self,
-        consumer: &StreamConsumer<RebalanceContext>,
-        partitions: Vec<i32>,
-    ) -> Result<()> {
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            if let Some(next) = self.partitions.get(&p).and_then(|s| s.next_offset) {
-                tpl.add_partition_offset(&self.topics.tasks(), p, Offset::Offset(next))?;
+    /// Writes a decided batch; an aborted transaction restores the owned partitions and rewinds.
+    async fn commit(&mut self, batch: Batch, consumer: &TasksConsumer) -> Result<()> {
+        let started = Instant::now();
+        if batch.decided > 0 {
+            let offsets = match self.config.consistency {
+                ConsistencyMode::ExactlyOnce => {
+                    consumer.group_metadata().map(|g| (self.positions(), g))
+                }
+                ConsistencyMode::EffectivelyOnce => None,
+            };
+            match self.writer.write(batch.phases, offsets).await? {
+                Written::Committed(_) => {
+                    let elapsed = started.elapsed().as_secs_f64();
+                    self.metrics.commit_latency.observe(elapsed);
+                    for _ in 0..batch.decided {
+                        self.metrics.routing_latency.observe(elapsed);
+                    }
+                }
+                Written::Aborted(cause) => {
+                    tracing::warn!(error = %cause, "transaction aborted; restoring owned partitions and reading again");
+                    self.metrics.aborted.inc();
+                    let owned = self.owned();
+                    self.take_over(owned, consumer).await?;
+                    return Ok(());
+                }
             }
         }
-        if tpl.count() > 0 {
-            consumer.seek_partitions(tpl, Duration::from_secs(10))?;
+        self.seek(consumer, &batch.refetch)?;
+        if self.config.consistency == ConsistencyMode::EffectivelyOnce {
+            self.commit_positions(consumer);
         }
         Ok(())
     }
 
-    async fn rebalance(
-        &mut self,
-        event: RebalanceEvent,
-        consumer: &StreamConsumer<RebalanceContext>,
-    ) -> Result<()> {
+    /// Seeks `partitions` to the first offset not yet decided.
+    fn seek(&self, consumer: &TasksConsumer, partitions: &[i32]) -> Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            let next = self.partitions.get(p).and_then(|s| s.next_offset);
+            tpl.add_partition_offset(
+                &self.topics.tasks(),
+                *p,
+                next.map_or(Offset::Beginning, Offset::Offset),
+            )?;
+        }
+        if tpl.count() > 0 {
+            consumer.seek_partitions(tpl.clone(), Duration::from_secs(10))?;
+            consumer.resume(&tpl)?;
+        }
+        Ok(())
+    }
+
+    async fn rebalance(&mut self, event: RebalanceEvent, consumer: &TasksConsumer) -> Result<()> {
         match event {
             RebalanceEvent::Revoked(parts) => {
                 for p in parts {
@@ -352,21 +400,7 @@ impl Router {
                 }
                 tracing::info!(owned = ?self.owned(), "partitions revoked");
             }
-            RebalanceEvent::Assigned(parts) => {
-                self.ready.store(false, Ordering::Relaxed);
-                let tasks = self.topics.tasks();
-                let restored =
-                    futures::future::try_join_all(parts.iter().map(|p| self.restore(*p))).await?;
-                for (p, state) in parts.into_iter().zip(restored) {
-                    let mut tpl = TopicPartitionList::new();
-                    let position = state.next_offset.map_or(Offset::Beginning, Offset::Offset);
-                    tpl.add_partition_offset(&tasks, p, position)?;
-                    consumer.seek_partitions(tpl.clone(), Duration::from_secs(10))?;
-                    consumer.resume(&tpl)?;
-                    self.partitions.insert(p, state);
-                }
-                tracing::info!(owned = ?self.owned(), "partitions assigned and restored");
-            }
+            RebalanceEvent::Assigned(parts) => self.take_over(parts, consumer).await?,
         }
         self.metrics.partitions.set(self.partitions.len() as i64);
         self.ready.store(true, Ordering::Relaxed);
@@ -379,33 +413,65 @@ impl Router {
         owned
     }
 
-    /// Takes over state partition `p`: ownership record, fold up to it, re-send pending work.
-    async fn restore(&self, p: i32) -> Result<PartitionState> {
+    /// Takes over partitions: ownership records, restore up to them, re-send pending work,
+    /// then read the tasks partitions from the restored positions.
+    async fn take_over(&mut self, parts: Vec<i32>, consumer: &TasksConsumer) -> Result<()> {
+        self.ready.store(false, Ordering::Relaxed);
         let started = Instant::now();
-        let topic = self.topics.state();
+        let instance = &self.config.instance_id;
         let owned = StateEvent {
             task_id: String::new(),
             seq: 0,
             epoch: -1,
-            instance: self.config.instance_id.clone(),
+            instance: instance.clone(),
             input: None,
             event: None,
             answers_step: None,
             decision: Decision::Owned {
-                instance: self.config.instance_id.clone(),
+                instance: instance.clone(),
             },
             at: now_ms(),
         };
-        let record = Outgoing::json(topic.clone(), Some(p), "", &owned);
-        let epoch = self
-            .producer
-            .send(to_record(&record), Duration::from_secs(30))
-            .await
-            .map_err(|(source, _)| Error::Produce {
-                topic: topic.clone(),
-                source,
-            })?
-            .offset;
+        let records = parts
+            .iter()
+            .map(|p| Outgoing::json(self.topics.state(), Some(*p), "", &owned))
+            .collect();
+        let epochs = match self.writer.write(vec![records], None).await? {
+            Written::Committed(epochs) => epochs,
+            Written::Aborted(e) => return Err(Error::Client(e)),
+        };
+        let restored = futures::future::try_join_all(
+            parts.iter().zip(&epochs).map(|(p, e)| self.restore(*p, *e)),
+        )
+        .await?;
+        let mut reemit = Vec::new();
+        for (p, state) in parts.iter().zip(restored) {
+            for task in state.tasks.values() {
+                for step in task.pending() {
+                    self.metrics
+                        .reemitted
+                        .with_label_values(&[&step.card])
+                        .inc();
+                    reemit.push(self.work_record(&work_item(task, &step, *p)));
+                }
+            }
+            self.partitions.insert(*p, state);
+            self.gaps.remove(p);
+        }
+        let resent = reemit.len();
+        if let Written::Aborted(e) = self.writer.write(vec![reemit], None).await? {
+            return Err(Error::Client(e));
+        }
+        self.seek(consumer, &parts)?;
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics.restore_seconds.observe(seconds);
+        tracing::info!(owned = ?self.owned(), resent, seconds, "partitions taken over and restored");
+        Ok(())
+    }
+
+    /// Folds state partition `p` up to the ownership record at `epoch`.
+    async fn restore(&self, p: i32, epoch: i64) -> Result<PartitionState> {
+        let topic = self.topics.state();
         let restore_err = |message: String| Error::Restore {
             topic: topic.clone(),
             partition: p,
@@ -415,6 +481,7 @@ impl Router {
         config
             .set("enable.auto.commit", "false")
             .set("fetch.wait.max.ms", "10")
+            .set("isolation.level", "read_committed")
             .set("group.id", format!("{}.restore", self.config.group_id));
         let reader: StreamConsumer = config.create()?;
         let mut tpl = TopicPartitionList::new();
@@ -444,23 +511,9 @@ impl Router {
                 break;
             }
         }
-        let mut reemit = Vec::new();
-        for task in state.tasks.values() {
-            for step in task.pending() {
-                self.metrics
-                    .reemitted
-                    .with_label_values(&[&step.card])
-                    .inc();
-                reemit.push(self.work_record(&work_item(task, &step, p)));
-            }
-        }
-        let resent = reemit.len();
-        self.send_all(reemit).await?;
-        let seconds = started.elapsed().as_secs_f64();
-        self.metrics.restore_seconds.observe(seconds);
         tracing::info!(
-            partition = p, epoch, read, fenced, active = state.tasks.len(), resent, next_offset = ?state.next_offset,
-            seconds, "restored partition"
+            partition = p, epoch, read, fenced, active = state.tasks.len(), next_offset = ?state.next_offset,
+            "restored partition"
         );
         Ok(state)
     }
@@ -474,12 +527,12 @@ impl Router {
         Outgoing::json(topic, None, &item.task_id, item)
     }
 
-    /// Decides a batch and writes its records; returns the partitions to fetch again (holes).
-    async fn process(&mut self, batch: Vec<OwnedMessage>) -> Result<Vec<i32>> {
-        let started = Instant::now();
+    /// Decides a batch against the partitions' state; returns what to write.
+    fn decide(&mut self, batch: Vec<OwnedMessage>) -> Batch {
         let (mut dead, mut states, mut works) = (Vec::new(), Vec::new(), Vec::new());
         let tasks_topic = self.topics.tasks();
         let state_topic = self.topics.state();
+        let guard_gaps = self.config.consistency == ConsistencyMode::EffectivelyOnce;
         let mut decided = 0u64;
         let mut refetch = Vec::new();
         for message in &batch {
@@ -490,7 +543,10 @@ impl Router {
             if refetch.contains(&p) || message.offset() < partition.next_offset.unwrap_or(0) {
                 continue;
             }
-            if let Some(expected) = partition.next_offset.filter(|e| message.offset() > *e) {
+            if let Some(expected) = partition
+                .next_offset
+                .filter(|e| guard_gaps && message.offset() > *e)
+            {
                 let gap = self.gaps.entry(p).or_insert(Gap {
                     expected,
                     retries: 0,
@@ -576,9 +632,7 @@ impl Router {
                 _ => {}
             }
             if let Some(task) = partition.tasks.get(&task_id) {
-                for item in self.engine.work_items(task, &record.decision, p) {
-                    works.push(item);
-                }
+                works.extend(self.engine.work_items(task, &record.decision, p));
             }
             states.push(Outgoing::json(
                 state_topic.clone(),
@@ -587,48 +641,13 @@ impl Router {
                 &record,
             ));
         }
-        if decided == 0 {
-            return Ok(refetch);
+        let works = works.iter().map(|w| self.work_record(w)).collect();
+        Batch {
+            phases: vec![dead, states, works],
+            decided,
+            refetch,
         }
-        let works: Vec<Outgoing> = works.iter().map(|w| self.work_record(w)).collect();
-        self.send_all(dead).await?;
-        self.send_all(states).await?;
-        self.send_all(works).await?;
-        let elapsed = started.elapsed().as_secs_f64();
-        self.metrics.commit_latency.observe(elapsed);
-        for _ in 0..decided {
-            self.metrics.routing_latency.observe(elapsed);
-        }
-        Ok(refetch)
     }
-
-    async fn send_all(&self, records: Vec<Outgoing>) -> Result<()> {
-        let sends = records.iter().map(|r| {
-            self.producer
-                .send(to_record(r), Duration::from_secs(30))
-                .map(move |res| {
-                    res.map_err(|(source, _)| Error::Produce {
-                        topic: r.topic.clone(),
-                        source,
-                    })
-                })
-        });
-        try_join_all(sends).await?;
-        Ok(())
-    }
-}
-
-fn to_record(r: &Outgoing) -> FutureRecord<'_, [u8], [u8]> {
-    let mut record = FutureRecord::to(&r.topic)
-        .key(r.key.as_slice())
-        .payload(r.payload.as_slice());
-    if let Some(p) = r.partition {
-        record = record.partition(p);
-    }
-    if let Some(h) = &r.headers {
-        record = record.headers(h.clone());
-    }
-    record
 }
 
 fn count_decision(metrics: &RouterMetrics, decision: &Decision) {
@@ -668,12 +687,21 @@ fn count_decision(metrics: &RouterMetrics, decision: &Decision) {
     }
 }
 
-/// The dead-letter record for `message`: its original key and bytes, with the reason in headers.
+/// The dead-letter record for `message`: its original key and bytes, with the reason in headers
+/// (and the redrive count it arrived with).
 fn dead_letter(topic: String, message: &OwnedMessage, reason: &str, why: &str) -> Outgoing {
     let partition = message.partition().to_string();
     let offset = message.offset().to_string();
     let time = now_ms().to_string();
-    let headers = OwnedHeaders::new()
+    let redrives = message
+        .headers()
+        .and_then(|hs| {
+            hs.iter()
+                .find(|h| h.key == dlq_headers::REDRIVES)
+                .and_then(|h| h.value)
+        })
+        .map(|v| String::from_utf8_lossy(v).into_owned());
+    let mut headers = OwnedHeaders::new()
         .insert(Header {
             key: dlq_headers::REASON,
             value: Some(reason),
@@ -702,21 +730,12 @@ fn dead_letter(topic: String, message: &OwnedMessage, reason: &str, why: &str) -
             key: dlq_headers::TIME,
             value: Some(&time),
         });
-    let redrives = message
-        .headers()
-        .and_then(|hs| {
-            hs.iter()
-                .find(|h| h.key == dlq_headers::REDRIVES)
-                .and_then(|h| h.value)
-        })
-        .map(|v| String::from_utf8_lossy(v).into_owned());
-    let headers = match &redrives {
-        Some(count) => headers.insert(Header {
+    if let Some(count) = &redrives {
+        headers = headers.insert(Header {
             key: dlq_headers::REDRIVES,
             value: Some(count),
-        }),
-        None => headers,
-    };
+        });
+    }
     Outgoing {
         topic,
         partition: None,

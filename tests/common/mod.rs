@@ -81,10 +81,21 @@ pub struct RunningRouter {
 
 impl RunningRouter {
     /// Starts a router for `workflow`.
-    pub fn start(kafka: &KafkaConfig, workflow: &Workflow) -> Self {
+    pub async fn start(kafka: &KafkaConfig, workflow: &Workflow) -> Self {
+        Self::start_with(kafka, workflow, |_| {}).await
+    }
+
+    /// Starts a router for `workflow` with its config changed by `edit`.
+    pub async fn start_with(
+        kafka: &KafkaConfig,
+        workflow: &Workflow,
+        edit: impl FnOnce(&mut RouterConfig),
+    ) -> Self {
         let mut config = RouterConfig::new(kafka.clone());
         config.session_timeout = Duration::from_secs(6);
+        edit(&mut config);
         let router = Router::new(config, workflow.engine(), RouterMetrics::new().unwrap())
+            .await
             .expect("router starts");
         let (stop, rx) = watch::channel(false);
         let handle = tokio::spawn(async move { router.run(rx).await.expect("router runs") });

@@ -1,0 +1,279 @@
+//! The consistency seam: how a batch of decisions becomes durable.
+//!
+//! [`ConsistencyMode::EffectivelyOnce`] writes dead letters, then state events, then work items,
+//! waiting for each phase to be acknowledged; no transactions are needed.
+//! [`ConsistencyMode::ExactlyOnce`] writes the whole batch and the consumed offsets in one Kafka
+//! transaction (`send_offsets_to_transaction` with the consumer's group metadata, KIP-447).
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures::future::try_join_all;
+use futures::FutureExt;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::KafkaError;
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::TopicPartitionList;
+
+use crate::kafka::KafkaConfig;
+
+/// The processing guarantee.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConsistencyMode {
+    /// No transactions: decisions are recorded before their work items, the position is
+    /// recovered from the state topic, work items may repeat and are deduped by step id.
+    #[default]
+    EffectivelyOnce,
+    /// Kafka transactions: decisions, work items, dead letters and offsets commit atomically.
+    ExactlyOnce,
+}
+
+impl fmt::Display for ConsistencyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConsistencyMode::EffectivelyOnce => "effectively-once",
+            ConsistencyMode::ExactlyOnce => "exactly-once",
+        })
+    }
+}
+
+impl FromStr for ConsistencyMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "effectively-once" => Ok(ConsistencyMode::EffectivelyOnce),
+            "exactly-once" => Ok(ConsistencyMode::ExactlyOnce),
+            other => Err(format!(
+                "`{other}` is not a consistency mode; use exactly-once or effectively-once"
+            )),
+        }
+    }
+}
+
+/// Errors writing a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The broker does not do transactions.
+    #[error(
+        "the broker at {bootstrap} refused transactions ({source}); exactly-once needs Apache Kafka, Confluent or \
+         Redpanda. Use `--consistency effectively-once`, which needs no transactions"
+    )]
+    TransactionsUnsupported {
+        /// The bootstrap servers.
+        bootstrap: String,
+        /// The broker's answer to InitProducerId.
+        source: KafkaError,
+    },
+    /// A fatal producer error: fenced by a newer instance with the same transactional id, or
+    /// another error after which the producer cannot go on. The instance must restart.
+    #[error("fatal producer error, restart this instance: {0}")]
+    Fatal(KafkaError),
+    /// A write was not acknowledged.
+    #[error("write to `{topic}` failed: {source}")]
+    Produce {
+        /// The topic.
+        topic: String,
+        /// The error.
+        source: KafkaError,
+    },
+}
+
+/// Result type of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One record to write.
+pub struct Outgoing {
+    /// Topic.
+    pub topic: String,
+    /// Explicit partition, else the key's.
+    pub partition: Option<i32>,
+    /// Key.
+    pub key: Vec<u8>,
+    /// Value.
+    pub payload: Vec<u8>,
+    /// Headers.
+    pub headers: Option<OwnedHeaders>,
+}
+
+impl Outgoing {
+    /// A JSON record.
+    pub fn json<T: serde::Serialize>(
+        topic: String,
+        partition: Option<i32>,
+        key: &str,
+        value: &T,
+    ) -> Self {
+        let payload = serde_json::to_vec(value).expect("records serialize to JSON");
+        Self {
+            topic,
+            partition,
+            key: key.as_bytes().to_vec(),
+            payload,
+            headers: None,
+        }
+    }
+
+    fn record(&self) -> FutureRecord<'_, [u8], [u8]> {
+        let mut record = FutureRecord::to(&self.topic)
+            .key(self.key.as_slice())
+            .payload(self.payload.as_slice());
+        if let Some(p) = self.partition {
+            record = record.partition(p);
+        }
+        if let Some(h) = &self.headers {
+            record = record.headers(h.clone());
+        }
+        record
+    }
+}
+
+/// What became of a batch.
+pub enum Written {
+    /// Durable; the offsets of the records, phase by phase, in order.
+    Committed(Vec<i64>),
+    /// The transaction was aborted: nothing of the batch is visible; restore and re-read.
+    Aborted(KafkaError),
+}
+
+/// Writes batches in the chosen mode.
+pub struct Writer {
+    mode: ConsistencyMode,
+    producer: FutureProducer,
+}
+
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Writer {
+    /// A writer; in exactly-once mode this initialises transactions (fencing older producers
+    /// with the same `transactional_id`) and fails if the broker refuses them.
+    pub async fn new(
+        kafka: &KafkaConfig,
+        mode: ConsistencyMode,
+        transactional_id: &str,
+    ) -> Result<Self> {
+        let mut config = kafka.client_config();
+        if mode == ConsistencyMode::ExactlyOnce {
+            config.set("transactional.id", transactional_id);
+        }
+        let producer: FutureProducer =
+            KafkaConfig::producer_from(config).map_err(|source| Error::Produce {
+                topic: String::new(),
+                source,
+            })?;
+        if mode == ConsistencyMode::ExactlyOnce {
+            let p = producer.clone();
+            blocking(move || p.init_transactions(TXN_TIMEOUT))
+                .await
+                .map_err(|source| Error::TransactionsUnsupported {
+                    bootstrap: kafka.bootstrap_servers.clone(),
+                    source,
+                })?;
+        }
+        Ok(Self { mode, producer })
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> ConsistencyMode {
+        self.mode
+    }
+
+    /// The underlying producer.
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    /// Writes `phases` (and, in exactly-once mode, commits `offsets` for `group`) durably.
+    pub async fn write(
+        &self,
+        phases: Vec<Vec<Outgoing>>,
+        offsets: Option<(TopicPartitionList, ConsumerGroupMetadata)>,
+    ) -> Result<Written> {
+        match self.mode {
+            ConsistencyMode::EffectivelyOnce => {
+                let mut out = Vec::new();
+                for phase in &phases {
+                    out.extend(self.send(phase).await?);
+                }
+                Ok(Written::Committed(out))
+            }
+            ConsistencyMode::ExactlyOnce => self.transaction(phases, offsets).await,
+        }
+    }
+
+    async fn send(&self, records: &[Outgoing]) -> Result<Vec<i64>> {
+        let sends = records.iter().map(|r| {
+            self.producer
+                .send(r.record(), Duration::from_secs(30))
+                .map(move |res| {
+                    res.map(|d| d.offset).map_err(|(source, _)| Error::Produce {
+                        topic: r.topic.clone(),
+                        source,
+                    })
+                })
+        });
+        try_join_all(sends).await
+    }
+
+    async fn transaction(
+        &self,
+        phases: Vec<Vec<Outgoing>>,
+        offsets: Option<(TopicPartitionList, ConsumerGroupMetadata)>,
+    ) -> Result<Written> {
+        let p = self.producer.clone();
+        blocking(move || p.begin_transaction())
+            .await
+            .map_err(Error::Fatal)?;
+        let records: Vec<Outgoing> = phases.into_iter().flatten().collect();
+        let sent = match self.send(&records).await {
+            Ok(offsets) => offsets,
+            Err(Error::Produce { source, .. }) => return self.abort(source).await,
+            Err(e) => return Err(e),
+        };
+        if let Some((tpl, group)) = offsets {
+            let p = self.producer.clone();
+            if let Err(e) =
+                blocking(move || p.send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT)).await
+            {
+                return self.abort(e).await;
+            }
+        }
+        let mut tries = 0;
+        loop {
+            let p = self.producer.clone();
+            match blocking(move || p.commit_transaction(TXN_TIMEOUT)).await {
+                Ok(()) => return Ok(Written::Committed(sent)),
+                Err(e) if is_fatal(&e) => return Err(Error::Fatal(e)),
+                Err(e) if is_retriable(&e) && tries < 3 => tries += 1,
+                Err(e) => return self.abort(e).await,
+            }
+        }
+    }
+
+    async fn abort(&self, cause: KafkaError) -> Result<Written> {
+        if is_fatal(&cause) {
+            return Err(Error::Fatal(cause));
+        }
+        let p = self.producer.clone();
+        blocking(move || p.abort_transaction(TXN_TIMEOUT))
+            .await
+            .map_err(Error::Fatal)?;
+        Ok(Written::Aborted(cause))
+    }
+}
+
+fn is_fatal(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(t) if t.is_fatal())
+}
+
+fn is_retriable(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(t) if t.is_retriable())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking producer calls do not panic")
+}
