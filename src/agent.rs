@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -27,6 +26,7 @@ use crate::cards::{Card, Runtime};
 use crate::envelope::{EventKind, TaskEvent, Usage, WorkItem};
 use crate::kafka::{self, set_default, KafkaConfig};
 use crate::metrics::AgentMetrics;
+use crate::router::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 
 /// Errors that stop an agent.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,12 @@ pub enum Error {
     /// Metrics could not be served.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::Error),
+    /// Publishing a result failed.
+    #[error(transparent)]
+    Write(#[from] commit::Error),
+    /// Exactly-once: a result's transaction was aborted; a restart re-delivers the work item.
+    #[error("the transaction publishing a result was aborted ({0}); restart to receive the work item again")]
+    Aborted(rdkafka::error::KafkaError),
 }
 
 /// Result type of this module.
@@ -196,6 +202,11 @@ pub struct AgentConfig {
     pub session_timeout: Duration,
     /// Where to serve `/metrics`, `/health` and `/ready`, if anywhere.
     pub http_addr: Option<SocketAddr>,
+    /// `exactly-once`: each result is published and its work item's offset committed in one
+    /// transaction; `effectively-once`: results are published, offsets committed after them.
+    pub consistency: ConsistencyMode,
+    /// This replica's id; with exactly-once it names the transactional id.
+    pub instance_id: String,
 }
 
 impl AgentConfig {
@@ -208,6 +219,8 @@ impl AgentConfig {
             group_id,
             session_timeout: Duration::from_secs(10),
             http_addr: None,
+            consistency: ConsistencyMode::EffectivelyOnce,
+            instance_id: format!("agent-{}", uuid::Uuid::new_v4().simple()),
         }
     }
 }
@@ -280,7 +293,8 @@ pub async fn run<H: Handler>(
     set_default(&mut client, "heartbeat.interval.ms", "1000");
     let consumer: StreamConsumer = client.create()?;
     consumer.subscribe(&[&inbox])?;
-    let producer: FutureProducer = config.kafka.producer()?;
+    let transactional_id = format!("{}.{}", config.group_id, config.instance_id);
+    let writer = Writer::new(&config.kafka, config.consistency, &transactional_id).await?;
     let tasks_topic = topics.tasks();
     tracing::info!(card = %card.name, %inbox, group = %config.group_id, "agent started");
 
@@ -299,12 +313,23 @@ pub async fn run<H: Handler>(
             _ = commit_ticker.tick() => commit(&consumer, &inbox, &offsets, CommitMode::Async),
             Some(done) = running.join_next() => {
                 let (partition, offset, outcome) = done.expect("work item tasks do not panic");
-                if let Some(outcome) = outcome {
-                    publish(&producer, &tasks_topic, &card.name, outcome, &metrics).await?;
-                }
                 let entry = offsets.entry(partition).or_default();
                 entry.inflight.remove(&offset);
                 entry.next = Some(entry.next.unwrap_or(0).max(offset + 1));
+                if let Some(outcome) = outcome {
+                    let record = result_record(&tasks_topic, &card.name, outcome, &metrics);
+                    let commit = match (writer.mode(), entry.committable(), consumer.group_metadata()) {
+                        (ConsistencyMode::ExactlyOnce, Some(next), Some(group)) => {
+                            let mut tpl = TopicPartitionList::new();
+                            tpl.add_partition_offset(&inbox, partition, Offset::Offset(next))?;
+                            Some((tpl, group))
+                        }
+                        _ => None,
+                    };
+                    if let Written::Aborted(e) = writer.write(vec![vec![record]], commit).await? {
+                        return Err(Error::Aborted(e));
+                    }
+                }
             }
             message = consumer.recv(), if room && !stopping => {
                 let message = match message {
@@ -357,13 +382,13 @@ struct Outcome {
     result: Result<Reply, String>,
 }
 
-async fn publish(
-    producer: &FutureProducer,
+/// The RESULT or FAILED event for a handled work item.
+fn result_record(
     tasks_topic: &str,
     card: &str,
     outcome: Outcome,
     metrics: &AgentMetrics,
-) -> Result<()> {
+) -> Outgoing {
     let Outcome { item, result } = outcome;
     let (kind, label) = if result.is_ok() {
         (EventKind::Result, "result")
@@ -385,17 +410,13 @@ async fn publish(
             event.payload = serde_json::json!({ "error": error });
         }
     }
-    let payload = serde_json::to_vec(&event).expect("events serialize");
-    let record = FutureRecord::to(tasks_topic)
-        .key(item.task_id.as_str())
-        .payload(&payload)
-        .partition(item.reply_partition);
-    producer
-        .send(record, Duration::from_secs(30))
-        .await
-        .map_err(|(e, _)| Error::Client(e))?;
     metrics.work_items.with_label_values(&[card, label]).inc();
-    Ok(())
+    Outgoing::json(
+        tasks_topic.to_string(),
+        Some(item.reply_partition),
+        &item.task_id,
+        &event,
+    )
 }
 
 fn commit(

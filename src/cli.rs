@@ -265,6 +265,16 @@ struct AgentArgs {
     /// Consumer session timeout.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     session_timeout: Duration,
+    /// `exactly-once`: publish each result and commit its offset in one transaction.
+    #[arg(
+        long,
+        env = "SWITCHYARD_CONSISTENCY",
+        default_value = "effectively-once"
+    )]
+    consistency: ConsistencyMode,
+    /// This replica's id (default: random); with exactly-once it names the transactional id.
+    #[arg(long, env = "SWITCHYARD_INSTANCE_ID")]
+    instance_id: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -438,6 +448,10 @@ async fn run_agent(kafka: KafkaConfig, args: AgentArgs) -> Result<()> {
     let mut config = AgentConfig::new(kafka, card);
     config.http_addr = args.http_addr;
     config.session_timeout = args.session_timeout;
+    config.consistency = args.consistency;
+    if let Some(id) = args.instance_id {
+        config.instance_id = id;
+    }
     agent::run(
         config,
         Arc::new(handler),

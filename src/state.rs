@@ -168,6 +168,15 @@ impl FinishedTasks {
     }
 }
 
+/// What applying one decision may change, kept to take it back when a transaction aborts.
+#[derive(Debug, Clone)]
+pub struct Undo {
+    task_id: String,
+    task: Option<TaskState>,
+    finished: Option<Finished>,
+    next_offset: Option<i64>,
+}
+
 /// The state of one partition: its active tasks and its recently finished ones.
 #[derive(Debug, Clone, Default)]
 pub struct PartitionState {
@@ -194,6 +203,29 @@ impl PartitionState {
         }
         self.apply(record);
         true
+    }
+
+    /// What must be kept to undo the next decision about `task_id`.
+    pub fn undo_point(&self, task_id: &str) -> Undo {
+        Undo {
+            task_id: task_id.to_string(),
+            task: self.tasks.get(task_id).cloned(),
+            finished: self.finished.get(task_id),
+            next_offset: self.next_offset,
+        }
+    }
+
+    /// Takes a decision back (undo points are applied newest first).
+    pub fn undo(&mut self, undo: Undo) {
+        match undo.task {
+            Some(task) => self.tasks.insert(undo.task_id.clone(), task),
+            None => self.tasks.remove(&undo.task_id),
+        };
+        match undo.finished {
+            Some(f) => self.finished.insert(undo.task_id, f),
+            None => self.finished.remove(&undo.task_id),
+        }
+        self.next_offset = undo.next_offset;
     }
 
     /// Applies a decision to the state.

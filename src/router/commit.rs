@@ -144,7 +144,7 @@ pub struct Writer {
     producer: FutureProducer,
 }
 
-const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+const TXN_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Writer {
     /// A writer; in exactly-once mode this initialises transactions (fencing older producers
@@ -157,6 +157,9 @@ impl Writer {
         let mut config = kafka.client_config();
         if mode == ConsistencyMode::ExactlyOnce {
             config.set("transactional.id", transactional_id);
+            // A fenced or stuck transaction surfaces within this, not the 60 s default.
+            crate::kafka::set_default(&mut config, "transaction.timeout.ms", "10000");
+            crate::kafka::set_default(&mut config, "message.timeout.ms", "10000");
         }
         let producer: FutureProducer =
             KafkaConfig::producer_from(config).map_err(|source| Error::Produce {

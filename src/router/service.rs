@@ -35,7 +35,7 @@ use crate::envelope::{
 };
 use crate::kafka::{self, set_default, KafkaConfig, Topics};
 use crate::metrics::RouterMetrics;
-use crate::state::PartitionState;
+use crate::state::{PartitionState, Undo};
 
 /// Errors that stop the router.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +176,8 @@ struct Batch {
     phases: Vec<Vec<Outgoing>>,
     decided: u64,
     refetch: Vec<i32>,
+    /// Exactly-once: how to take the batch's decisions back if its transaction aborts.
+    undo: Vec<(i32, Undo)>,
 }
 
 /// A running router.
@@ -358,11 +360,18 @@ impl Router {
                     }
                 }
                 Written::Aborted(cause) => {
-                    tracing::warn!(error = %cause, "transaction aborted; restoring owned partitions and reading again");
+                    tracing::warn!(error = %cause, decided = batch.decided, "transaction aborted; taking the batch back and reading it again");
                     self.metrics.aborted.inc();
-                    let owned = self.owned();
-                    self.take_over(owned, consumer).await?;
-                    return Ok(());
+                    let mut touched = Vec::new();
+                    for (p, undo) in batch.undo.into_iter().rev() {
+                        if let Some(state) = self.partitions.get_mut(&p) {
+                            state.undo(undo);
+                        }
+                        if !touched.contains(&p) {
+                            touched.push(p);
+                        }
+                    }
+                    return self.seek(consumer, &touched);
                 }
             }
         }
@@ -532,7 +541,9 @@ impl Router {
         let (mut dead, mut states, mut works) = (Vec::new(), Vec::new(), Vec::new());
         let tasks_topic = self.topics.tasks();
         let state_topic = self.topics.state();
-        let guard_gaps = self.config.consistency == ConsistencyMode::EffectivelyOnce;
+        let exactly_once = self.config.consistency == ConsistencyMode::ExactlyOnce;
+        let guard_gaps = !exactly_once;
+        let mut undo = Vec::new();
         let mut decided = 0u64;
         let mut refetch = Vec::new();
         for message in &batch {
@@ -616,6 +627,9 @@ impl Router {
                 decision: outcome.decision,
                 at: now_ms(),
             };
+            if exactly_once {
+                undo.push((p, partition.undo_point(&task_id)));
+            }
             partition.apply(&record);
             count_decision(&self.metrics, &record.decision);
             match &record.decision {
@@ -646,6 +660,7 @@ impl Router {
             phases: vec![dead, states, works],
             decided,
             refetch,
+            undo,
         }
     }
 }

@@ -20,6 +20,13 @@ use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 use tokio::sync::watch;
 
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn logging() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    }
+}
+
 /// The repository root.
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -91,6 +98,7 @@ impl RunningRouter {
         workflow: &Workflow,
         edit: impl FnOnce(&mut RouterConfig),
     ) -> Self {
+        logging();
         let mut config = RouterConfig::new(kafka.clone());
         config.session_timeout = Duration::from_secs(6);
         edit(&mut config);
@@ -123,6 +131,17 @@ impl RunningAgents {
         cards: &[&str],
         make: impl Fn(&str) -> H,
     ) -> Self {
+        Self::start_with(kafka, workflow, cards, make, |_| {})
+    }
+
+    /// Like [`RunningAgents::start`], with each agent's config changed by `edit`.
+    pub fn start_with<H: Handler>(
+        kafka: &KafkaConfig,
+        workflow: &Workflow,
+        cards: &[&str],
+        make: impl Fn(&str) -> H,
+        edit: impl Fn(&mut AgentConfig),
+    ) -> Self {
         let (stop, rx) = watch::channel(false);
         let handles = cards
             .iter()
@@ -134,6 +153,7 @@ impl RunningAgents {
                     .clone();
                 let mut config = AgentConfig::new(kafka.clone(), card);
                 config.session_timeout = Duration::from_secs(6);
+                edit(&mut config);
                 let handler = Arc::new(make(name));
                 let rx = rx.clone();
                 tokio::spawn(async move {
@@ -203,10 +223,14 @@ impl Handler for ExampleAgent {
     }
 }
 
-/// One producer for all the tests of a binary (they share the broker).
-fn producer(kafka: &KafkaConfig) -> &'static FutureProducer {
-    static PRODUCER: OnceLock<FutureProducer> = OnceLock::new();
-    PRODUCER.get_or_init(|| kafka.producer().unwrap())
+/// One producer per cluster for all the tests of a binary.
+fn producer(kafka: &KafkaConfig) -> FutureProducer {
+    static PRODUCERS: OnceLock<std::sync::Mutex<HashMap<String, FutureProducer>>> = OnceLock::new();
+    let mut producers = PRODUCERS.get_or_init(Default::default).lock().unwrap();
+    producers
+        .entry(kafka.bootstrap_servers.clone())
+        .or_insert_with(|| kafka.producer().unwrap())
+        .clone()
 }
 
 /// Publishes raw bytes to the tasks topic with `key`.
