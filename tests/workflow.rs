@@ -272,3 +272,48 @@ rules:
     agents.stop().await;
     router.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_apply_is_idempotent_and_refuses_topics_that_are_not_co_partitioned() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use switchyard::topics::{self, TopicSpecs};
+
+    let kafka = kafka("topics");
+    let workflow =
+        switchyard::workflow::Workflow::load(&root().join("agents/customer-service"), None)
+            .unwrap();
+    let specs = TopicSpecs::load(&root().join("topics/switchyard.yaml")).unwrap();
+    let first = topics::apply(&kafka, &specs, &workflow.cards)
+        .await
+        .unwrap();
+    assert!(first.iter().all(|l| l.starts_with("created")), "{first:?}");
+    let second = topics::apply(&kafka, &specs, &workflow.cards)
+        .await
+        .unwrap();
+    assert_eq!(second.len(), first.len());
+    assert!(second.iter().all(|l| l.starts_with("exists")), "{second:?}");
+
+    let broken = self::kafka("copart");
+    let admin: AdminClient<DefaultClientContext> = broken.client_config().create().unwrap();
+    let (tasks, state) = (broken.topics().tasks(), broken.topics().state());
+    let new = [
+        NewTopic::new(&tasks, 3, TopicReplication::Fixed(1)),
+        NewTopic::new(&state, 2, TopicReplication::Fixed(1)),
+    ];
+    for r in admin
+        .create_topics(&new, &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    let error = topics::apply(&broken, &specs, &workflow.cards)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("co-partitioned") && error.contains(&tasks),
+        "{error}"
+    );
+}
