@@ -127,6 +127,18 @@ enum Command {
     /// Dead letters: list, show, redrive.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Run a Confluent-compatible schema registry (for local use and tests), persisted in Kafka.
+    Registry(RegistryArgs),
+}
+
+#[derive(Debug, Args)]
+struct RegistryArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    listen: SocketAddr,
+    /// Topic that holds the registry's state (replayed on start).
+    #[arg(long, default_value = "_schemas")]
+    topic: String,
 }
 
 #[derive(Debug, Args)]
@@ -402,6 +414,17 @@ impl Cli {
             }
             Command::Replay(args) => replay(&kafka, args),
             Command::Dlq(command) => dlq(&kafka, command).await,
+            Command::Registry(args) => {
+                kafka.wait_for_broker(Duration::from_secs(30))?;
+                let bound = crate::registry::serve(&kafka, &args.topic, args.listen).await?;
+                println!(
+                    "schema registry on http://{bound} (state in `{}`)",
+                    args.topic
+                );
+                let mut stop = shutdown_signal()?;
+                let _ = stop.changed().await;
+                Ok(())
+            }
         }
     }
 }

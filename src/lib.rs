@@ -13,6 +13,7 @@ pub mod envelope;
 pub mod journey;
 pub mod kafka;
 pub mod metrics;
+pub mod registry;
 pub mod replay;
 pub mod router;
 pub mod rules;
