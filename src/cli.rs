@@ -129,6 +129,29 @@ enum Command {
     Dlq(DlqCommand),
     /// Run a Confluent-compatible schema registry (for local use and tests), persisted in Kafka.
     Registry(RegistryArgs),
+    /// Manage Avro schemas.
+    #[command(subcommand)]
+    Schemas(SchemasCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SchemasCommand {
+    /// Register `schemas/*.avsc` under `<topic>-value` subjects (TopicNameStrategy).
+    Register {
+        #[command(flatten)]
+        workflow: WorkflowArgs,
+        /// Schema registry URL (Confluent, Karapace, Redpanda, Apicurio's compatibility API, or
+        /// `switchyard registry`).
+        #[arg(
+            long,
+            env = "SWITCHYARD_REGISTRY_URL",
+            default_value = "http://127.0.0.1:8081"
+        )]
+        registry_url: String,
+        /// Directory of the `.avsc` files.
+        #[arg(long, default_value = "schemas")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -414,6 +437,24 @@ impl Cli {
             }
             Command::Replay(args) => replay(&kafka, args),
             Command::Dlq(command) => dlq(&kafka, command).await,
+            Command::Schemas(SchemasCommand::Register {
+                workflow,
+                registry_url,
+                dir,
+            }) => {
+                let wf = Workflow::load(&workflow.workflow, workflow.rules.as_deref())?;
+                for r in crate::registry::client::register(&registry_url, &kafka, &wf.cards, &dir)
+                    .await?
+                {
+                    println!(
+                        "registered {} as `{}` (id {})",
+                        r.path.display(),
+                        r.subject,
+                        r.id
+                    );
+                }
+                Ok(())
+            }
             Command::Registry(args) => {
                 kafka.wait_for_broker(Duration::from_secs(30))?;
                 let bound = crate::registry::serve(&kafka, &args.topic, args.listen).await?;

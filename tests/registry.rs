@@ -292,3 +292,87 @@ async fn endpoints_answer_like_confluent_and_ids_survive_a_restart() {
     let (_, _, body) = call(again, "GET", &format!("/config/{subject}"), None).await;
     assert_eq!(body, json!({ "compatibilityLevel": "FULL" }));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemas_register_talks_to_the_built_in_registry_through_schema_registry_converter() {
+    let kafka = kafka("schemas");
+    let topic = format!("{}._schemas", kafka.topic_prefix);
+    let addr = switchyard::registry::serve(&kafka, &topic, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{addr}");
+    let workflow =
+        switchyard::workflow::Workflow::load(&root().join("agents/customer-service"), None)
+            .unwrap();
+    let dir = root().join("schemas");
+    let registered = switchyard::registry::client::register(&url, &kafka, &workflow.cards, &dir)
+        .await
+        .unwrap();
+    assert_eq!(registered.len(), 1 + workflow.cards.names().len());
+    let tasks = format!("{}.tasks-value", kafka.topic_prefix);
+    assert_eq!(registered[0].subject, tasks);
+    let work_ids: std::collections::BTreeSet<u32> = registered[1..].iter().map(|r| r.id).collect();
+    assert_eq!(
+        work_ids.len(),
+        1,
+        "one WorkItem schema, one id, under every inbox subject"
+    );
+    let again = switchyard::registry::client::register(&url, &kafka, &workflow.cards, &dir)
+        .await
+        .unwrap();
+    assert_eq!(again, registered, "registering again changes nothing");
+
+    // An incompatible change is refused with the registry's own error.
+    let (status, _, _) = call(
+        addr,
+        "PUT",
+        &format!("/config/{tasks}"),
+        Some(json!({ "compatibility": "FULL" })),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let changed = tempfile::tempdir().unwrap();
+    let task_event: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("TaskEvent.avsc")).unwrap())
+            .unwrap();
+    let mut without_task_id = task_event.clone();
+    without_task_id["fields"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|f| f["name"] != "task_id");
+    std::fs::write(
+        changed.path().join("TaskEvent.avsc"),
+        without_task_id.to_string(),
+    )
+    .unwrap();
+    std::fs::copy(
+        dir.join("WorkItem.avsc"),
+        changed.path().join("WorkItem.avsc"),
+    )
+    .unwrap();
+    let error =
+        switchyard::registry::client::register(&url, &kafka, &workflow.cards, changed.path())
+            .await
+            .unwrap_err()
+            .to_string();
+    assert!(
+        error.contains(&tasks) && error.contains("incompatible"),
+        "{error}"
+    );
+
+    // Adding an optional field with a default is accepted.
+    let mut with_channel = task_event;
+    with_channel["fields"].as_array_mut().unwrap().push(json!({ "name": "channel", "type": ["null", "string"], "default": null, "doc": "Where the task came from." }));
+    std::fs::write(
+        changed.path().join("TaskEvent.avsc"),
+        with_channel.to_string(),
+    )
+    .unwrap();
+    let evolved =
+        switchyard::registry::client::register(&url, &kafka, &workflow.cards, changed.path())
+            .await
+            .unwrap();
+    assert_ne!(evolved[0].id, registered[0].id);
+    let (_, _, versions) = call(addr, "GET", &format!("/subjects/{tasks}/versions"), None).await;
+    assert_eq!(versions, json!([1, 2]));
+}

@@ -7,6 +7,7 @@
 //! switchyard at Confluent Schema Registry, Karapace, Redpanda or Apicurio instead: nothing in
 //! switchyard depends on anything only this registry does.
 
+pub mod client;
 pub mod server;
 pub mod store;
 
