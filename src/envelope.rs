@@ -154,6 +154,15 @@ pub enum DecodeError {
     /// A field is missing or has the wrong type.
     #[error("invalid task event: {0}")]
     Invalid(String),
+    /// Avro: not in the Confluent wire format.
+    #[error("not an Avro record in the Confluent wire format: {0}")]
+    BadMagic(String),
+    /// Avro: the schema id is not in the registry.
+    #[error("unknown schema: {0}")]
+    UnknownSchema(String),
+    /// Avro: the datum does not decode with its schema.
+    #[error("corrupt Avro datum: {0}")]
+    CorruptDatum(String),
 }
 
 impl DecodeError {
@@ -163,6 +172,9 @@ impl DecodeError {
             DecodeError::NotJson(_) => "deserialization",
             DecodeError::UnknownKind(_) => "unknown_kind",
             DecodeError::Invalid(_) => "invalid_event",
+            DecodeError::BadMagic(_) => "bad_magic_byte",
+            DecodeError::UnknownSchema(_) => "unknown_schema_id",
+            DecodeError::CorruptDatum(_) => "corrupt_datum",
         }
     }
 }

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod cards;
 pub mod cli;
+pub mod codec;
 pub mod dlq;
 pub mod envelope;
 pub mod journey;
