@@ -108,7 +108,15 @@ async fn main() {
         bytes / 1_000_000
     );
     let started = Instant::now();
-    let report = replay(&kafka, &workflow.engine(), &Filter::default(), |_| {}).unwrap();
+    let report = replay(
+        &kafka,
+        &switchyard::codec::Codec::Json,
+        &workflow.engine(),
+        &Filter::default(),
+        |_| {},
+    )
+    .await
+    .unwrap();
     let replayed = events as f64 / started.elapsed().as_secs_f64();
     assert!(report.divergences.is_empty());
     println!("(b) replay --verify (decode, decide, compare): {replayed:>10.0} events/s ({} decisions checked)", report.checked);

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::cards::{Card, Runtime};
+use crate::codec::{self, Codec, Encoding};
 use crate::envelope::{EventKind, TaskEvent, Usage, WorkItem};
 use crate::kafka::{self, set_default, KafkaConfig};
 use crate::metrics::AgentMetrics;
@@ -53,6 +54,9 @@ pub enum Error {
     /// Publishing a result failed.
     #[error(transparent)]
     Write(#[from] commit::Error),
+    /// A result could not be encoded.
+    #[error(transparent)]
+    Codec(#[from] codec::Error),
     /// Exactly-once: a result's transaction was aborted; a restart re-delivers the work item.
     #[error("the transaction publishing a result was aborted ({0}); restart to receive the work item again")]
     Aborted(rdkafka::error::KafkaError),
@@ -207,6 +211,10 @@ pub struct AgentConfig {
     pub consistency: ConsistencyMode,
     /// This replica's id; with exactly-once it names the transactional id.
     pub instance_id: String,
+    /// Wire encoding of work items and results.
+    pub encoding: Encoding,
+    /// Schema registry URL (Avro).
+    pub registry_url: String,
 }
 
 impl AgentConfig {
@@ -221,6 +229,8 @@ impl AgentConfig {
             http_addr: None,
             consistency: ConsistencyMode::EffectivelyOnce,
             instance_id: format!("agent-{}", uuid::Uuid::new_v4().simple()),
+            encoding: Encoding::Json,
+            registry_url: "http://127.0.0.1:8081".into(),
         }
     }
 }
@@ -295,6 +305,7 @@ pub async fn run<H: Handler>(
     consumer.subscribe(&[&inbox])?;
     let transactional_id = format!("{}.{}", config.group_id, config.instance_id);
     let writer = Writer::new(&config.kafka, config.consistency, &transactional_id).await?;
+    let codec = Codec::new(config.encoding, &config.registry_url);
     let tasks_topic = topics.tasks();
     tracing::info!(card = %card.name, %inbox, group = %config.group_id, "agent started");
 
@@ -317,7 +328,7 @@ pub async fn run<H: Handler>(
                 entry.inflight.remove(&offset);
                 entry.next = Some(entry.next.unwrap_or(0).max(offset + 1));
                 if let Some(outcome) = outcome {
-                    let record = result_record(&tasks_topic, &card.name, outcome, &metrics);
+                    let record = result_record(&codec, &tasks_topic, &card.name, outcome, &metrics).await?;
                     let commit = match (writer.mode(), entry.committable(), consumer.group_metadata()) {
                         (ConsistencyMode::ExactlyOnce, Some(next), Some(group)) => {
                             let mut tpl = TopicPartitionList::new();
@@ -338,11 +349,11 @@ pub async fn run<H: Handler>(
                 };
                 let (partition, offset) = (message.partition(), message.offset());
                 offsets.entry(partition).or_default().inflight.insert(offset);
-                let item: Option<WorkItem> = match message.payload().map(serde_json::from_slice) {
-                    Some(Ok(item)) => Some(item),
-                    other => {
-                        let why = other.map(|r| r.err().map(|e| e.to_string())).unwrap_or(Some("empty record".into()));
-                        tracing::warn!(partition, offset, error = ?why, "skipping a record that is not a work item");
+                let item = match codec.decode_work_item(message.payload().unwrap_or_default()).await {
+                    Ok(item) => Some(item),
+                    Err(e) => {
+                        tracing::warn!(partition, offset, error = %e, "skipping a record that is not a work item");
+                        metrics.work_items.with_label_values(&[&card.name, "undecodable"]).inc();
                         None
                     }
                 };
@@ -383,12 +394,13 @@ struct Outcome {
 }
 
 /// The RESULT or FAILED event for a handled work item.
-fn result_record(
+async fn result_record(
+    codec: &Codec,
     tasks_topic: &str,
     card: &str,
     outcome: Outcome,
     metrics: &AgentMetrics,
-) -> Outgoing {
+) -> Result<Outgoing> {
     let Outcome { item, result } = outcome;
     let (kind, label) = if result.is_ok() {
         (EventKind::Result, "result")
@@ -411,12 +423,13 @@ fn result_record(
         }
     }
     metrics.work_items.with_label_values(&[card, label]).inc();
-    Outgoing::json(
-        tasks_topic.to_string(),
-        Some(item.reply_partition),
-        &item.task_id,
-        &event,
-    )
+    Ok(Outgoing {
+        topic: tasks_topic.to_string(),
+        partition: Some(item.reply_partition),
+        key: item.task_id.as_bytes().to_vec(),
+        payload: codec.encode_task_event(tasks_topic, &event).await?,
+        headers: None,
+    })
 }
 
 fn commit(

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::agent::{self, AgentConfig, CommandHandler};
 use crate::cards::{Card, Runtime};
+use crate::codec::{Codec, Encoding};
 use crate::envelope::{Decision, EventKind, TaskEvent};
 use crate::journey::{describe, follow, is_final};
 use crate::kafka::KafkaConfig;
@@ -48,6 +49,23 @@ struct Global {
     /// A librdkafka property, `key=value` (repeatable), e.g. `-X security.protocol=SASL_SSL`.
     #[arg(short = 'X', global = true, value_name = "KEY=VALUE")]
     options: Vec<String>,
+    /// Wire encoding of task events and work items: `json`, or `avro` (Confluent wire format,
+    /// schemas from the registry; register them first with `switchyard schemas register`).
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_ENCODING",
+        default_value = "json"
+    )]
+    encoding: Encoding,
+    /// Schema registry URL (for `--encoding avro` and `schemas register`).
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_REGISTRY_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    registry_url: String,
 }
 
 /// The config file.
@@ -60,6 +78,10 @@ struct FileConfig {
 }
 
 impl Global {
+    fn codec(&self) -> Codec {
+        Codec::new(self.encoding, &self.registry_url)
+    }
+
     fn kafka(&self) -> Result<KafkaConfig> {
         let mut kafka = match &self.config {
             Some(path) => {
@@ -101,6 +123,12 @@ impl Global {
                 .flat_map(|c| ["--config".into(), c.display().to_string()]),
         )
         .chain(self.options.iter().flat_map(|o| ["-X".into(), o.clone()]))
+        .chain([
+            "--encoding".into(),
+            self.encoding.to_string(),
+            "--registry-url".into(),
+            self.registry_url.clone(),
+        ])
         .collect()
     }
 }
@@ -140,14 +168,6 @@ enum SchemasCommand {
     Register {
         #[command(flatten)]
         workflow: WorkflowArgs,
-        /// Schema registry URL (Confluent, Karapace, Redpanda, Apicurio's compatibility API, or
-        /// `switchyard registry`).
-        #[arg(
-            long,
-            env = "SWITCHYARD_REGISTRY_URL",
-            default_value = "http://127.0.0.1:8081"
-        )]
-        registry_url: String,
         /// Directory of the `.avsc` files.
         #[arg(long, default_value = "schemas")]
         dir: PathBuf,
@@ -402,10 +422,14 @@ impl Cli {
     pub async fn run(self) -> Result<()> {
         let kafka = self.global.kafka()?;
         match self.command {
-            Command::Router(args) => run_router(kafka, args).await,
-            Command::Agent(args) => run_agent(kafka, args).await,
+            Command::Router(args) => {
+                run_router(kafka, self.global.encoding, &self.global.registry_url, args).await
+            }
+            Command::Agent(args) => {
+                run_agent(kafka, self.global.encoding, &self.global.registry_url, args).await
+            }
             Command::Submit(args) => {
-                let task_id = submit(&kafka, args).await?;
+                let task_id = submit(&kafka, &self.global.codec(), args).await?;
                 println!("{task_id}");
                 Ok(())
             }
@@ -435,16 +459,17 @@ impl Cli {
                 }
                 Ok(())
             }
-            Command::Replay(args) => replay(&kafka, args),
+            Command::Replay(args) => replay(&kafka, &self.global.codec(), args).await,
             Command::Dlq(command) => dlq(&kafka, command).await,
-            Command::Schemas(SchemasCommand::Register {
-                workflow,
-                registry_url,
-                dir,
-            }) => {
+            Command::Schemas(SchemasCommand::Register { workflow, dir }) => {
                 let wf = Workflow::load(&workflow.workflow, workflow.rules.as_deref())?;
-                for r in crate::registry::client::register(&registry_url, &kafka, &wf.cards, &dir)
-                    .await?
+                for r in crate::registry::client::register(
+                    &self.global.registry_url,
+                    &kafka,
+                    &wf.cards,
+                    &dir,
+                )
+                .await?
                 {
                     println!(
                         "registered {} as `{}` (id {})",
@@ -484,7 +509,12 @@ fn shutdown_signal() -> Result<watch::Receiver<bool>> {
     Ok(rx)
 }
 
-async fn run_router(kafka: KafkaConfig, args: RouterArgs) -> Result<()> {
+async fn run_router(
+    kafka: KafkaConfig,
+    encoding: Encoding,
+    registry_url: &str,
+    args: RouterArgs,
+) -> Result<()> {
     let workflow = Workflow::load(&args.workflow.workflow, args.workflow.rules.as_deref())?;
     kafka.wait_for_broker(Duration::from_secs(30))?;
     let mut config = RouterConfig::new(kafka);
@@ -496,12 +526,19 @@ async fn run_router(kafka: KafkaConfig, args: RouterArgs) -> Result<()> {
     config.session_timeout = args.session_timeout;
     config.consistency = args.consistency;
     config.commit_interval = args.commit_interval;
+    config.encoding = encoding;
+    config.registry_url = registry_url.to_string();
     let router = Router::new(config, workflow.engine(), RouterMetrics::new()?).await?;
     router.run(shutdown_signal()?).await?;
     Ok(())
 }
 
-async fn run_agent(kafka: KafkaConfig, args: AgentArgs) -> Result<()> {
+async fn run_agent(
+    kafka: KafkaConfig,
+    encoding: Encoding,
+    registry_url: &str,
+    args: AgentArgs,
+) -> Result<()> {
     let card = Card::load(&args.card)?;
     let dir = args
         .card
@@ -513,6 +550,8 @@ async fn run_agent(kafka: KafkaConfig, args: AgentArgs) -> Result<()> {
     config.http_addr = args.http_addr;
     config.session_timeout = args.session_timeout;
     config.consistency = args.consistency;
+    config.encoding = encoding;
+    config.registry_url = registry_url.to_string();
     if let Some(id) = args.instance_id {
         config.instance_id = id;
     }
@@ -526,7 +565,7 @@ async fn run_agent(kafka: KafkaConfig, args: AgentArgs) -> Result<()> {
     Ok(())
 }
 
-async fn submit(kafka: &KafkaConfig, args: SubmitArgs) -> Result<String> {
+async fn submit(kafka: &KafkaConfig, codec: &Codec, args: SubmitArgs) -> Result<String> {
     let text = match args.payload {
         Some(p) => p,
         None => {
@@ -545,15 +584,15 @@ async fn submit(kafka: &KafkaConfig, args: SubmitArgs) -> Result<String> {
     event.step_id = args.step_id;
     event.attempt = args.attempt;
     event.confidence = args.confidence;
-    publish(kafka, &event).await?;
+    publish(kafka, codec, &event).await?;
     Ok(task_id)
 }
 
 /// Publishes a task event to the tasks topic, keyed by its task id.
-async fn publish(kafka: &KafkaConfig, event: &TaskEvent) -> Result<()> {
+async fn publish(kafka: &KafkaConfig, codec: &Codec, event: &TaskEvent) -> Result<()> {
     let producer = kafka.producer()?;
-    let bytes = serde_json::to_vec(event)?;
     let topic = kafka.topics().tasks();
+    let bytes = codec.encode_task_event(&topic, event).await?;
     producer
         .send(
             FutureRecord::to(&topic).key(&event.task_id).payload(&bytes),
@@ -642,6 +681,12 @@ const SAMPLES: [&str; 2] = [
 ];
 
 async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
+    if global.encoding != Encoding::Json {
+        bail!(
+            "dev runs the stack with JSON records; for Avro start `switchyard registry`, run \
+             `switchyard schemas register`, then the router and agents with --encoding avro"
+        );
+    }
     let workflow = Workflow::load(&args.workflow.workflow, args.workflow.rules.as_deref())?;
     println!(
         "workflow {}: {} cards, {} rules",
@@ -736,7 +781,7 @@ async fn run_samples(kafka: &KafkaConfig, workflow: &Workflow, messages: &[Strin
         let task_id = format!("dev-{}", uuid::Uuid::new_v4().simple());
         let mut event = TaskEvent::new(&task_id, EventKind::Submitted, "client");
         event.payload = serde_json::json!({ "customer_message": message });
-        publish(kafka, &event).await?;
+        publish(kafka, &Codec::Json, &event).await?;
         println!("\ntask {task_id}: \"{message}\"");
         let mut escalated = None;
         let start = std::cell::Cell::new(None);
@@ -771,7 +816,7 @@ async fn run_samples(kafka: &KafkaConfig, workflow: &Workflow, messages: &[Strin
         let mut decision = TaskEvent::new(&task_id, EventKind::HumanDecision, "dev-human");
         decision.step_id = Some(step.step_id);
         decision.payload = serde_json::json!({ "reply": "A supervisor will call you today and your refund is approved." });
-        publish(kafka, &decision).await?;
+        publish(kafka, &Codec::Json, &decision).await?;
         let mut seen_escalation = false;
         follow(kafka, &task_id, Duration::from_secs(60), |record| {
             if seen_escalation {
@@ -786,7 +831,7 @@ async fn run_samples(kafka: &KafkaConfig, workflow: &Workflow, messages: &[Strin
     Ok(())
 }
 
-fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> Result<()> {
+async fn replay(kafka: &KafkaConfig, codec: &Codec, args: ReplayArgs) -> Result<()> {
     let workflow = Workflow::load(&args.workflow.workflow, args.workflow.rules.as_deref())?;
     let what_if = args.workflow.rules.is_some() && !args.verify;
     let filter = crate::replay::Filter {
@@ -818,11 +863,12 @@ fn replay(kafka: &KafkaConfig, args: ReplayArgs) -> Result<()> {
         .expect("the template is valid"),
     );
     let started = std::time::Instant::now();
-    let report = crate::replay::replay(kafka, &workflow.engine(), &filter, |n| {
+    let report = crate::replay::replay(kafka, codec, &workflow.engine(), &filter, |n| {
         if n % 1000 == 0 {
             bar.set_position(n);
         }
-    })?;
+    })
+    .await?;
     bar.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     if args.json {

@@ -11,7 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use rdkafka::message::Message;
 use serde::Serialize;
 
-use crate::envelope::{decode_task_event, Decision, StateEvent, TaskEvent};
+use crate::codec::Codec;
+use crate::envelope::{Decision, DecodeError, StateEvent, TaskEvent};
 use crate::kafka::{self, read_topic, KafkaConfig};
 use crate::router::{Engine, Outcome};
 use crate::state::PartitionState;
@@ -142,20 +143,26 @@ pub fn summary(decision: &Decision) -> String {
 
 /// Replays the history of `kafka`'s topics with `engine`; `progress` is told the number of
 /// records read so far and the total.
-pub fn replay(
+pub async fn replay(
     kafka: &KafkaConfig,
+    codec: &Codec,
     engine: &Engine,
     filter: &Filter,
     mut progress: impl FnMut(u64),
 ) -> Result<Report> {
     let topics = kafka.topics();
-    let mut inputs: HashMap<(i32, i64), Vec<u8>> = HashMap::new();
+    let mut raw: Vec<((i32, i64), Vec<u8>)> = Vec::new();
     read_topic(kafka, &topics.tasks(), None, |m| {
-        inputs.insert(
+        raw.push((
             (m.partition(), m.offset()),
             m.payload().unwrap_or_default().to_vec(),
-        );
+        ));
     })?;
+    let mut inputs: HashMap<(i32, i64), Result<TaskEvent, DecodeError>> =
+        HashMap::with_capacity(raw.len());
+    for (at, bytes) in raw {
+        inputs.insert(at, codec.decode_task_event(&bytes).await);
+    }
     let state_topic = topics.state();
     let mut report = Report::default();
     let mut states: HashMap<i32, PartitionState> = HashMap::new();
@@ -209,16 +216,16 @@ fn check(
     engine: &Engine,
     state: &PartitionState,
     record: &StateEvent,
-    input: Option<&Vec<u8>>,
+    input: Option<&Result<TaskEvent, DecodeError>>,
     partition: i32,
     offset: i64,
 ) -> Option<Divergence> {
-    let decoded: Result<TaskEvent, _> = match input {
-        Some(bytes) => decode_task_event(bytes),
+    let decoded: Result<TaskEvent, DecodeError> = match input {
+        Some(decoded) => decoded.clone(),
         None => record
             .event
             .clone()
-            .ok_or_else(|| crate::envelope::DecodeError::NotJson("input missing".into())),
+            .ok_or_else(|| DecodeError::NotJson("input missing".into())),
     };
     let (outcome, note) = match decoded {
         Ok(event) => {

@@ -158,7 +158,15 @@ async fn replay_verifies_history_and_catches_a_tampered_decision() {
         .collect();
     let workflow = run_history(&kafka, &messages).await;
 
-    let report = replay::replay(&kafka, &workflow.engine(), &Filter::default(), |_| {}).unwrap();
+    let report = replay::replay(
+        &kafka,
+        &switchyard::codec::Codec::Json,
+        &workflow.engine(),
+        &Filter::default(),
+        |_| {},
+    )
+    .await
+    .unwrap();
     assert!(
         report.checked > 30 * 5,
         "every decision is checked: {}",
@@ -190,7 +198,15 @@ async fn replay_verifies_history_and_catches_a_tampered_decision() {
     })
     .await;
     let forged = forged.expect("a decision was tampered with");
-    let report = replay::replay(&tampered, &workflow.engine(), &Filter::default(), |_| {}).unwrap();
+    let report = replay::replay(
+        &tampered,
+        &switchyard::codec::Codec::Json,
+        &workflow.engine(),
+        &Filter::default(),
+        |_| {},
+    )
+    .await
+    .unwrap();
     // The forged step also makes the task's next decision diverge (the message_sender result
     // answers a step recorded for human_agent); nothing in other tasks does.
     let first = &report.divergences[0];
@@ -243,7 +259,15 @@ async fn replay_with_a_changed_threshold_reports_exactly_the_tasks_whose_route_c
     .unwrap();
     let mut engine = workflow.engine();
     engine.rules = switchyard::rules::RuleTable::load(stricter.path(), &workflow.cards).unwrap();
-    let report = replay::replay(&kafka, &engine, &Filter::default(), |_| {}).unwrap();
+    let report = replay::replay(
+        &kafka,
+        &switchyard::codec::Codec::Json,
+        &engine,
+        &Filter::default(),
+        |_| {},
+    )
+    .await
+    .unwrap();
     let changed: Vec<&str> = report.changed_tasks().into_iter().collect();
     assert_eq!(changed, expected);
     let transitions = report.transitions();

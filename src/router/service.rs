@@ -30,8 +30,9 @@ use tokio::sync::{mpsc, watch};
 
 use super::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use super::engine::{work_item, Engine, Outcome};
+use crate::codec::{Codec, Encoding};
 use crate::envelope::{
-    decode_task_event, dlq_headers, now_ms, Decision, InputRef, StateEvent, WorkItem,
+    dlq_headers, now_ms, Decision, DecodeError, InputRef, StateEvent, TaskEvent, WorkItem,
 };
 use crate::kafka::{self, set_default, KafkaConfig, Topics};
 use crate::metrics::RouterMetrics;
@@ -74,6 +75,9 @@ pub enum Error {
     /// Metrics could not be served.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::Error),
+    /// A work item could not be encoded.
+    #[error(transparent)]
+    Codec(#[from] crate::codec::Error),
 }
 
 /// Result type of this module.
@@ -100,6 +104,10 @@ pub struct RouterConfig {
     pub session_timeout: Duration,
     /// Where to serve `/metrics`, `/health` and `/ready`, if anywhere.
     pub http_addr: Option<SocketAddr>,
+    /// Wire encoding of task events and work items.
+    pub encoding: Encoding,
+    /// Schema registry URL (Avro).
+    pub registry_url: String,
 }
 
 impl RouterConfig {
@@ -116,6 +124,8 @@ impl RouterConfig {
             consistency: ConsistencyMode::EffectivelyOnce,
             session_timeout: Duration::from_secs(10),
             http_addr: None,
+            encoding: Encoding::Json,
+            registry_url: "http://127.0.0.1:8081".into(),
         }
     }
 }
@@ -173,7 +183,10 @@ const GAP_RETRIES: u32 = 20;
 
 /// A decided batch, ready to be written.
 struct Batch {
+    /// Dead letters, then state events.
     phases: Vec<Vec<Outgoing>>,
+    /// Work items, encoded when the batch is written.
+    works: Vec<WorkItem>,
     decided: u64,
     refetch: Vec<i32>,
     /// Exactly-once: how to take the batch's decisions back if its transaction aborts.
@@ -187,6 +200,7 @@ pub struct Router {
     metrics: RouterMetrics,
     topics: Topics,
     writer: Writer,
+    codec: Codec,
     card_topics: HashMap<String, String>,
     partitions: HashMap<i32, PartitionState>,
     gaps: HashMap<i32, Gap>,
@@ -223,6 +237,7 @@ impl Router {
             .client()
             .fetch_metadata(Some(&state), Duration::from_secs(10))?;
         Ok(Self {
+            codec: Codec::new(config.encoding, &config.registry_url),
             topics,
             writer,
             card_topics,
@@ -286,7 +301,8 @@ impl Router {
                     while let Ok(event) = rebalances.try_recv() {
                         self.rebalance(event, &consumer).await?;
                     }
-                    let batch = self.decide(batch);
+                    let decoded = self.decode(&batch).await;
+                    let batch = self.decide(batch, decoded);
                     self.commit(batch, &consumer).await?;
                 }
             }
@@ -342,9 +358,11 @@ impl Router {
     }
 
     /// Writes a decided batch; an aborted transaction restores the owned partitions and rewinds.
-    async fn commit(&mut self, batch: Batch, consumer: &TasksConsumer) -> Result<()> {
+    async fn commit(&mut self, mut batch: Batch, consumer: &TasksConsumer) -> Result<()> {
         let started = Instant::now();
         if batch.decided > 0 {
+            let works = self.encode_works(&batch.works).await?;
+            batch.phases.push(works);
             let offsets = match self.config.consistency {
                 ConsistencyMode::ExactlyOnce => {
                     consumer.group_metadata().map(|g| (self.positions(), g))
@@ -453,7 +471,7 @@ impl Router {
             parts.iter().zip(&epochs).map(|(p, e)| self.restore(*p, *e)),
         )
         .await?;
-        let mut reemit = Vec::new();
+        let mut pending = Vec::new();
         for (p, state) in parts.iter().zip(restored) {
             for task in state.tasks.values() {
                 for step in task.pending() {
@@ -461,12 +479,13 @@ impl Router {
                         .reemitted
                         .with_label_values(&[&step.card])
                         .inc();
-                    reemit.push(self.work_record(&work_item(task, &step, *p)));
+                    pending.push(work_item(task, &step, *p));
                 }
             }
             self.partitions.insert(*p, state);
             self.gaps.remove(p);
         }
+        let reemit = self.encode_works(&pending).await?;
         let resent = reemit.len();
         if let Written::Aborted(e) = self.writer.write(vec![reemit], None).await? {
             return Err(Error::Client(e));
@@ -527,17 +546,46 @@ impl Router {
         Ok(state)
     }
 
-    fn work_record(&self, item: &WorkItem) -> Outgoing {
-        let topic = self
-            .card_topics
-            .get(&item.card)
-            .cloned()
-            .unwrap_or_default();
-        Outgoing::json(topic, None, &item.task_id, item)
+    /// Work items as records for their cards' topics.
+    async fn encode_works(&self, items: &[WorkItem]) -> Result<Vec<Outgoing>> {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let topic = self
+                .card_topics
+                .get(&item.card)
+                .cloned()
+                .unwrap_or_default();
+            let payload = self.codec.encode_work_item(&topic, item).await?;
+            out.push(Outgoing {
+                topic,
+                partition: None,
+                key: item.task_id.as_bytes().to_vec(),
+                payload,
+                headers: None,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Decodes every event of a batch (Avro may ask the registry for a schema).
+    async fn decode(&self, batch: &[OwnedMessage]) -> Vec<Result<TaskEvent, DecodeError>> {
+        let mut out = Vec::with_capacity(batch.len());
+        for message in batch {
+            out.push(
+                self.codec
+                    .decode_task_event(message.payload().unwrap_or_default())
+                    .await,
+            );
+        }
+        out
     }
 
     /// Decides a batch against the partitions' state; returns what to write.
-    fn decide(&mut self, batch: Vec<OwnedMessage>) -> Batch {
+    fn decide(
+        &mut self,
+        batch: Vec<OwnedMessage>,
+        decoded: Vec<Result<TaskEvent, DecodeError>>,
+    ) -> Batch {
         let (mut dead, mut states, mut works) = (Vec::new(), Vec::new(), Vec::new());
         let tasks_topic = self.topics.tasks();
         let state_topic = self.topics.state();
@@ -546,7 +594,7 @@ impl Router {
         let mut undo = Vec::new();
         let mut decided = 0u64;
         let mut refetch = Vec::new();
-        for message in &batch {
+        for (message, decoded) in batch.iter().zip(decoded) {
             let p = message.partition();
             let Some(partition) = self.partitions.get_mut(&p) else {
                 continue;
@@ -583,8 +631,7 @@ impl Router {
             }
             self.gaps.remove(&p);
             decided += 1;
-            let bytes = message.payload().unwrap_or_default();
-            let (event, outcome) = match decode_task_event(bytes) {
+            let (event, outcome) = match decoded {
                 Ok(event) => {
                     let outcome = self.engine.decide(partition, &event);
                     (Some(event), outcome)
@@ -655,9 +702,9 @@ impl Router {
                 &record,
             ));
         }
-        let works = works.iter().map(|w| self.work_record(w)).collect();
         Batch {
-            phases: vec![dead, states, works],
+            phases: vec![dead, states],
+            works,
             decided,
             refetch,
             undo,
