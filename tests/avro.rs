@@ -161,3 +161,71 @@ async fn the_workflow_runs_on_avro_and_poison_records_are_dead_lettered() {
     agents.stop().await;
     router.stop().await;
 }
+
+/// Confluent's own Python client (confluent-kafka's AvroSerializer / AvroDeserializer, installed
+/// by `scripts/install-python-deps`) submits a task that the router routes, and decodes the work
+/// item the router wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn confluents_python_client_submits_a_task_and_decodes_the_work_item() {
+    let check = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "from confluent_kafka.schema_registry.avro import AvroSerializer",
+        ])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        check.status.success(),
+        "this test needs confluent-kafka with its Avro serializers: run scripts/install-python-deps\n{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let kafka = kafka("interop");
+    let workflow = setup(&kafka, &root().join("agents/customer-service")).await;
+    let registry = switchyard::registry::serve(
+        &kafka,
+        &format!("{}._schemas", kafka.topic_prefix),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{registry}");
+    switchyard::registry::client::register(&url, &kafka, &workflow.cards, &root().join("schemas"))
+        .await
+        .unwrap();
+    let router = RunningRouter::start_with(&kafka, &workflow, |c| {
+        c.encoding = Encoding::Avro;
+        c.registry_url = url.clone();
+    })
+    .await;
+    let script = root().join("tests/interop/confluent_avro_client.py");
+    let schema = root().join("schemas/TaskEvent.avsc");
+    let out = tokio::process::Command::new("python3")
+        .arg(&script)
+        .args([
+            &kafka.bootstrap_servers,
+            &url,
+            &kafka.topic_prefix,
+            "py-1",
+            schema.to_str().unwrap(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let item: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(item["task_id"], "py-1");
+    assert_eq!(item["card"], "sentiment_analyzer");
+    assert_eq!(item["step_id"], 1);
+    assert_eq!(item["input"]["customer_message"], "hello from python");
+    assert_eq!(item["labels"]["client"], "confluent-kafka");
+    let events = task_events(&kafka, "py-1");
+    assert!(
+        matches!(&events[0].decision, Decision::Routed { .. }),
+        "{events:?}"
+    );
+    router.stop().await;
+}
