@@ -681,12 +681,6 @@ const SAMPLES: [&str; 2] = [
 ];
 
 async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
-    if global.encoding != Encoding::Json {
-        bail!(
-            "dev runs the stack with JSON records; for Avro start `switchyard registry`, run \
-             `switchyard schemas register`, then the router and agents with --encoding avro"
-        );
-    }
     let workflow = Workflow::load(&args.workflow.workflow, args.workflow.rules.as_deref())?;
     println!(
         "workflow {}: {} cards, {} rules",
@@ -722,7 +716,26 @@ async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
             .collect()
     };
     let workflow_dir = workflow.dir.display().to_string();
-    let mut children = vec![Child::spawn(
+    let mut children = Vec::new();
+    let registry = global
+        .registry_url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    if tokio::net::TcpStream::connect(&registry).await.is_err() {
+        let topic = format!("{}._schemas", kafka.topic_prefix);
+        children.push(Child::spawn(
+            "registry",
+            &with(&["registry", "--listen", &registry, "--topic", &topic]),
+            &logs,
+        )?);
+    }
+    let schemas = registered_schemas(&global.registry_url, &kafka, &workflow).await?;
+    println!(
+        "schema registry at {} ({schemas} subjects registered); records are {}",
+        global.registry_url, global.encoding
+    );
+    children.push(Child::spawn(
         "router",
         &with(&[
             "router",
@@ -732,7 +745,7 @@ async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
             "127.0.0.1:9464",
         ]),
         &logs,
-    )?];
+    )?);
     let runnable = workflow
         .cards
         .iter()
@@ -752,7 +765,11 @@ async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
     }
     println!(
         "started the router (metrics on http://127.0.0.1:9464/metrics) and {} agents; logs in {}",
-        children.len() - 1,
+        workflow
+            .cards
+            .iter()
+            .filter(|c| matches!(c.runtime, Runtime::Command { .. }))
+            .count(),
         logs.display()
     );
     let messages: Vec<String> = if args.messages.is_empty() {
@@ -760,7 +777,7 @@ async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
     } else {
         args.messages
     };
-    let result = run_samples(&kafka, &workflow, &messages).await;
+    let result = run_samples(&kafka, &global.codec(), &workflow, &messages).await;
     if args.keep_running && result.is_ok() {
         println!("running; Ctrl-C stops");
         let _ = tokio::signal::ctrl_c().await;
@@ -776,12 +793,31 @@ async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
     result
 }
 
-async fn run_samples(kafka: &KafkaConfig, workflow: &Workflow, messages: &[String]) -> Result<()> {
+/// Registers the schemas, waiting up to 30 s for the registry to come up.
+async fn registered_schemas(url: &str, kafka: &KafkaConfig, workflow: &Workflow) -> Result<usize> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match crate::registry::client::register(url, kafka, &workflow.cards, Path::new("schemas"))
+            .await
+        {
+            Ok(registered) => return Ok(registered.len()),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn run_samples(
+    kafka: &KafkaConfig,
+    codec: &Codec,
+    workflow: &Workflow,
+    messages: &[String],
+) -> Result<()> {
     for message in messages {
         let task_id = format!("dev-{}", uuid::Uuid::new_v4().simple());
         let mut event = TaskEvent::new(&task_id, EventKind::Submitted, "client");
         event.payload = serde_json::json!({ "customer_message": message });
-        publish(kafka, &Codec::Json, &event).await?;
+        publish(kafka, codec, &event).await?;
         println!("\ntask {task_id}: \"{message}\"");
         let mut escalated = None;
         let start = std::cell::Cell::new(None);
@@ -816,7 +852,7 @@ async fn run_samples(kafka: &KafkaConfig, workflow: &Workflow, messages: &[Strin
         let mut decision = TaskEvent::new(&task_id, EventKind::HumanDecision, "dev-human");
         decision.step_id = Some(step.step_id);
         decision.payload = serde_json::json!({ "reply": "A supervisor will call you today and your refund is approved." });
-        publish(kafka, &Codec::Json, &decision).await?;
+        publish(kafka, codec, &decision).await?;
         let mut seen_escalation = false;
         follow(kafka, &task_id, Duration::from_secs(60), |record| {
             if seen_escalation {
