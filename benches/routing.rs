@@ -134,16 +134,8 @@ async fn route(
     let state = kafka.topics().state();
     let watermarks: BaseConsumer = kafka.client_config().create().unwrap();
     let partitions = kafka.partition_count(&state).unwrap();
-    let written = || -> i64 {
-        (0..partitions)
-            .map(|p| {
-                watermarks
-                    .fetch_watermarks(&state, p, Duration::from_secs(10))
-                    .unwrap()
-                    .1
-            })
-            .sum()
-    };
+    let written =
+        || switchyard::kafka::high_watermark_sum(&watermarks, &state, partitions).unwrap();
     while written() < (events as i64) + i64::from(partitions) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

@@ -880,16 +880,10 @@ async fn replay(kafka: &KafkaConfig, codec: &Codec, args: ReplayArgs) -> Result<
         task: args.task,
     };
     let state = kafka.topics().state();
-    let total: i64 = {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
+    let total = {
+        use rdkafka::consumer::BaseConsumer;
         let client: BaseConsumer = kafka.client_config().create()?;
-        (0..kafka.partition_count(&state)?)
-            .map(|p| {
-                client
-                    .fetch_watermarks(&state, p, Duration::from_secs(10))
-                    .map(|(l, h)| h - l)
-            })
-            .sum::<Result<i64, _>>()?
+        crate::kafka::high_watermark_sum(&client, &state, kafka.partition_count(&state)?)?
     };
     let bar = indicatif::ProgressBar::new(total.max(0) as u64);
     bar.set_style(

@@ -210,6 +210,18 @@ pub fn read_topic(
     Ok(())
 }
 
+/// The sum of the high watermarks of `topic`'s partitions (its records written so far, when it
+/// starts at offset 0), asked through `client`.
+pub fn high_watermark_sum(client: &BaseConsumer, topic: &str, partitions: i32) -> Result<i64> {
+    let mut sum = 0;
+    for p in 0..partitions {
+        sum += client
+            .fetch_watermarks(topic, p, Duration::from_secs(10))?
+            .1;
+    }
+    Ok(sum)
+}
+
 /// Sets `key` unless the user set it through the pass-through options.
 pub fn set_default(config: &mut ClientConfig, key: &str, value: &str) {
     if config.get(key).is_none() {

@@ -38,22 +38,10 @@ async fn the_workflow_runs_on_avro_and_poison_records_are_dead_lettered() {
         c.registry_url = url.clone();
     };
     let router = RunningRouter::start_with(&kafka, &workflow, avro).await;
-    let machines: Vec<&str> = workflow
-        .cards
-        .iter()
-        .filter(|c| !c.is_human())
-        .map(|c| c.name.as_str())
-        .collect();
-    let agents = RunningAgents::start_with(
-        &kafka,
-        &workflow,
-        &machines,
-        |n| ExampleAgent(n.to_string()),
-        |c| {
-            c.encoding = Encoding::Avro;
-            c.registry_url = url.clone();
-        },
-    );
+    let agents = RunningAgents::example(&kafka, &workflow, |c| {
+        c.encoding = Encoding::Avro;
+        c.registry_url = url.clone();
+    });
     let codec = Codec::new(Encoding::Avro, &url);
     let tasks = kafka.topics().tasks();
 

@@ -5,13 +5,11 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use switchyard::agent::{Handler, Reply};
-use switchyard::envelope::{Decision, EventKind, TaskEvent, WorkItem};
+use switchyard::envelope::{Decision, TaskEvent};
 use switchyard::kafka::KafkaConfig;
 
 const TASKS: usize = 2_000;
@@ -46,21 +44,6 @@ fn spawn_router(kafka: &KafkaConfig, n: usize) -> Child {
         .expect("router binary starts")
 }
 
-/// Answers escalations like a human would, through the human card's topic.
-struct Human(KafkaConfig);
-
-impl Handler for Human {
-    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, String>> + Send {
-        let kafka = self.0.clone();
-        async move {
-            let mut answer = TaskEvent::new(&item.task_id, EventKind::HumanDecision, "tester");
-            answer.step_id = Some(item.step_id);
-            publish(&kafka, &answer).await;
-            Ok(Reply::default())
-        }
-    }
-}
-
 fn finished(kafka: &KafkaConfig) -> usize {
     state_events(kafka)
         .iter()
@@ -72,15 +55,7 @@ fn finished(kafka: &KafkaConfig) -> usize {
 async fn sigkilled_router_loses_and_duplicates_no_decision() {
     let kafka = kafka("crash");
     let workflow = setup(&kafka, &root().join("agents/customer-service")).await;
-    let machines: Vec<&str> = workflow
-        .cards
-        .iter()
-        .filter(|c| !c.is_human())
-        .map(|c| c.name.as_str())
-        .collect();
-    let agents = RunningAgents::start(&kafka, &workflow, &machines, |name| {
-        ExampleAgent(name.to_string())
-    });
+    let agents = RunningAgents::example(&kafka, &workflow, |_| {});
     let humans = RunningAgents::start(&kafka, &workflow, &["human_agent"], |_| {
         Human(kafka.clone())
     });

@@ -10,31 +10,13 @@ use common::*;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use switchyard::dlq::{self, Redriven, Selection};
-use switchyard::envelope::{DecidedBy, Decision, EventKind, StateEvent, TaskEvent, WorkItem};
+use switchyard::envelope::{DecidedBy, Decision, EventKind, StateEvent, TaskEvent};
 use switchyard::kafka::KafkaConfig;
 use switchyard::replay::{self, Filter};
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 
 const WAIT: Duration = Duration::from_secs(90);
-
-/// Answers escalations through the human card's topic.
-struct Human(KafkaConfig);
-
-impl switchyard::agent::Handler for Human {
-    fn handle(
-        &self,
-        item: WorkItem,
-    ) -> impl std::future::Future<Output = Result<switchyard::agent::Reply, String>> + Send {
-        let kafka = self.0.clone();
-        async move {
-            let mut answer = TaskEvent::new(&item.task_id, EventKind::HumanDecision, "auditor");
-            answer.step_id = Some(item.step_id);
-            publish(&kafka, &answer).await;
-            Ok(switchyard::agent::Reply::default())
-        }
-    }
-}
 
 fn is_final(e: &StateEvent) -> bool {
     matches!(
@@ -51,13 +33,7 @@ fn is_final(e: &StateEvent) -> bool {
 async fn run_history(kafka: &KafkaConfig, messages: &[(String, String, Option<f64>)]) -> Workflow {
     let workflow = setup(kafka, &root().join("agents/customer-service")).await;
     let router = RunningRouter::start(kafka, &workflow).await;
-    let machines: Vec<&str> = workflow
-        .cards
-        .iter()
-        .filter(|c| !c.is_human())
-        .map(|c| c.name.as_str())
-        .collect();
-    let agents = RunningAgents::start(kafka, &workflow, &machines, |n| ExampleAgent(n.to_string()));
+    let agents = RunningAgents::example(kafka, &workflow, |_| {});
     let humans = RunningAgents::start(kafka, &workflow, &["human_agent"], |_| Human(kafka.clone()));
     for (id, message, score) in messages {
         let mut s = submission(id, message);

@@ -217,19 +217,9 @@ async fn a_fenced_instance_stops_with_a_clear_fatal_error() {
 async fn the_example_workflow_completes_with_router_and_agents_in_exactly_once_mode() {
     let (_cluster, kafka, workflow) = mock_cluster();
     let router = RunningRouter::start_with(&kafka, &workflow, exactly_once).await;
-    let machines: Vec<&str> = workflow
-        .cards
-        .iter()
-        .filter(|c| !c.is_human())
-        .map(|c| c.name.as_str())
-        .collect();
-    let agents = RunningAgents::start_with(
-        &kafka,
-        &workflow,
-        &machines,
-        |n| ExampleAgent(n.to_string()),
-        |c| c.consistency = ConsistencyMode::ExactlyOnce,
-    );
+    let agents = RunningAgents::example(&kafka, &workflow, |c| {
+        c.consistency = ConsistencyMode::ExactlyOnce
+    });
     for i in 0..3 {
         publish(&kafka, &submission(&format!("e{i}"), "where is my order")).await;
     }

@@ -166,6 +166,27 @@ impl RunningAgents {
         Self { stop, handles }
     }
 
+    /// Starts [`ExampleAgent`]s for every card of `workflow` that is not answered by a human.
+    pub fn example(
+        kafka: &KafkaConfig,
+        workflow: &Workflow,
+        edit: impl Fn(&mut AgentConfig),
+    ) -> Self {
+        let machines: Vec<&str> = workflow
+            .cards
+            .iter()
+            .filter(|c| !c.is_human())
+            .map(|c| c.name.as_str())
+            .collect();
+        Self::start_with(
+            kafka,
+            workflow,
+            &machines,
+            |n| ExampleAgent(n.to_string()),
+            edit,
+        )
+    }
+
     /// Stops them (they drain) and waits.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
@@ -219,6 +240,21 @@ impl Handler for ExampleAgent {
                 confidence: None,
                 usage: None,
             })
+        }
+    }
+}
+
+/// Answers escalations like a human would: a HUMAN_DECISION for the step, on the tasks topic.
+pub struct Human(pub KafkaConfig);
+
+impl Handler for Human {
+    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, String>> + Send {
+        let kafka = self.0.clone();
+        async move {
+            let mut answer = TaskEvent::new(&item.task_id, EventKind::HumanDecision, "tester");
+            answer.step_id = Some(item.step_id);
+            publish(&kafka, &answer).await;
+            Ok(Reply::default())
         }
     }
 }
