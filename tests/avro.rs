@@ -13,26 +13,33 @@ use switchyard::envelope::{dlq_headers, Decision};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_workflow_runs_on_avro_and_poison_records_are_dead_lettered() {
-    let kafka = kafka("avro");
-    let workflow = setup(&kafka, &root().join("agents/customer-service")).await;
-    let registry = switchyard::registry::serve(
-        &kafka,
-        &format!("{}._schemas", kafka.topic_prefix),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    let url = format!("http://{registry}");
+/// Starts a registry of this test's own (state in `<prefix>._schemas`) and registers schemas/ in
+/// it; returns its URL and the registrations.
+async fn registry_with_schemas(
+    kafka: &switchyard::kafka::KafkaConfig,
+    workflow: &switchyard::workflow::Workflow,
+) -> (String, Vec<switchyard::registry::client::Registration>) {
+    let topic = format!("{}._schemas", kafka.topic_prefix);
+    let addr = switchyard::registry::serve(kafka, &topic, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let url = format!("http://{addr}");
     let registered = switchyard::registry::client::register(
         &url,
-        &kafka,
+        kafka,
         &workflow.cards,
         &root().join("schemas"),
     )
     .await
     .unwrap();
+    (url, registered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_workflow_runs_on_avro_and_poison_records_are_dead_lettered() {
+    let kafka = kafka("avro");
+    let workflow = setup(&kafka, &root().join("agents/customer-service")).await;
+    let (url, registered) = registry_with_schemas(&kafka, &workflow).await;
     let avro = |c: &mut switchyard::router::RouterConfig| {
         c.encoding = Encoding::Avro;
         c.registry_url = url.clone();
@@ -169,17 +176,7 @@ async fn confluents_python_client_submits_a_task_and_decodes_the_work_item() {
     );
     let kafka = kafka("interop");
     let workflow = setup(&kafka, &root().join("agents/customer-service")).await;
-    let registry = switchyard::registry::serve(
-        &kafka,
-        &format!("{}._schemas", kafka.topic_prefix),
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    let url = format!("http://{registry}");
-    switchyard::registry::client::register(&url, &kafka, &workflow.cards, &root().join("schemas"))
-        .await
-        .unwrap();
+    let (url, _) = registry_with_schemas(&kafka, &workflow).await;
     let router = RunningRouter::start_with(&kafka, &workflow, |c| {
         c.encoding = Encoding::Avro;
         c.registry_url = url.clone();
