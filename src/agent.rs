@@ -423,13 +423,13 @@ async fn result_record(
         }
     }
     metrics.work_items.with_label_values(&[card, label]).inc();
-    Ok(Outgoing {
-        topic: tasks_topic.to_string(),
-        partition: Some(item.reply_partition),
-        key: item.task_id.as_bytes().to_vec(),
-        payload: codec.encode_task_event(tasks_topic, &event).await?,
-        headers: None,
-    })
+    let payload = codec.encode_task_event(tasks_topic, &event).await?;
+    Ok(Outgoing::bytes(
+        tasks_topic.to_string(),
+        Some(item.reply_partition),
+        &item.task_id,
+        payload,
+    ))
 }
 
 fn commit(

@@ -141,7 +141,7 @@ impl TaskEvent {
 }
 
 /// Why a task event could not be decoded; the `reason` is the dead-letter reason code.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     /// The bytes are not a JSON object.
     #[error("record is not a JSON object: {0}")]

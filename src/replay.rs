@@ -220,34 +220,19 @@ fn check(
     partition: i32,
     offset: i64,
 ) -> Option<Divergence> {
-    let decoded: Result<TaskEvent, DecodeError> = match input {
-        Some(decoded) => decoded.clone(),
-        None => record
-            .event
-            .clone()
-            .ok_or_else(|| DecodeError::NotJson("input missing".into())),
+    let missing = DecodeError::NotJson("input missing".into());
+    let decoded: Result<&TaskEvent, &DecodeError> = match input {
+        Some(decoded) => decoded.as_ref(),
+        None => record.event.as_ref().ok_or(&missing),
     };
     let (outcome, note) = match decoded {
         Ok(event) => {
-            let note = (record.event.as_ref() != Some(&event)).then(|| {
+            let note = (record.event.as_ref() != Some(event)).then(|| {
                 "the input copy in the state record differs from the tasks topic".to_string()
             });
-            (engine.decide(state, &event), note)
+            (engine.decide(state, event), note)
         }
-        Err(e) => {
-            let decision = Decision::DeadLettered {
-                reason: e.reason().into(),
-                message: e.to_string(),
-                ends_task: false,
-            };
-            (
-                Outcome {
-                    answers_step: None,
-                    decision,
-                },
-                None,
-            )
-        }
+        Err(e) => (Outcome::undecodable(e), None),
     };
     let step_note = (outcome.answers_step != record.answers_step).then(|| {
         format!(

@@ -107,6 +107,11 @@ impl Outgoing {
         value: &T,
     ) -> Self {
         let payload = serde_json::to_vec(value).expect("records serialize to JSON");
+        Self::bytes(topic, partition, key, payload)
+    }
+
+    /// A record whose value is already encoded.
+    pub fn bytes(topic: String, partition: Option<i32>, key: &str, payload: Vec<u8>) -> Self {
         Self {
             topic,
             partition,

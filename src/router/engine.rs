@@ -4,7 +4,7 @@
 //! decisions: the state topic can be restored and replayed.
 
 use crate::cards::Cards;
-use crate::envelope::{DecidedBy, Decision, EventKind, Step, TaskEvent, WorkItem};
+use crate::envelope::{DecidedBy, Decision, DecodeError, EventKind, Step, TaskEvent, WorkItem};
 use crate::rules::{Action, Facts, Rule, RuleTable};
 use crate::state::{PartitionState, StepStatus, TaskState};
 
@@ -34,6 +34,12 @@ impl Outcome {
                 ends_task,
             },
         )
+    }
+
+    /// The outcome for input that could not be decoded: it goes to the dead-letter topic with
+    /// the decoding error's reason; no task is touched. Live routing and replay both use it.
+    pub fn undecodable(error: &DecodeError) -> Self {
+        Self::dead_letter(error.reason(), error.to_string(), false)
     }
 
     fn dropped(answers_step: Option<u32>, reason: &str) -> Self {

@@ -556,13 +556,7 @@ impl Router {
                 .cloned()
                 .unwrap_or_default();
             let payload = self.codec.encode_work_item(&topic, item).await?;
-            out.push(Outgoing {
-                topic,
-                partition: None,
-                key: item.task_id.as_bytes().to_vec(),
-                payload,
-                headers: None,
-            });
+            out.push(Outgoing::bytes(topic, None, &item.task_id, payload));
         }
         Ok(out)
     }
@@ -636,20 +630,7 @@ impl Router {
                     let outcome = self.engine.decide(partition, &event);
                     (Some(event), outcome)
                 }
-                Err(e) => {
-                    let decision = Decision::DeadLettered {
-                        reason: e.reason().into(),
-                        message: e.to_string(),
-                        ends_task: false,
-                    };
-                    (
-                        None,
-                        Outcome {
-                            answers_step: None,
-                            decision,
-                        },
-                    )
-                }
+                Err(e) => (None, Outcome::undecodable(&e)),
             };
             let kind = event.as_ref().map_or("undecodable", |e| e.kind.as_str());
             self.metrics.events.with_label_values(&[kind]).inc();
