@@ -304,7 +304,7 @@ pub async fn run<H: Handler>(
     let consumer: StreamConsumer = client.create()?;
     consumer.subscribe(&[&inbox])?;
     let transactional_id = format!("{}.{}", config.group_id, config.instance_id);
-    let writer = Writer::new(&config.kafka, config.consistency, &transactional_id).await?;
+    let mut writer = Writer::new(&config.kafka, config.consistency, &transactional_id).await?;
     let codec = Codec::new(config.encoding, &config.registry_url);
     let tasks_topic = topics.tasks();
     tracing::info!(card = %card.name, %inbox, group = %config.group_id, "agent started");
@@ -337,7 +337,9 @@ pub async fn run<H: Handler>(
                         }
                         _ => None,
                     };
-                    if let Written::Aborted(e) = writer.write(vec![vec![record]], commit).await? {
+                    if writer.mode() == ConsistencyMode::EffectivelyOnce {
+                        publish_again_on_failure(&mut writer, &config.kafka, &transactional_id, record).await?;
+                    } else if let Written::Aborted(e) = writer.write(vec![vec![record]], commit).await? {
                         return Err(Error::Aborted(e));
                     }
                 }
@@ -391,6 +393,34 @@ pub async fn run<H: Handler>(
 struct Outcome {
     item: WorkItem,
     result: Result<Reply, String>,
+}
+
+/// How often an effectively-once agent rebuilds its producer to publish one result.
+const PUBLISH_TRIES: u32 = 5;
+
+/// Publishes a result without a transaction. A producer that fails for good (e.g. the broker
+/// answers an idempotent write with OutOfOrderSequenceNumber, which librdkafka treats as fatal) is
+/// replaced and the result sent again: results are at-least-once and the router drops the
+/// duplicates by step id, so only the agent's own producer needs to survive.
+async fn publish_again_on_failure(
+    writer: &mut Writer,
+    kafka: &KafkaConfig,
+    transactional_id: &str,
+    record: Outgoing,
+) -> Result<()> {
+    let mut tries = 1;
+    loop {
+        match writer.write(vec![vec![record.clone()]], None).await {
+            Ok(_) => return Ok(()),
+            Err(e) if tries < PUBLISH_TRIES => {
+                tracing::warn!(error = %e, tries, "publishing a result failed; replacing the producer");
+                *writer =
+                    Writer::new(kafka, ConsistencyMode::EffectivelyOnce, transactional_id).await?;
+                tries += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The RESULT or FAILED event for a handled work item.

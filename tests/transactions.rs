@@ -260,3 +260,63 @@ async fn exactly_once_on_the_local_broker_fails_fast_naming_the_alternative() {
     );
     assert!(started.elapsed() < Duration::from_secs(30), "fails fast");
 }
+
+/// An effectively-once agent whose result write fails for good (here a permanent Produce error,
+/// as nisshi's OutOfOrderSequenceNumber is for librdkafka's idempotent producer) replaces its
+/// producer and publishes the result again instead of stopping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_whose_producer_fails_publishes_its_result_with_a_new_one() {
+    let (cluster, kafka, workflow) = mock_cluster();
+    let item = switchyard::envelope::WorkItem {
+        task_id: "w1".into(),
+        tenant: "default".into(),
+        step_id: 1,
+        attempt: 1,
+        card: "sentiment_analyzer".into(),
+        input: serde_json::json!({ "customer_message": "hello" }),
+        context: Default::default(),
+        labels: Default::default(),
+        deadline: None,
+        reply_partition: 0,
+    };
+    let producer = kafka.producer().unwrap();
+    let inbox = "eos.agent.sentiment_analyzer";
+    let bytes = serde_json::to_vec(&item).unwrap();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(inbox)
+                .key("w1")
+                .payload(&bytes),
+            WAIT,
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+    );
+    let agents = RunningAgents::start(&kafka, &workflow, &["sentiment_analyzer"], |n| {
+        ExampleAgent(n.to_string())
+    });
+    let result = eventually(WAIT, "the result on the tasks topic", || async {
+        let records = read_all(&kafka, &kafka.topics().tasks());
+        records
+            .iter()
+            .filter_map(|m| {
+                rdkafka::Message::payload(m)
+                    .and_then(|b| switchyard::envelope::decode_task_event(b).ok())
+            })
+            .find(|e| e.task_id == "w1")
+    })
+    .await;
+    assert_eq!(
+        (result.kind, result.step_id, result.source.as_str()),
+        (
+            switchyard::envelope::EventKind::Result,
+            Some(1),
+            "sentiment_analyzer"
+        )
+    );
+    agents.stop().await;
+}

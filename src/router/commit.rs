@@ -85,6 +85,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// One record to write.
+#[derive(Clone)]
 pub struct Outgoing {
     /// Topic.
     pub topic: String,
