@@ -61,6 +61,20 @@ pub struct Usage {
     pub cost: f64,
 }
 
+impl Usage {
+    /// Adds `other` to this usage.
+    pub fn add(&mut self, other: &Usage) {
+        self.tokens_in += other.tokens_in;
+        self.tokens_out += other.tokens_out;
+        self.cost += other.cost;
+    }
+
+    /// Prompt and completion tokens.
+    pub fn tokens(&self) -> u64 {
+        self.tokens_in + self.tokens_out
+    }
+}
+
 /// An event on the tasks topic: a submission, an agent's result or failure, a human decision, a
 /// cancellation. Keyed by `task_id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -262,6 +276,18 @@ pub enum DecidedBy {
         /// The card that failed.
         failed_card: String,
     },
+    /// The LLM decider chose the card, as the rule allowed; the call is in the record's `llm`.
+    Llm {
+        /// The rule that asked the LLM.
+        rule_id: String,
+    },
+    /// The LLM decider failed and the rule's fallback decided.
+    LlmFallback {
+        /// The rule that asked the LLM.
+        rule_id: String,
+        /// Why the LLM's answer was not used, e.g. `timeout` or `unknown_agent`.
+        reason: String,
+    },
 }
 
 /// What the router decided for one input event.
@@ -282,6 +308,15 @@ pub enum Decision {
     },
     /// A result was recorded; the task waits for other steps (a join).
     Recorded,
+    /// A rule asked the LLM decider; the decision follows in a later record of the same task
+    /// (one with `llm` set). Later events of the task are queued until then.
+    AwaitingLlm {
+        /// The rule that asked.
+        rule_id: String,
+    },
+    /// The task is waiting for the LLM; the event is decided, in order, once the answer is
+    /// recorded (by a record with `dequeued` set).
+    Queued,
     /// The task completed.
     Completed {
         /// The rule that completed it.
@@ -324,6 +359,8 @@ impl Decision {
             Decision::Owned { .. } => "OWNED",
             Decision::Routed { .. } => "ROUTED",
             Decision::Recorded => "RECORDED",
+            Decision::AwaitingLlm { .. } => "AWAITING_LLM",
+            Decision::Queued => "QUEUED",
             Decision::Completed { .. } => "COMPLETED",
             Decision::Escalated { .. } => "ESCALATED",
             Decision::RetryScheduled { .. } => "RETRY_SCHEDULED",
@@ -354,8 +391,67 @@ pub struct StateEvent {
     pub answers_step: Option<u32>,
     /// What was decided.
     pub decision: Decision,
+    /// The LLM call this decision resolves, when it resolves an `AWAITING_LLM` record: the
+    /// decision is taken from this record on restore and replay, never asked again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmRecord>,
+    /// Whether this decides a queued event (the oldest of its task's queue).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dequeued: bool,
     /// When, milliseconds since the Unix epoch.
     pub at: i64,
+}
+
+/// One call of the LLM decider, as recorded with the decision it led to.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LlmRecord {
+    /// The model that answered (as the endpoint named it).
+    pub model: String,
+    /// The last raw answer, truncated to 2,000 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<String>,
+    /// The validated choice: a candidate card, `COMPLETE` or `HUMAN`. `None` when the call failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The model's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The model's confidence, 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidence: Option<f64>,
+    /// Prompt tokens over every attempt.
+    #[serde(default)]
+    pub tokens_in: u64,
+    /// Completion tokens over every attempt.
+    #[serde(default)]
+    pub tokens_out: u64,
+    /// Cost of every attempt, from the configured prices.
+    #[serde(default)]
+    pub cost: f64,
+    /// Time from the first request to the last answer, milliseconds.
+    #[serde(default)]
+    pub latency_ms: u64,
+    /// Requests made (0 when the circuit breaker or the budget short-cut the call).
+    #[serde(default)]
+    pub attempts: u32,
+    /// Why the answer was not used: `timeout`, `http_error`, `invalid_json`, `unknown_agent`,
+    /// `circuit_open`, `budget_exceeded`. `None` when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The last error's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl LlmRecord {
+    /// Tokens and cost spent by this call.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            tokens_in: self.tokens_in,
+            tokens_out: self.tokens_out,
+            cost: self.cost,
+        }
+    }
 }
 
 /// Header names of dead-letter records (in the spirit of KIP-1034).
@@ -436,6 +532,8 @@ mod tests {
                     rule_id: "r".into(),
                 },
             },
+            llm: None,
+            dequeued: false,
             at: 0,
         };
         let bytes = serde_json::to_vec(&s).unwrap();

@@ -53,6 +53,10 @@ pub fn describe(record: &StateEvent) -> String {
             let by = match decided_by {
                 DecidedBy::Rule { rule_id } => format!("rule {rule_id}"),
                 DecidedBy::Fallback { failed_card } => format!("fallback for {failed_card}"),
+                DecidedBy::Llm { rule_id } => format!("LLM via rule {rule_id}"),
+                DecidedBy::LlmFallback { rule_id, reason } => {
+                    format!("rule {rule_id} fallback: LLM {reason}")
+                }
             };
             format!("ROUTED → {}   [{by}]", to.join(", "))
         }
@@ -72,8 +76,34 @@ pub fn describe(record: &StateEvent) -> String {
         Decision::Recorded => "RECORDED (waiting for the other branches)".to_string(),
         Decision::Cancelled => "CANCELLED".to_string(),
         Decision::Owned { instance } => format!("OWNED by {instance}"),
+        Decision::AwaitingLlm { rule_id } => format!("AWAITING_LLM   [rule {rule_id}]"),
+        Decision::Queued => "QUEUED (behind the LLM decision)".to_string(),
     };
-    format!("{input:<50} ⇒ {decision}")
+    let llm = record.llm.as_ref().map_or_else(String::new, |c| {
+        let answer = match (&c.agent, &c.error) {
+            (Some(agent), _) => format!("chose {agent}"),
+            (None, Some(error)) => format!("failed: {error}"),
+            (None, None) => "no answer".into(),
+        };
+        let reason = c
+            .reason
+            .as_deref()
+            .map(|r| format!(" — {r:?}"))
+            .unwrap_or_default();
+        let confidence = c
+            .confidence
+            .map(|x| format!(" confidence {x:.2}"))
+            .unwrap_or_default();
+        format!(
+            "\n{:<50}   LLM {} {answer}{confidence}, {} attempt(s), {} ms, {} tokens{reason}",
+            "",
+            c.model,
+            c.attempts,
+            c.latency_ms,
+            c.tokens_in + c.tokens_out
+        )
+    });
+    format!("{input:<50} ⇒ {decision}{llm}")
 }
 
 /// Reads the state events of `task_id` from the start of its partition and calls `on` for each,

@@ -13,6 +13,7 @@ pub mod dlq;
 pub mod envelope;
 pub mod journey;
 pub mod kafka;
+pub mod llm;
 pub mod metrics;
 pub mod registry;
 pub mod replay;

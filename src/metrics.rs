@@ -50,6 +50,74 @@ fn histogram(registry: &Registry, name: &str, help: &str) -> Result<Histogram> {
     Ok(h)
 }
 
+/// Metrics of LLM calls (the router's decider and `llm` agents).
+#[derive(Clone)]
+pub struct LlmMetrics {
+    /// Requests, by outcome: `ok` or the failure's reason.
+    pub calls: IntCounterVec,
+    /// Failed attempts, by reason (`timeout`, `http_error`, `invalid_json`, `unknown_agent`...).
+    pub errors: IntCounterVec,
+    /// Time of one request.
+    pub latency: Histogram,
+    /// Tokens, by kind (`prompt`, `completion`).
+    pub tokens: IntCounterVec,
+    /// Cost, from the configured prices.
+    pub cost: prometheus::Counter,
+    /// Decisions handed to a rule's fallback, by reason.
+    pub fallbacks: IntCounterVec,
+    /// 1 while the circuit breaker on the endpoint is open.
+    pub breaker_open: IntGauge,
+}
+
+impl LlmMetrics {
+    /// Creates the LLM metrics in `r`.
+    pub fn new(r: &Registry) -> Result<Self> {
+        let latency = Histogram::with_opts(
+            HistogramOpts::new("switchyard_llm_request_seconds", "Time of one LLM request")
+                .buckets(prometheus::exponential_buckets(0.01, 2.0, 14)?),
+        )?;
+        r.register(Box::new(latency.clone()))?;
+        let cost = prometheus::Counter::new(
+            "switchyard_llm_cost_total",
+            "LLM cost from the configured prices",
+        )?;
+        r.register(Box::new(cost.clone()))?;
+        Ok(Self {
+            calls: counter(
+                r,
+                "switchyard_llm_requests_total",
+                "LLM requests by outcome",
+                &["outcome"],
+            )?,
+            errors: counter(
+                r,
+                "switchyard_llm_errors_total",
+                "Failed LLM attempts by reason",
+                &["reason"],
+            )?,
+            latency,
+            tokens: counter(
+                r,
+                "switchyard_llm_tokens_total",
+                "LLM tokens by kind",
+                &["kind"],
+            )?,
+            cost,
+            fallbacks: counter(
+                r,
+                "switchyard_llm_fallbacks_total",
+                "LLM decisions handed to the rule's fallback, by reason",
+                &["reason"],
+            )?,
+            breaker_open: gauge(
+                r,
+                "switchyard_llm_breaker_open",
+                "1 while the LLM circuit breaker is open",
+            )?,
+        })
+    }
+}
+
 /// The router's metrics.
 #[derive(Clone)]
 pub struct RouterMetrics {
@@ -79,6 +147,10 @@ pub struct RouterMetrics {
     pub gaps: IntCounter,
     /// Exactly-once: transactions aborted (and their batches read again).
     pub aborted: IntCounter,
+    /// LLM decider calls.
+    pub llm: LlmMetrics,
+    /// LLM decisions waiting for an answer.
+    pub llm_pending: IntGauge,
 }
 
 impl RouterMetrics {
@@ -157,6 +229,12 @@ impl RouterMetrics {
                 r.register(Box::new(c.clone()))?;
                 c
             },
+            llm: LlmMetrics::new(&r)?,
+            llm_pending: gauge(
+                &r,
+                "switchyard_llm_pending_decisions",
+                "LLM decisions waiting for an answer",
+            )?,
             registry: r,
         })
     }

@@ -181,7 +181,8 @@ impl When {
     }
 }
 
-/// What a rule does: `complete`, `{route: [cards]}`, `{escalate: card}` or `{dead_letter: reason}`.
+/// What a rule does: `complete`, `{route: [cards]}`, `{escalate: card}`, `{dead_letter: reason}`
+/// or `{llm: {...}}`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
@@ -193,9 +194,130 @@ pub enum Action {
     Escalate(String),
     /// Send the event to the dead-letter topic with this reason and end the task.
     DeadLetter(String),
+    /// Ask the LLM decider which of the candidate cards acts next.
+    Llm(Box<LlmRoute>),
 }
 
-const ACTIONS: &[&str] = &["route", "complete", "escalate", "dead_letter"];
+const ACTIONS: &[&str] = &["route", "complete", "escalate", "dead_letter", "llm"];
+
+/// An LLM routing decision: the model chooses among `candidates` (and `COMPLETE` / `HUMAN` where
+/// allowed). Its answer is validated against exactly this set; anything else, an error, a timeout
+/// or an open circuit breaker ends in `fallback`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmRoute {
+    /// The cards the model may choose from (at least one).
+    pub candidates: Vec<String>,
+    /// Whether the model may answer `COMPLETE`: the task is done.
+    #[serde(default)]
+    pub complete: bool,
+    /// A human card the model may hand the task to by answering `HUMAN`.
+    #[serde(default)]
+    pub human: Option<String>,
+    /// What to do when the LLM cannot decide (after its retries): `{route: card}`,
+    /// `{escalate: card}`, `complete` or `{dead_letter: reason}`. Default: dead-letter the task
+    /// with reason `llm_<why>`, e.g. `llm_timeout`.
+    #[serde(default)]
+    pub fallback: Option<Action>,
+    /// Extra instructions for the model, appended to the system prompt.
+    #[serde(default)]
+    pub instructions: Option<String>,
+}
+
+impl LlmRoute {
+    /// The answers the model may give: the candidates, then `COMPLETE` and `HUMAN` if allowed.
+    pub fn allowed(&self) -> Vec<String> {
+        let mut out = self.candidates.clone();
+        if self.complete {
+            out.push(COMPLETE.into());
+        }
+        if self.human.is_some() {
+            out.push(HUMAN.into());
+        }
+        out
+    }
+}
+
+/// The LLM's answer that completes the task.
+pub const COMPLETE: &str = "COMPLETE";
+/// The LLM's answer that hands the task to the rule's human card.
+pub const HUMAN: &str = "HUMAN";
+
+/// Tokens and cost one task may spend, counted from the usage of agents' results and of the LLM
+/// decider's calls.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Most tokens (prompt + completion).
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    /// Most cost, in the currency of the configured prices.
+    #[serde(default)]
+    pub max_cost: Option<f64>,
+    /// What happens to a task whose agent results take it over budget: `{escalate: card}`,
+    /// `{route: card}`, `complete` or `{dead_letter: reason}`. Default: dead-letter with reason
+    /// `budget_exceeded`. (An LLM rule of a task over budget uses the rule's own fallback.)
+    #[serde(default)]
+    pub fallback: Option<Action>,
+}
+
+impl Budget {
+    /// Whether `tokens` and `cost` are over this budget.
+    pub fn exceeded(&self, tokens: u64, cost: f64) -> bool {
+        self.max_tokens.is_some_and(|m| tokens > m) || self.max_cost.is_some_and(|m| cost > m)
+    }
+}
+
+impl Action {
+    /// The cards this action may send work to.
+    fn targets(&self) -> Vec<&str> {
+        match self {
+            Action::Route(t) => t.iter().map(String::as_str).collect(),
+            Action::Escalate(c) => vec![c.as_str()],
+            Action::Complete | Action::DeadLetter(_) => vec![],
+            Action::Llm(llm) => llm
+                .candidates
+                .iter()
+                .chain(&llm.human)
+                .map(String::as_str)
+                .chain(llm.fallback.iter().flat_map(|f| f.targets()))
+                .collect(),
+        }
+    }
+
+    /// Whether this action may finish the task by itself.
+    fn can_finish(&self) -> bool {
+        match self {
+            Action::Complete | Action::DeadLetter(_) => true,
+            Action::Route(_) | Action::Escalate(_) => false,
+            Action::Llm(llm) => {
+                llm.complete || llm.fallback.as_ref().is_none_or(Action::can_finish)
+            }
+        }
+    }
+}
+
+/// Checks a fallback action: any action but `llm`, naming known cards.
+fn check_fallback(
+    at: &str,
+    action: &Action,
+    known: &impl Fn(String, &str) -> std::result::Result<(), String>,
+) -> std::result::Result<(), String> {
+    match action {
+        Action::Llm(_) => Err(format!(
+            "field `{at}`: a fallback cannot ask the LLM; use route, escalate, complete or dead_letter"
+        )),
+        Action::Route(targets) if targets.is_empty() => {
+            Err(format!("field `{at}.route`: name at least one card"))
+        }
+        Action::Route(targets) => targets
+            .iter()
+            .enumerate()
+            .try_for_each(|(j, t)| known(format!("{at}.route[{j}]"), t)),
+        Action::Escalate(card) => known(format!("{at}.escalate"), card),
+        Action::Complete | Action::DeadLetter(_) => Ok(()),
+    }
+}
 
 impl<'de> Deserialize<'de> for Action {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
@@ -222,6 +344,7 @@ impl<'de> Deserialize<'de> for Action {
                     "route" => Action::Route(map.next_value::<OneOrMany<String>>()?.0),
                     "escalate" => Action::Escalate(map.next_value()?),
                     "dead_letter" => Action::DeadLetter(map.next_value()?),
+                    "llm" => Action::Llm(Box::new(map.next_value()?)),
                     "complete" => {
                         map.next_value::<de::IgnoredAny>()?;
                         Action::Complete
@@ -276,6 +399,9 @@ pub struct RuleTable {
     /// Most steps one task may take; a task that would take more is dead-lettered.
     #[serde(default = "default_hop_limit")]
     pub hop_limit: u32,
+    /// Tokens and cost one task may spend (no limit when absent).
+    #[serde(default)]
+    pub budget: Option<Budget>,
     /// The rules, first match wins.
     pub rules: Vec<Rule>,
 }
@@ -308,6 +434,16 @@ impl RuleTable {
             .find(|rule| matches(&rule.when, facts, &finished))
     }
 
+    /// The rule with this id.
+    pub fn rule(&self, id: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.id == id)
+    }
+
+    /// Whether any rule asks the LLM decider.
+    pub fn uses_llm(&self) -> bool {
+        self.rules.iter().any(|r| matches!(r.then, Action::Llm(_)))
+    }
+
     /// Checks the table against the cards.
     pub fn validate(&self, cards: &Cards) -> std::result::Result<(), String> {
         if self.hop_limit == 0 {
@@ -323,6 +459,9 @@ impl RuleTable {
                 ))
             }
         };
+        if let Some(f) = self.budget.as_ref().and_then(|b| b.fallback.as_ref()) {
+            check_fallback("budget.fallback", f, &known)?;
+        }
         let mut ids = BTreeSet::new();
         for (i, rule) in self.rules.iter().enumerate() {
             let at = format!("rules[{i}]");
@@ -362,6 +501,22 @@ impl RuleTable {
                 }
                 Action::Escalate(card) => known(format!("{at}.then.escalate"), card)?,
                 Action::Complete | Action::DeadLetter(_) => {}
+                Action::Llm(llm) => {
+                    if llm.candidates.is_empty() {
+                        return Err(format!(
+                            "field `{at}.then.llm.candidates`: name at least one card"
+                        ));
+                    }
+                    for (j, t) in llm.candidates.iter().enumerate() {
+                        known(format!("{at}.then.llm.candidates[{j}]"), t)?;
+                    }
+                    if let Some(h) = &llm.human {
+                        known(format!("{at}.then.llm.human"), h)?;
+                    }
+                    if let Some(f) = &llm.fallback {
+                        check_fallback(&format!("{at}.then.llm.fallback"), f, &known)?;
+                    }
+                }
             }
             if let Some(k) = self.rules[..i]
                 .iter()
@@ -384,11 +539,7 @@ impl RuleTable {
         let mut handled: BTreeSet<&str> = BTreeSet::new();
         let mut reached: Vec<(&str, &str)> = Vec::new();
         for rule in &self.rules {
-            let targets: Vec<&str> = match &rule.then {
-                Action::Route(t) => t.iter().map(String::as_str).collect(),
-                Action::Escalate(c) => vec![c.as_str()],
-                Action::Complete | Action::DeadLetter(_) => vec![],
-            };
+            let targets = rule.then.targets();
             let kinds = rule.when.kinds();
             if kinds.contains(&EventKind::Submitted) {
                 reached.extend(targets.iter().map(|t| (*t, rule.id.as_str())));
@@ -405,15 +556,13 @@ impl RuleTable {
             };
             for source in sources {
                 handled.insert(source);
-                match &rule.then {
-                    Action::Complete | Action::DeadLetter(_) => {
-                        exits.insert(source);
-                    }
-                    _ => edges
-                        .entry(source)
-                        .or_default()
-                        .extend(targets.iter().copied()),
+                if rule.then.can_finish() {
+                    exits.insert(source);
                 }
+                edges
+                    .entry(source)
+                    .or_default()
+                    .extend(targets.iter().copied());
                 reached.extend(targets.iter().map(|t| (*t, rule.id.as_str())));
             }
         }

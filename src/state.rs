@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde_json::Value;
 
-use crate::envelope::{Decision, EventKind, StateEvent, Step, TaskEvent};
+use crate::envelope::{Decision, EventKind, InputRef, StateEvent, Step, TaskEvent, Usage};
 
 /// Where a step stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +52,32 @@ pub struct TaskState {
     pub outputs: BTreeMap<String, Value>,
     /// Steps of earlier lives of the task (a redriven task continues after them).
     pub step_base: u32,
+    /// The LLM decision the task waits for, if any.
+    pub awaiting: Option<Awaiting>,
+    /// Events that arrived while the task waited for the LLM, oldest first.
+    pub queue: VecDeque<Queued>,
+    /// Tokens and cost spent so far (agents' results and LLM decisions).
+    pub spent: Usage,
+}
+
+/// An LLM decision a task waits for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Awaiting {
+    /// The rule that asked.
+    pub rule_id: String,
+    /// The event the rule matched (its payload is what the LLM is shown).
+    pub event: TaskEvent,
+    /// Where that event was read.
+    pub input: Option<InputRef>,
+}
+
+/// An event queued behind a pending LLM decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Queued {
+    /// The event.
+    pub event: TaskEvent,
+    /// Where it was read.
+    pub input: Option<InputRef>,
 }
 
 impl TaskState {
@@ -67,6 +93,9 @@ impl TaskState {
             steps: BTreeMap::new(),
             outputs: BTreeMap::new(),
             step_base,
+            awaiting: None,
+            queue: VecDeque::new(),
+            spent: Usage::default(),
         }
     }
 
@@ -239,7 +268,8 @@ impl PartitionState {
         if event.kind == EventKind::Submitted && !self.tasks.contains_key(id) && revivable {
             if let Decision::Routed { .. }
             | Decision::Completed { .. }
-            | Decision::Escalated { .. } = record.decision
+            | Decision::Escalated { .. }
+            | Decision::AwaitingLlm { .. } = record.decision
             {
                 let step_base = self.finished.get(id).map_or(0, |f| f.last_step);
                 self.finished.remove(id);
@@ -264,8 +294,39 @@ impl PartitionState {
             return;
         };
         task.seq = record.seq;
+        if record.dequeued {
+            task.queue.pop_front();
+        }
+        match &record.llm {
+            Some(call) => {
+                task.awaiting = None;
+                task.spent.add(&call.usage());
+            }
+            None if record.decision != Decision::Queued => {
+                if let Some(usage) = &event.usage {
+                    task.spent.add(usage);
+                }
+            }
+            None => {}
+        }
         let ends = match &record.decision {
             Decision::Owned { .. } | Decision::Dropped { .. } => false,
+            Decision::AwaitingLlm { rule_id } => {
+                task.answer(record.answers_step, event);
+                task.awaiting = Some(Awaiting {
+                    rule_id: rule_id.clone(),
+                    event: event.clone(),
+                    input: record.input.clone(),
+                });
+                false
+            }
+            Decision::Queued => {
+                task.queue.push_back(Queued {
+                    event: event.clone(),
+                    input: record.input.clone(),
+                });
+                false
+            }
             Decision::Routed { steps, .. } => {
                 task.answer(record.answers_step, event);
                 add_steps(task, steps);

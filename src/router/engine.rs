@@ -4,8 +4,10 @@
 //! decisions: the state topic can be restored and replayed.
 
 use crate::cards::Cards;
-use crate::envelope::{DecidedBy, Decision, DecodeError, EventKind, Step, TaskEvent, WorkItem};
-use crate::rules::{Action, Facts, Rule, RuleTable};
+use crate::envelope::{
+    DecidedBy, Decision, DecodeError, EventKind, LlmRecord, Step, TaskEvent, Usage, WorkItem,
+};
+use crate::rules::{Action, Facts, LlmRoute, Rule, RuleTable, COMPLETE, HUMAN};
 use crate::state::{PartitionState, StepStatus, TaskState};
 
 /// A decision with the step the event answered.
@@ -15,6 +17,8 @@ pub struct Outcome {
     pub answers_step: Option<u32>,
     /// What was decided.
     pub decision: Decision,
+    /// The LLM call the decision resolves (or that the budget short-cut).
+    pub llm: Option<LlmRecord>,
 }
 
 impl Outcome {
@@ -22,6 +26,7 @@ impl Outcome {
         Self {
             answers_step,
             decision,
+            llm: None,
         }
     }
 
@@ -62,8 +67,19 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Decides what to do with `event` given the partition's state.
+    /// Decides what to do with `event` given the partition's state. Events of a task that waits
+    /// for the LLM are queued.
     pub fn decide(&self, state: &PartitionState, event: &TaskEvent) -> Outcome {
+        match state.tasks.get(&event.task_id) {
+            Some(task) if task.awaiting.is_some() || !task.queue.is_empty() => {
+                Outcome::new(None, Decision::Queued)
+            }
+            _ => self.decide_dequeued(state, event),
+        }
+    }
+
+    /// Decides `event`, the oldest queued event of its task, once the task no longer waits.
+    pub fn decide_dequeued(&self, state: &PartitionState, event: &TaskEvent) -> Outcome {
         let id = event.task_id.as_str();
         let Some(task) = state.tasks.get(id) else {
             return self.decide_without_task(state, event);
@@ -117,8 +133,9 @@ impl Engine {
             payload: &event.payload,
         };
         let first_step = finished.map_or(0, |f| f.last_step) + 1;
+        let spent = event.usage.clone().unwrap_or_default();
         match self.rules.decide(&facts, |_| false) {
-            Some(rule) => Outcome::new(None, self.act(rule, 0, first_step)),
+            Some(rule) => self.act(rule, None, &spent, 0, first_step),
             None => {
                 Outcome::dead_letter("no_rule_matched", "no rule matches this submission", true)
             }
@@ -203,6 +220,25 @@ impl Engine {
                 }
             }
         }
+        let mut spent = task.spent.clone();
+        if let Some(usage) = &event.usage {
+            spent.add(usage);
+            let budget = self.rules.budget.as_ref();
+            if let Some(budget) = budget.filter(|b| b.exceeded(spent.tokens(), spent.cost)) {
+                let decision = self.fallback(
+                    budget.fallback.as_ref(),
+                    "budget",
+                    "budget_exceeded",
+                    &format!(
+                        "the task spent {} tokens and {:.4} in cost, over its budget",
+                        spent.tokens(),
+                        spent.cost
+                    ),
+                    task,
+                );
+                return Outcome::new(answered, decision);
+            }
+        }
         let facts = Facts {
             kind: event.kind,
             source: Some(&step.card),
@@ -215,7 +251,7 @@ impl Engine {
             .rules
             .decide(&facts, |card| task.latest_done(card, answered))
         {
-            Some(rule) => Outcome::new(answered, self.act(rule, task.hops(), task.next_step())),
+            Some(rule) => self.act(rule, answered, &spent, task.hops(), task.next_step()),
             None if event.kind == EventKind::Failed => {
                 let message = event
                     .payload
@@ -246,27 +282,175 @@ impl Engine {
         }
     }
 
-    fn act(&self, rule: &Rule, hops: u32, next_step: u32) -> Decision {
-        let by_rule = || DecidedBy::Rule {
-            rule_id: rule.id.clone(),
+    /// What `rule` does for an event that answered `answered`, for a task that has spent `spent`.
+    fn act(
+        &self,
+        rule: &Rule,
+        answered: Option<u32>,
+        spent: &Usage,
+        hops: u32,
+        next_step: u32,
+    ) -> Outcome {
+        let Action::Llm(llm) = &rule.then else {
+            return Outcome::new(
+                answered,
+                self.act_plainly(&rule.then, &rule.id, hops, next_step),
+            );
         };
-        match &rule.then {
+        let over = self
+            .rules
+            .budget
+            .as_ref()
+            .filter(|b| b.exceeded(spent.tokens(), spent.cost));
+        if over.is_none() {
+            let decision = Decision::AwaitingLlm {
+                rule_id: rule.id.clone(),
+            };
+            return Outcome::new(answered, decision);
+        }
+        let call = LlmRecord {
+            error: Some("budget_exceeded".into()),
+            message: Some(format!(
+                "the task spent {} tokens and {:.4} in cost, over its budget; the LLM was not asked",
+                spent.tokens(),
+                spent.cost
+            )),
+            ..LlmRecord::default()
+        };
+        let decision = self.llm_fallback(&rule.id, llm, &call, hops, next_step);
+        Outcome {
+            answers_step: answered,
+            decision,
+            llm: Some(call),
+        }
+    }
+
+    /// The decision for a task's LLM call: the validated choice, or the rule's fallback. Used
+    /// live when the answer arrives, and by replay and restore through the recorded call.
+    pub fn resolve(&self, task: &TaskState, call: &LlmRecord) -> Outcome {
+        let rule_id = task.awaiting.as_ref().map_or("", |a| a.rule_id.as_str());
+        let (hops, next_step) = (task.hops(), task.next_step());
+        let decision = match self.rules.rule(rule_id).map(|r| &r.then) {
+            Some(Action::Llm(llm)) => {
+                let allowed = llm.allowed();
+                match call.agent.as_deref().filter(|a| allowed.iter().any(|x| x == a)) {
+                    Some(COMPLETE) => Decision::Completed {
+                        rule_id: rule_id.into(),
+                    },
+                    Some(HUMAN) => {
+                        let human = llm.human.clone().unwrap_or_default();
+                        self.act_plainly(&Action::Escalate(human), rule_id, hops, next_step)
+                    }
+                    Some(card) => self.route(
+                        hops,
+                        next_step,
+                        &[card.to_string()],
+                        DecidedBy::Llm {
+                            rule_id: rule_id.into(),
+                        },
+                    ),
+                    None => self.llm_fallback(rule_id, llm, call, hops, next_step),
+                }
+            }
+            _ => Decision::DeadLettered {
+                reason: "llm_rule_missing".into(),
+                message: format!(
+                    "the task waited for the LLM on rule `{rule_id}`, which the rule table no longer has as an `llm` rule"
+                ),
+                ends_task: true,
+            },
+        };
+        Outcome {
+            answers_step: None,
+            decision,
+            llm: Some(call.clone()),
+        }
+    }
+
+    fn llm_fallback(
+        &self,
+        rule_id: &str,
+        llm: &LlmRoute,
+        call: &LlmRecord,
+        hops: u32,
+        next_step: u32,
+    ) -> Decision {
+        let reason = call.error.as_deref().unwrap_or("unknown_agent");
+        let message = format!(
+            "LLM decision failed ({reason}): {}",
+            call.message.as_deref().unwrap_or("no valid answer")
+        );
+        let by = DecidedBy::LlmFallback {
+            rule_id: rule_id.into(),
+            reason: reason.into(),
+        };
+        match &llm.fallback {
+            Some(Action::Route(cards)) => self.route(hops, next_step, cards, by),
+            Some(action) => match self.act_plainly(action, rule_id, hops, next_step) {
+                Decision::DeadLettered {
+                    reason: r,
+                    ends_task,
+                    ..
+                } => Decision::DeadLettered {
+                    reason: r,
+                    message,
+                    ends_task,
+                },
+                other => other,
+            },
+            None => Decision::DeadLettered {
+                reason: format!("llm_{reason}"),
+                message,
+                ends_task: true,
+            },
+        }
+    }
+
+    /// A fallback action (budget or LLM): `None` dead-letters with `reason`.
+    fn fallback(
+        &self,
+        action: Option<&Action>,
+        rule_id: &str,
+        reason: &str,
+        message: &str,
+        task: &TaskState,
+    ) -> Decision {
+        match action {
+            Some(action) => self.act_plainly(action, rule_id, task.hops(), task.next_step()),
+            None => Decision::DeadLettered {
+                reason: reason.into(),
+                message: message.into(),
+                ends_task: true,
+            },
+        }
+    }
+
+    fn act_plainly(&self, action: &Action, rule_id: &str, hops: u32, next_step: u32) -> Decision {
+        let by_rule = || DecidedBy::Rule {
+            rule_id: rule_id.to_string(),
+        };
+        match action {
             Action::Route(cards) => self.route(hops, next_step, cards, by_rule()),
             Action::Complete => Decision::Completed {
-                rule_id: rule.id.clone(),
+                rule_id: rule_id.to_string(),
             },
             Action::Escalate(card) => {
                 match self.route(hops, next_step, std::slice::from_ref(card), by_rule()) {
                     Decision::Routed { mut steps, .. } => Decision::Escalated {
                         step: steps.remove(0),
-                        rule_id: rule.id.clone(),
+                        rule_id: rule_id.to_string(),
                     },
                     over_limit => over_limit,
                 }
             }
             Action::DeadLetter(reason) => Decision::DeadLettered {
                 reason: reason.clone(),
-                message: format!("rule `{}` dead-lettered the task", rule.id),
+                message: format!("rule `{rule_id}` dead-lettered the task"),
+                ends_task: true,
+            },
+            Action::Llm(_) => Decision::DeadLettered {
+                reason: "llm_not_allowed".into(),
+                message: format!("rule `{rule_id}`: a fallback cannot ask the LLM"),
                 ends_task: true,
             },
         }
@@ -396,6 +580,8 @@ rules:
                 event: Some(event),
                 answers_step: outcome.answers_step,
                 decision: outcome.decision.clone(),
+                llm: None,
+                dequeued: false,
                 at: 0,
             });
             outcome.decision

@@ -12,7 +12,7 @@
 //! agents and the router dedupe), and only then reads the tasks partitions from the restored
 //! positions. Records of a fenced (older) owner written after a newer ownership record are ignored.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,11 +32,14 @@ use super::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use super::engine::{work_item, Engine, Outcome};
 use crate::codec::{Codec, Encoding};
 use crate::envelope::{
-    dlq_headers, now_ms, Decision, DecodeError, InputRef, StateEvent, TaskEvent, WorkItem,
+    dlq_headers, now_ms, Decision, DecodeError, InputRef, LlmRecord, StateEvent, TaskEvent,
+    WorkItem,
 };
 use crate::kafka::{self, set_default, KafkaConfig, Topics};
+use crate::llm::{LlmClient, LlmConfig};
 use crate::metrics::RouterMetrics;
-use crate::state::{PartitionState, Undo};
+use crate::rules::Action;
+use crate::state::{PartitionState, Queued, Undo};
 
 /// Errors that stop the router.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +81,9 @@ pub enum Error {
     /// A work item could not be encoded.
     #[error(transparent)]
     Codec(#[from] crate::codec::Error),
+    /// The rule table asks the LLM but no endpoint is configured, or its configuration is bad.
+    #[error("LLM decider: {0}")]
+    Llm(String),
 }
 
 /// Result type of this module.
@@ -108,6 +114,8 @@ pub struct RouterConfig {
     pub encoding: Encoding,
     /// Schema registry URL (Avro).
     pub registry_url: String,
+    /// The LLM endpoint, needed when a rule says `llm`.
+    pub llm: Option<LlmConfig>,
 }
 
 impl RouterConfig {
@@ -126,6 +134,7 @@ impl RouterConfig {
             http_addr: None,
             encoding: Encoding::Json,
             registry_url: "http://127.0.0.1:8081".into(),
+            llm: None,
         }
     }
 }
@@ -191,6 +200,27 @@ struct Batch {
     refetch: Vec<i32>,
     /// Exactly-once: how to take the batch's decisions back if its transaction aborts.
     undo: Vec<(i32, Undo)>,
+    /// Tasks that started waiting for the LLM: asked once the batch is written.
+    asks: Vec<(i32, String)>,
+}
+
+/// The decider's answer for a task of a partition owned at `epoch`.
+struct Answer {
+    partition: i32,
+    epoch: Option<i64>,
+    task_id: String,
+    call: LlmRecord,
+}
+
+/// Records written together outside the input batches: LLM answers and the queued events they
+/// release.
+#[derive(Default)]
+struct Resolved {
+    dead: Vec<Outgoing>,
+    states: Vec<Outgoing>,
+    works: Vec<WorkItem>,
+    undo: Vec<(i32, Undo)>,
+    asks: Vec<(i32, String)>,
 }
 
 /// A running router.
@@ -205,6 +235,10 @@ pub struct Router {
     partitions: HashMap<i32, PartitionState>,
     gaps: HashMap<i32, Gap>,
     ready: Arc<AtomicBool>,
+    llm: Option<Arc<LlmClient>>,
+    answers: mpsc::UnboundedSender<Answer>,
+    answers_rx: Option<mpsc::UnboundedReceiver<Answer>>,
+    asking: HashSet<(i32, String)>,
 }
 
 impl Router {
@@ -229,6 +263,18 @@ impl Router {
             .iter()
             .map(|c| (c.name.clone(), c.topic(prefix)))
             .collect();
+        let llm = match (&config.llm, engine.rules.uses_llm()) {
+            (Some(llm), _) => Some(Arc::new(
+                LlmClient::new(llm.clone(), metrics.llm.clone()).map_err(Error::Llm)?,
+            )),
+            (None, true) => {
+                return Err(Error::Llm(
+                    "the rule table has `llm` rules but no LLM endpoint is configured (`llm:` in the config file, or --llm-url)".into(),
+                ))
+            }
+            (None, false) => None,
+        };
+        let (answers, answers_rx) = mpsc::unbounded_channel();
         let transactional_id = format!("{}.{}", config.group_id, config.instance_id);
         let writer = Writer::new(&config.kafka, config.consistency, &transactional_id).await?;
         // Connect now, so that the first ownership record does not pay for it.
@@ -246,6 +292,10 @@ impl Router {
             partitions: HashMap::new(),
             gaps: HashMap::new(),
             ready: Arc::new(AtomicBool::new(false)),
+            llm,
+            answers,
+            answers_rx: Some(answers_rx),
+            asking: HashSet::new(),
             config,
         })
     }
@@ -281,6 +331,7 @@ impl Router {
             consistency = %self.config.consistency, "router started"
         );
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        let mut answers = self.answers_rx.take().expect("run is called once");
         loop {
             while let Ok(event) = rebalances.try_recv() {
                 self.rebalance(event, &consumer).await?;
@@ -291,6 +342,16 @@ impl Router {
                 _ = ticker.tick() => {
                     let active = self.partitions.values().map(|p| p.tasks.len() as i64).sum();
                     self.metrics.inflight_tasks.set(active);
+                }
+                Some(first) = answers.recv() => {
+                    let mut batch = vec![first];
+                    while batch.len() < self.config.max_batch {
+                        match answers.try_recv() {
+                            Ok(answer) => batch.push(answer),
+                            Err(_) => break,
+                        }
+                    }
+                    self.resolve(batch).await?;
                 }
                 first = consumer.recv() => {
                     let first = match first {
@@ -376,6 +437,9 @@ impl Router {
                     for _ in 0..batch.decided {
                         self.metrics.routing_latency.observe(elapsed);
                     }
+                    for (p, task_id) in batch.asks {
+                        self.ask(p, task_id);
+                    }
                 }
                 Written::Aborted(cause) => {
                     tracing::warn!(error = %cause, decided = batch.decided, "transaction aborted; taking the batch back and reading it again");
@@ -424,6 +488,7 @@ impl Router {
                 for p in parts {
                     self.partitions.remove(&p);
                     self.gaps.remove(&p);
+                    self.asking.retain(|(q, _)| *q != p);
                 }
                 tracing::info!(owned = ?self.owned(), "partitions revoked");
             }
@@ -457,6 +522,8 @@ impl Router {
             decision: Decision::Owned {
                 instance: instance.clone(),
             },
+            llm: None,
+            dequeued: false,
             at: now_ms(),
         };
         let records = parts
@@ -489,6 +556,43 @@ impl Router {
         let resent = reemit.len();
         if let Written::Aborted(e) = self.writer.write(vec![reemit], None).await? {
             return Err(Error::Client(e));
+        }
+        // Decisions recorded as asked but never answered are asked again; tasks whose answer is
+        // recorded but whose queued events are not yet decided are drained. Nothing recorded is
+        // asked twice.
+        let (mut asks, mut drains) = (Vec::new(), Vec::new());
+        for p in &parts {
+            let Some(state) = self.partitions.get(p) else {
+                continue;
+            };
+            for (id, task) in &state.tasks {
+                if task.awaiting.is_some() {
+                    asks.push((*p, id.clone()));
+                } else if !task.queue.is_empty() {
+                    drains.push((*p, id.clone()));
+                }
+            }
+        }
+        let mut resolved = Resolved::default();
+        for (p, id) in drains {
+            self.drain(p, &id, &mut resolved).await?;
+        }
+        if !resolved.states.is_empty() && !self.write_resolved(resolved).await? {
+            return Err(Error::Restore {
+                topic: self.topics.state(),
+                partition: parts[0],
+                message: "the transaction deciding queued events aborted".into(),
+            });
+        }
+        let reasked = asks.len();
+        for (p, id) in asks {
+            self.ask(p, id);
+        }
+        if reasked > 0 {
+            tracing::info!(
+                reasked,
+                "asked the LLM again for decisions that were never recorded"
+            );
         }
         self.seek(consumer, &parts)?;
         let seconds = started.elapsed().as_secs_f64();
@@ -546,6 +650,217 @@ impl Router {
         Ok(state)
     }
 
+    /// Asks the LLM about `task_id`'s pending decision in the background; the answer comes back
+    /// through the answers channel. A decision already being asked is not asked twice.
+    fn ask(&mut self, p: i32, task_id: String) {
+        let Some(state) = self.partitions.get(&p) else {
+            return;
+        };
+        let Some(awaiting) = state.tasks.get(&task_id).and_then(|t| t.awaiting.as_ref()) else {
+            return;
+        };
+        if !self.asking.insert((p, task_id.clone())) {
+            return;
+        }
+        let task = &state.tasks[&task_id];
+        let question = match (self.engine.rules.rule(&awaiting.rule_id), &self.llm) {
+            (Some(rule), Some(llm)) => match &rule.then {
+                Action::Llm(route) => Some((
+                    crate::llm::ask_for(&self.engine.cards, route, task, llm.config()),
+                    llm.clone(),
+                )),
+                _ => None,
+            },
+            _ => None,
+        };
+        let (epoch, answers) = (state.epoch, self.answers.clone());
+        self.metrics.llm_pending.set(self.asking.len() as i64);
+        tokio::spawn(async move {
+            let call = match question {
+                Some((ask, llm)) => llm.decide(&ask).await,
+                None => LlmRecord {
+                    error: Some("not_configured".into()),
+                    message: Some("no `llm` rule or no LLM endpoint for this decision".into()),
+                    ..LlmRecord::default()
+                },
+            };
+            let _ = answers.send(Answer {
+                partition: p,
+                epoch,
+                task_id,
+                call,
+            });
+        });
+    }
+
+    /// Records the LLM's answers as decisions, decides the events queued behind them, and writes
+    /// it all. Answers for partitions no longer owned (or owned since under a new epoch) are
+    /// dropped: the new owner asks again.
+    async fn resolve(&mut self, answers: Vec<Answer>) -> Result<()> {
+        let mut out = Resolved::default();
+        let mut taken = Vec::new();
+        for answer in answers {
+            let p = answer.partition;
+            let Some(state) = self.partitions.get(&p) else {
+                continue;
+            };
+            if state.epoch != answer.epoch {
+                continue;
+            }
+            self.asking.remove(&(p, answer.task_id.clone()));
+            let Some(task) = state.tasks.get(&answer.task_id) else {
+                continue;
+            };
+            let Some(awaiting) = &task.awaiting else {
+                continue;
+            };
+            let outcome = self.engine.resolve(task, &answer.call);
+            let origin = awaiting.input.clone();
+            let record = StateEvent {
+                task_id: answer.task_id.clone(),
+                seq: task.seq + 1,
+                epoch: state.epoch.unwrap_or(-1),
+                instance: self.config.instance_id.clone(),
+                input: None,
+                event: Some(awaiting.event.clone()),
+                answers_step: None,
+                decision: outcome.decision,
+                llm: outcome.llm,
+                dequeued: false,
+                at: now_ms(),
+            };
+            self.emit(p, record, origin, &mut out).await?;
+            self.drain(p, &answer.task_id, &mut out).await?;
+            taken.push(answer);
+        }
+        self.metrics.llm_pending.set(self.asking.len() as i64);
+        if out.states.is_empty() {
+            return Ok(());
+        }
+        if !self.write_resolved(out).await? {
+            for answer in taken {
+                self.asking
+                    .insert((answer.partition, answer.task_id.clone()));
+                let _ = self.answers.send(answer);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides, in order, the events queued behind `task_id`'s LLM decision, until the queue is
+    /// empty or one of them waits for the LLM again.
+    async fn drain(&mut self, p: i32, task_id: &str, out: &mut Resolved) -> Result<()> {
+        let queue: Vec<Queued> = match self.partitions.get(&p).and_then(|s| s.tasks.get(task_id)) {
+            Some(task) => task.queue.iter().cloned().collect(),
+            None => return Ok(()),
+        };
+        for queued in queue {
+            let Some(state) = self.partitions.get(&p) else {
+                break;
+            };
+            let task = state.tasks.get(task_id);
+            if task.is_some_and(|t| t.awaiting.is_some()) {
+                break;
+            }
+            let outcome = self.engine.decide_dequeued(state, &queued.event);
+            let record = StateEvent {
+                task_id: task_id.to_string(),
+                seq: task.map_or(1, |t| t.seq + 1),
+                epoch: state.epoch.unwrap_or(-1),
+                instance: self.config.instance_id.clone(),
+                input: queued.input.clone(),
+                event: Some(queued.event),
+                answers_step: outcome.answers_step,
+                decision: outcome.decision,
+                llm: outcome.llm,
+                dequeued: true,
+                at: now_ms(),
+            };
+            self.emit(p, record, queued.input, out).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies a decision made outside an input batch and adds what it writes to `out`.
+    async fn emit(
+        &mut self,
+        p: i32,
+        record: StateEvent,
+        origin: Option<InputRef>,
+        out: &mut Resolved,
+    ) -> Result<()> {
+        let exactly_once = self.config.consistency == ConsistencyMode::ExactlyOnce;
+        let Some(state) = self.partitions.get_mut(&p) else {
+            return Ok(());
+        };
+        if exactly_once {
+            out.undo.push((p, state.undo_point(&record.task_id)));
+        }
+        state.apply(&record);
+        count_decision(&self.metrics, &record);
+        if let Some(task) = state.tasks.get(&record.task_id) {
+            out.works
+                .extend(self.engine.work_items(task, &record.decision, p));
+        }
+        match (&record.decision, &record.event) {
+            (Decision::AwaitingLlm { .. }, _) => out.asks.push((p, record.task_id.clone())),
+            (
+                Decision::DeadLettered {
+                    reason, message, ..
+                },
+                Some(event),
+            ) => {
+                let tasks = self.topics.tasks();
+                let source = DeadSource {
+                    topic: origin.as_ref().map_or(tasks.clone(), |i| i.topic.clone()),
+                    partition: origin.as_ref().map_or(p, |i| i.partition),
+                    offset: origin.as_ref().map_or(-1, |i| i.offset),
+                    key: event.task_id.as_bytes().to_vec(),
+                    payload: self.codec.encode_task_event(&tasks, event).await?,
+                    redrives: None,
+                };
+                out.dead
+                    .push(dead_letter(self.topics.dlq(), source, reason, message));
+            }
+            _ => {}
+        }
+        out.states.push(Outgoing::json(
+            self.topics.state(),
+            Some(p),
+            &record.task_id,
+            &record,
+        ));
+        Ok(())
+    }
+
+    /// Writes decisions made outside an input batch; returns whether they committed (an aborted
+    /// transaction has been taken back in memory).
+    async fn write_resolved(&mut self, out: Resolved) -> Result<bool> {
+        let works = self.encode_works(&out.works).await?;
+        match self
+            .writer
+            .write(vec![out.dead, out.states, works], None)
+            .await?
+        {
+            Written::Committed(_) => {
+                for (p, id) in out.asks {
+                    self.ask(p, id);
+                }
+                Ok(true)
+            }
+            Written::Aborted(cause) => {
+                tracing::warn!(error = %cause, "transaction of LLM decisions aborted; taking them back");
+                self.metrics.aborted.inc();
+                for (p, undo) in out.undo.into_iter().rev() {
+                    if let Some(state) = self.partitions.get_mut(&p) {
+                        state.undo(undo);
+                    }
+                }
+                Ok(false)
+            }
+        }
+    }
+
     /// Work items as records for their cards' topics.
     async fn encode_works(&self, items: &[WorkItem]) -> Result<Vec<Outgoing>> {
         let mut out = Vec::with_capacity(items.len());
@@ -588,6 +903,7 @@ impl Router {
         let mut undo = Vec::new();
         let mut decided = 0u64;
         let mut refetch = Vec::new();
+        let mut asks = Vec::new();
         for (message, decoded) in batch.iter().zip(decoded) {
             let p = message.partition();
             let Some(partition) = self.partitions.get_mut(&p) else {
@@ -653,21 +969,25 @@ impl Router {
                 event,
                 answers_step: outcome.answers_step,
                 decision: outcome.decision,
+                llm: outcome.llm,
+                dequeued: false,
                 at: now_ms(),
             };
             if exactly_once {
                 undo.push((p, partition.undo_point(&task_id)));
             }
             partition.apply(&record);
-            count_decision(&self.metrics, &record.decision);
+            count_decision(&self.metrics, &record);
             match &record.decision {
                 Decision::DeadLettered {
                     reason,
                     message: why,
                     ..
                 } => {
-                    dead.push(dead_letter(self.topics.dlq(), message, reason, why));
+                    let source = DeadSource::of_message(message);
+                    dead.push(dead_letter(self.topics.dlq(), source, reason, why));
                 }
+                Decision::AwaitingLlm { .. } => asks.push((p, task_id.clone())),
                 Decision::Dropped { reason } => {
                     self.metrics.dropped.with_label_values(&[reason]).inc()
                 }
@@ -689,17 +1009,24 @@ impl Router {
             decided,
             refetch,
             undo,
+            asks,
         }
     }
 }
 
-fn count_decision(metrics: &RouterMetrics, decision: &Decision) {
+fn count_decision(metrics: &RouterMetrics, record: &StateEvent) {
+    if let Some(reason) = record.llm.as_ref().and_then(|c| c.error.as_deref()) {
+        metrics.llm.fallbacks.with_label_values(&[reason]).inc();
+    }
+    let decision = &record.decision;
     let name = decision.name();
     match decision {
         Decision::Routed { steps, decided_by } => {
             let source = match decided_by {
                 crate::envelope::DecidedBy::Rule { .. } => "rule",
                 crate::envelope::DecidedBy::Fallback { .. } => "fallback",
+                crate::envelope::DecidedBy::Llm { .. } => "llm",
+                crate::envelope::DecidedBy::LlmFallback { .. } => "llm_fallback",
             };
             for step in steps {
                 metrics
@@ -730,20 +1057,44 @@ fn count_decision(metrics: &RouterMetrics, decision: &Decision) {
     }
 }
 
-/// The dead-letter record for `message`: its original key and bytes, with the reason in headers
+/// Where a dead letter's original record came from.
+struct DeadSource {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Vec<u8>,
+    payload: Vec<u8>,
+    redrives: Option<String>,
+}
+
+impl DeadSource {
+    /// The record as read.
+    fn of_message(message: &OwnedMessage) -> Self {
+        let redrives = message
+            .headers()
+            .and_then(|hs| {
+                hs.iter()
+                    .find(|h| h.key == dlq_headers::REDRIVES)
+                    .and_then(|h| h.value)
+            })
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        Self {
+            topic: message.topic().to_string(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().unwrap_or_default().to_vec(),
+            payload: message.payload().unwrap_or_default().to_vec(),
+            redrives,
+        }
+    }
+}
+
+/// The dead-letter record for `source`: its original key and bytes, with the reason in headers
 /// (and the redrive count it arrived with).
-fn dead_letter(topic: String, message: &OwnedMessage, reason: &str, why: &str) -> Outgoing {
-    let partition = message.partition().to_string();
-    let offset = message.offset().to_string();
+fn dead_letter(topic: String, source: DeadSource, reason: &str, why: &str) -> Outgoing {
+    let partition = source.partition.to_string();
+    let offset = source.offset.to_string();
     let time = now_ms().to_string();
-    let redrives = message
-        .headers()
-        .and_then(|hs| {
-            hs.iter()
-                .find(|h| h.key == dlq_headers::REDRIVES)
-                .and_then(|h| h.value)
-        })
-        .map(|v| String::from_utf8_lossy(v).into_owned());
     let mut headers = OwnedHeaders::new()
         .insert(Header {
             key: dlq_headers::REASON,
@@ -755,7 +1106,7 @@ fn dead_letter(topic: String, message: &OwnedMessage, reason: &str, why: &str) -
         })
         .insert(Header {
             key: dlq_headers::TOPIC,
-            value: Some(message.topic()),
+            value: Some(&source.topic),
         })
         .insert(Header {
             key: dlq_headers::PARTITION,
@@ -773,7 +1124,7 @@ fn dead_letter(topic: String, message: &OwnedMessage, reason: &str, why: &str) -
             key: dlq_headers::TIME,
             value: Some(&time),
         });
-    if let Some(count) = &redrives {
+    if let Some(count) = &source.redrives {
         headers = headers.insert(Header {
             key: dlq_headers::REDRIVES,
             value: Some(count),
@@ -782,8 +1133,8 @@ fn dead_letter(topic: String, message: &OwnedMessage, reason: &str, why: &str) -
     Outgoing {
         topic,
         partition: None,
-        key: message.key().unwrap_or_default().to_vec(),
-        payload: message.payload().unwrap_or_default().to_vec(),
+        key: source.key,
+        payload: source.payload,
         headers: Some(headers),
     }
 }
