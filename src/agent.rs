@@ -174,7 +174,8 @@ impl Handler for CommandHandler {
     }
 }
 
-fn not_runnable(card: &Card) -> Error {
+/// The error for a card this handler cannot run.
+pub fn not_runnable(card: &Card) -> Error {
     let (runtime, why) = match card.runtime {
         Runtime::Command { .. } => ("command", "is runnable"),
         Runtime::Handler => (
@@ -185,6 +186,7 @@ fn not_runnable(card: &Card) -> Error {
             "human",
             "is answered by people with `switchyard submit --kind HUMAN_DECISION`",
         ),
+        Runtime::Llm { .. } => ("llm", "runs through `switchyard::llm::LlmHandler`"),
     };
     Error::NotRunnable {
         card: card.name.clone(),

@@ -70,6 +70,22 @@ pub enum Runtime {
     Handler,
     /// A human: work items wait in the card's topic and are answered with a `HUMAN_DECISION` event.
     Human,
+    /// An LLM call defined by the card alone: `switchyard agent` sends the work item to the
+    /// configured endpoint (the `llm:` section) and publishes the completion, with its usage.
+    Llm {
+        /// The system prompt: the agent's job.
+        system_prompt: String,
+        /// The model (default: `llm.model` of the config).
+        #[serde(default)]
+        model: Option<String>,
+        /// A model to try when the first fails after its retries.
+        #[serde(default)]
+        fallback_model: Option<String>,
+        /// A JSON schema the completion must follow; the result's payload is then the parsed
+        /// object. Without one the payload is `{"text": ..., "model": ...}`.
+        #[serde(default)]
+        output_schema: Option<serde_json::Value>,
+    },
 }
 
 /// Retry policy of a card.

@@ -19,6 +19,7 @@ use crate::codec::{Codec, Encoding};
 use crate::envelope::{Decision, EventKind, TaskEvent};
 use crate::journey::{describe, follow, is_final};
 use crate::kafka::KafkaConfig;
+use crate::llm::{LlmClient, LlmConfig, LlmHandler};
 use crate::metrics::{AgentMetrics, RouterMetrics};
 use crate::router::{ConsistencyMode, Router, RouterConfig};
 use crate::topics::{self, TopicSpecs};
@@ -66,6 +67,13 @@ struct Global {
         default_value = "http://127.0.0.1:8081"
     )]
     registry_url: String,
+    /// Base URL of an OpenAI-compatible endpoint, e.g. `http://127.0.0.1:8089/v1`; overrides
+    /// `llm.base_url` of the config file (the rest of `llm:` keeps its defaults).
+    #[arg(long, global = true, env = "SWITCHYARD_LLM_URL")]
+    llm_url: Option<String>,
+    /// The LLM's model; overrides `llm.model`.
+    #[arg(long, global = true, env = "SWITCHYARD_LLM_MODEL")]
+    llm_model: Option<String>,
 }
 
 /// The config file.
@@ -75,6 +83,9 @@ struct FileConfig {
     /// Kafka settings.
     #[serde(default)]
     kafka: KafkaConfig,
+    /// The LLM endpoint (the router's decider and `llm` agents).
+    #[serde(default)]
+    llm: Option<LlmConfig>,
 }
 
 impl Global {
@@ -82,17 +93,38 @@ impl Global {
         Codec::new(self.encoding, &self.registry_url)
     }
 
-    fn kafka(&self) -> Result<KafkaConfig> {
-        let mut kafka = match &self.config {
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-                let file: FileConfig = serde_yaml_ng::from_str(&text)
-                    .with_context(|| format!("{}", path.display()))?;
-                file.kafka
-            }
-            None => KafkaConfig::default(),
+    fn file(&self) -> Result<FileConfig> {
+        let Some(path) = &self.config else {
+            return Ok(FileConfig::default());
         };
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        let file: FileConfig =
+            serde_yaml_ng::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        if let Some(llm) = &file.llm {
+            llm.validate()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
+        Ok(file)
+    }
+
+    /// The LLM endpoint: the config file's `llm:` section with the flags applied; `None` when
+    /// neither names one.
+    fn llm(&self) -> Result<Option<LlmConfig>> {
+        let mut llm = self.file()?.llm;
+        if self.llm_url.is_some() || self.llm_model.is_some() {
+            let config = llm.get_or_insert_with(LlmConfig::default);
+            if let Some(url) = &self.llm_url {
+                config.base_url = url.clone();
+            }
+            if let Some(model) = &self.llm_model {
+                config.model = model.clone();
+            }
+        }
+        Ok(llm)
+    }
+
+    fn kafka(&self) -> Result<KafkaConfig> {
+        let mut kafka = self.file()?.kafka;
         if let Some(b) = &self.bootstrap_servers {
             kafka.bootstrap_servers = b.clone();
         }
@@ -129,6 +161,16 @@ impl Global {
             "--registry-url".into(),
             self.registry_url.clone(),
         ])
+        .chain(
+            self.llm_url
+                .iter()
+                .flat_map(|u| ["--llm-url".into(), u.clone()]),
+        )
+        .chain(
+            self.llm_model
+                .iter()
+                .flat_map(|m| ["--llm-model".into(), m.clone()]),
+        )
         .collect()
     }
 }
@@ -422,12 +464,8 @@ impl Cli {
     pub async fn run(self) -> Result<()> {
         let kafka = self.global.kafka()?;
         match self.command {
-            Command::Router(args) => {
-                run_router(kafka, self.global.encoding, &self.global.registry_url, args).await
-            }
-            Command::Agent(args) => {
-                run_agent(kafka, self.global.encoding, &self.global.registry_url, args).await
-            }
+            Command::Router(args) => run_router(kafka, &self.global, args).await,
+            Command::Agent(args) => run_agent(kafka, &self.global, args).await,
             Command::Submit(args) => {
                 let task_id = submit(&kafka, &self.global.codec(), args).await?;
                 println!("{task_id}");
@@ -509,12 +547,7 @@ fn shutdown_signal() -> Result<watch::Receiver<bool>> {
     Ok(rx)
 }
 
-async fn run_router(
-    kafka: KafkaConfig,
-    encoding: Encoding,
-    registry_url: &str,
-    args: RouterArgs,
-) -> Result<()> {
+async fn run_router(kafka: KafkaConfig, global: &Global, args: RouterArgs) -> Result<()> {
     let workflow = Workflow::load(&args.workflow.workflow, args.workflow.rules.as_deref())?;
     kafka.wait_for_broker(Duration::from_secs(30))?;
     let mut config = RouterConfig::new(kafka);
@@ -526,42 +559,52 @@ async fn run_router(
     config.session_timeout = args.session_timeout;
     config.consistency = args.consistency;
     config.commit_interval = args.commit_interval;
-    config.encoding = encoding;
-    config.registry_url = registry_url.to_string();
+    config.encoding = global.encoding;
+    config.registry_url = global.registry_url.clone();
+    config.llm = global.llm()?;
     let router = Router::new(config, workflow.engine(), RouterMetrics::new()?).await?;
     router.run(shutdown_signal()?).await?;
     Ok(())
 }
 
-async fn run_agent(
-    kafka: KafkaConfig,
-    encoding: Encoding,
-    registry_url: &str,
-    args: AgentArgs,
-) -> Result<()> {
+async fn run_agent(kafka: KafkaConfig, global: &Global, args: AgentArgs) -> Result<()> {
     let card = Card::load(&args.card)?;
     let dir = args
         .card
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let handler = CommandHandler::new(&card, dir)?;
+    let metrics = AgentMetrics::new()?;
+    let llm = match &card.runtime {
+        Runtime::Llm { .. } => {
+            let config = global.llm()?.with_context(|| {
+                format!(
+                    "{}: runtime `llm` needs an endpoint (`llm:` in the config file, or --llm-url)",
+                    args.card.display()
+                )
+            })?;
+            let llm_metrics = crate::metrics::LlmMetrics::new(&metrics.registry)?;
+            let client = LlmClient::new(config, llm_metrics).map_err(anyhow::Error::msg)?;
+            Some(LlmHandler::new(&card, Arc::new(client))?)
+        }
+        _ => None,
+    };
     kafka.wait_for_broker(Duration::from_secs(30))?;
     let mut config = AgentConfig::new(kafka, card);
     config.http_addr = args.http_addr;
     config.session_timeout = args.session_timeout;
     config.consistency = args.consistency;
-    config.encoding = encoding;
-    config.registry_url = registry_url.to_string();
+    config.encoding = global.encoding;
+    config.registry_url = global.registry_url.clone();
     if let Some(id) = args.instance_id {
         config.instance_id = id;
     }
-    agent::run(
-        config,
-        Arc::new(handler),
-        AgentMetrics::new()?,
-        shutdown_signal()?,
-    )
-    .await?;
+    match llm {
+        Some(handler) => agent::run(config, Arc::new(handler), metrics, shutdown_signal()?).await?,
+        None => {
+            let handler = CommandHandler::new(&config.card, dir)?;
+            agent::run(config, Arc::new(handler), metrics, shutdown_signal()?).await?
+        }
+    }
     Ok(())
 }
 
@@ -942,10 +985,11 @@ async fn replay(kafka: &KafkaConfig, codec: &Codec, args: ReplayArgs) -> Result<
         }
     }
     eprintln!(
-        "replayed {} state records in {seconds:.2}s ({:.0}/s): {} decisions checked, {} divergences, {} fenced records ignored, {} inputs missing",
+        "replayed {} state records in {seconds:.2}s ({:.0}/s): {} decisions checked ({} from recorded LLM answers, no LLM called), {} divergences, {} fenced records ignored, {} inputs missing",
         report.records,
         report.records as f64 / seconds.max(1e-9),
         report.checked,
+        report.llm_recorded,
         report.divergences.len(),
         report.fenced,
         report.inputs_missing

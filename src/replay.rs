@@ -4,7 +4,9 @@
 //! recorded decision in range, the input is read again from the tasks topic, decoded and decided
 //! anew with the given engine, and compared with what was recorded; the state then advances with
 //! the *recorded* decision, so every later decision is judged against the history that really
-//! happened. Nothing is written to Kafka and no LLM is called.
+//! happened. Decisions the LLM made are checked from the answer recorded with them: the answer
+//! must still be allowed and lead to the same decision. Nothing is written to Kafka and no LLM is
+//! called.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -12,7 +14,7 @@ use rdkafka::message::Message;
 use serde::Serialize;
 
 use crate::codec::Codec;
-use crate::envelope::{Decision, DecodeError, StateEvent, TaskEvent};
+use crate::envelope::{Decision, DecodeError, LlmRecord, StateEvent, TaskEvent};
 use crate::kafka::{self, read_topic, KafkaConfig};
 use crate::router::{Engine, Outcome};
 use crate::state::PartitionState;
@@ -93,6 +95,8 @@ pub struct Report {
     pub fenced: u64,
     /// Decisions whose input was no longer in the tasks topic (the recorded copy was used).
     pub inputs_missing: u64,
+    /// LLM decisions checked against their recorded answer (the LLM is never called).
+    pub llm_recorded: u64,
     /// Every divergence.
     pub divergences: Vec<Divergence>,
 }
@@ -191,16 +195,23 @@ pub async fn replay(
         if !owned && filter.admits(offset, &record) && state.epoch.is_none_or(|e| e == record.epoch)
         {
             report.checked += 1;
-            let input = record
-                .input
-                .as_ref()
-                .and_then(|i| inputs.get(&(i.partition, i.offset)));
-            if input.is_none() {
-                report.inputs_missing += 1;
-            }
-            if let Some(d) = check(engine, state, &record, input, partition, offset) {
-                report.divergences.push(d);
-            }
+            let divergence = match (&record.input, &record.llm) {
+                (None, Some(call)) => {
+                    report.llm_recorded += 1;
+                    check_llm(engine, state, &record, call, partition, offset)
+                }
+                _ => {
+                    let input = record
+                        .input
+                        .as_ref()
+                        .and_then(|i| inputs.get(&(i.partition, i.offset)));
+                    if input.is_none() {
+                        report.inputs_missing += 1;
+                    }
+                    check(engine, state, &record, input, partition, offset)
+                }
+            };
+            report.divergences.extend(divergence);
         }
         if !state.restore(&record, offset) {
             report.fenced += 1;
@@ -210,6 +221,42 @@ pub async fn replay(
         Some(e) => Err(e),
         None => Ok(report),
     }
+}
+
+/// Checks a decision resolved by the LLM: the recorded answer, validated against the rule as it
+/// is now, must lead to the recorded decision.
+fn check_llm(
+    engine: &Engine,
+    state: &PartitionState,
+    record: &StateEvent,
+    call: &LlmRecord,
+    partition: i32,
+    offset: i64,
+) -> Option<Divergence> {
+    let task = state.tasks.get(&record.task_id);
+    let replayed = match task.filter(|t| t.awaiting.is_some()) {
+        Some(task) => engine.resolve(task, call).decision,
+        None => Decision::DeadLettered {
+            reason: "not_awaiting_llm".into(),
+            message: "the recorded LLM answer belongs to no pending LLM decision".into(),
+            ends_task: false,
+        },
+    };
+    (replayed != record.decision).then(|| Divergence {
+        task_id: record.task_id.clone(),
+        partition,
+        offset,
+        change: (summary(&record.decision), summary(&replayed)),
+        recorded: record.decision.clone(),
+        replayed,
+        note: Some(format!(
+            "recorded LLM answer: {}",
+            call.agent
+                .as_deref()
+                .or(call.error.as_deref())
+                .unwrap_or("none")
+        )),
+    })
 }
 
 fn check(
@@ -230,7 +277,12 @@ fn check(
             let note = (record.event.as_ref() != Some(event)).then(|| {
                 "the input copy in the state record differs from the tasks topic".to_string()
             });
-            (engine.decide(state, event), note)
+            let outcome = if record.dequeued {
+                engine.decide_dequeued(state, event)
+            } else {
+                engine.decide(state, event)
+            };
+            (outcome, note)
         }
         Err(e) => (Outcome::undecodable(e), None),
     };

@@ -5,11 +5,13 @@
 //! rule's candidates, recorded on the state topic with the decision, and never asked again on
 //! restore or replay.
 
+mod agent;
 mod breaker;
 mod client;
 mod config;
 pub mod prompt;
 
+pub use agent::LlmHandler;
 pub use breaker::Breaker;
 pub use client::{Ask, CallError, Completion, LlmClient};
 pub use config::{BreakerConfig, LlmConfig, Price, StructuredOutput};
