@@ -140,7 +140,8 @@ impl Global {
         Ok(kafka)
     }
 
-    /// These settings as flags, for child processes.
+    /// These settings as flags, for child processes (the LLM flags are added by `dev_llm` where
+    /// the workflow needs them).
     fn as_args(&self, kafka: &KafkaConfig) -> Vec<String> {
         vec![
             "--bootstrap-servers".into(),
@@ -161,16 +162,6 @@ impl Global {
             "--registry-url".into(),
             self.registry_url.clone(),
         ])
-        .chain(
-            self.llm_url
-                .iter()
-                .flat_map(|u| ["--llm-url".into(), u.clone()]),
-        )
-        .chain(
-            self.llm_model
-                .iter()
-                .flat_map(|m| ["--llm-model".into(), m.clone()]),
-        )
         .collect()
     }
 }
@@ -749,9 +740,11 @@ async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
     for line in topics::apply(&kafka, &TopicSpecs::load(&args.spec)?, &workflow.cards).await? {
         println!("topic  {line}");
     }
+    let (llm_args, started_llm) = dev_llm(global, &workflow).await?;
     let logs = PathBuf::from(".switchyard/logs");
     std::fs::create_dir_all(&logs)?;
-    let base = global.as_args(&kafka);
+    let mut base = global.as_args(&kafka);
+    base.extend(llm_args);
     let with = |extra: &[&str]| -> Vec<String> {
         base.iter()
             .cloned()
@@ -789,11 +782,12 @@ async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
         ]),
         &logs,
     )?);
-    let runnable = workflow
+    let runnable: Vec<&Card> = workflow
         .cards
         .iter()
-        .filter(|c| matches!(c.runtime, Runtime::Command { .. }));
-    for (port, card) in (9465..).zip(runnable) {
+        .filter(|c| matches!(c.runtime, Runtime::Command { .. } | Runtime::Llm { .. }))
+        .collect();
+    for (port, card) in (9465..).zip(&runnable) {
         let path = workflow
             .dir
             .join("cards")
@@ -808,17 +802,21 @@ async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
     }
     println!(
         "started the router (metrics on http://127.0.0.1:9464/metrics) and {} agents; logs in {}",
-        workflow
-            .cards
-            .iter()
-            .filter(|c| matches!(c.runtime, Runtime::Command { .. }))
-            .count(),
+        runnable.len(),
         logs.display()
     );
-    let messages: Vec<String> = if args.messages.is_empty() {
-        SAMPLES.iter().map(|s| s.to_string()).collect()
-    } else {
+    let samples = workflow.dir.join("samples.txt");
+    let messages: Vec<String> = if !args.messages.is_empty() {
         args.messages
+    } else if samples.exists() {
+        std::fs::read_to_string(&samples)
+            .with_context(|| samples.display().to_string())?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect()
+    } else {
+        SAMPLES.iter().map(|s| s.to_string()).collect()
     };
     let result = run_samples(&kafka, &global.codec(), &workflow, &messages).await;
     if args.keep_running && result.is_ok() {
@@ -828,12 +826,72 @@ async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
     for child in children {
         child.stop().await;
     }
+    if started_llm {
+        let _ = tokio::process::Command::new(scripts_dir().join("stop-llm"))
+            .status()
+            .await;
+    }
     if started_broker {
         let _ = tokio::process::Command::new(scripts_dir().join("stop-broker"))
             .status()
             .await;
     }
     result
+}
+
+/// Where the workflow needs an LLM (an `llm` rule or card): the configured endpoint, or the
+/// local one, started with `scripts/start-llm` when nothing answers. Returns the flags that point
+/// the children at it and whether dev started it.
+async fn dev_llm(global: &Global, workflow: &Workflow) -> Result<(Vec<String>, bool)> {
+    let llm_cards = workflow
+        .cards
+        .iter()
+        .any(|c| matches!(c.runtime, Runtime::Llm { .. }));
+    if !(workflow.rules.uses_llm() || llm_cards) {
+        return Ok((Vec::new(), false));
+    }
+    let llm = global.llm()?.unwrap_or_default();
+    let mut started = false;
+    if !answers(&llm.base_url).await {
+        if llm.base_url != LlmConfig::default().base_url {
+            bail!("no LLM endpoint answers at {}", llm.base_url);
+        }
+        println!(
+            "no LLM at {}; starting the local one with scripts/start-llm (the first time installs it, ~2 min)",
+            llm.base_url
+        );
+        let status = tokio::process::Command::new(scripts_dir().join("start-llm"))
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("scripts/start-llm failed (see its output above)");
+        }
+        started = true;
+    }
+    println!("LLM endpoint {} (model {})", llm.base_url, llm.model);
+    let args = vec![
+        "--llm-url".into(),
+        llm.base_url.clone(),
+        "--llm-model".into(),
+        llm.model.clone(),
+    ];
+    Ok((args, started))
+}
+
+/// Whether something accepts TCP connections at the host and port of `url`.
+async fn answers(url: &str) -> bool {
+    let (default_port, rest) = match url.split_once("://") {
+        Some(("https", rest)) => (443, rest),
+        Some((_, rest)) => (80, rest),
+        None => (80, url),
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let address = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:{default_port}")
+    };
+    tokio::net::TcpStream::connect(address).await.is_ok()
 }
 
 /// Registers the schemas, waiting up to 30 s for the registry to come up.

@@ -40,7 +40,11 @@ pub fn describe(record: &StateEvent) -> String {
                 EventKind::Submitted | EventKind::Cancel => format!("from {}", e.source),
                 _ => format!("from {}{step}{attempt}", e.source),
             };
-            format!("{:<15} {from}{confidence}", e.kind.as_str())
+            if record.input.is_none() && record.llm.is_some() {
+                format!("{:<15} for the {} {from}", "LLM ANSWER", e.kind.as_str())
+            } else {
+                format!("{:<15} {from}{confidence}", e.kind.as_str())
+            }
         }
         None => "UNDECODABLE".to_string(),
     };

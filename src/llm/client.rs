@@ -311,10 +311,15 @@ impl LlmClient {
                     .tokens
                     .with_label_values(&["completion"])
                     .inc_by(tokens_out);
-                let cost = self.config.cost(&response.model, tokens_in, tokens_out);
+                let cost = self.config.cost(model, tokens_in, tokens_out);
                 self.metrics.cost.inc_by(cost);
+                // Some servers (llama.cpp) name no model; record the one asked for.
+                let model = match response.model.as_str() {
+                    "" | "-" => model.to_string(),
+                    named => named.to_string(),
+                };
                 Ok(Completion {
-                    model: response.model,
+                    model,
                     text,
                     tokens_in,
                     tokens_out,

@@ -586,6 +586,125 @@ rules:
             });
             outcome.decision
         }
+
+        /// Records the LLM's answer for `t1` and decides its queued events, as the router does.
+        fn llm_answers(&mut self, call: LlmRecord) -> Vec<Decision> {
+            let task = &self.state.tasks["t1"];
+            let event = task.awaiting.as_ref().unwrap().event.clone();
+            let outcome = self.engine.resolve(task, &call);
+            let mut out = vec![outcome.decision.clone()];
+            self.apply("t1", None, Some(event), outcome, false);
+            let queued: Vec<_> = self.state.tasks.get("t1").map_or(vec![], |t| {
+                t.queue.iter().map(|q| q.event.clone()).collect()
+            });
+            for event in queued {
+                if self.state.tasks.get("t1").is_some_and(|t| t.awaiting.is_some()) {
+                    break;
+                }
+                let outcome = self.engine.decide_dequeued(&self.state, &event);
+                out.push(outcome.decision.clone());
+                self.apply("t1", None, Some(event), outcome, true);
+            }
+            out
+        }
+
+        fn apply(
+            &mut self,
+            task: &str,
+            input: Option<crate::envelope::InputRef>,
+            event: Option<TaskEvent>,
+            outcome: Outcome,
+            dequeued: bool,
+        ) {
+            self.seq += 1;
+            self.state.apply(&StateEvent {
+                task_id: task.into(),
+                seq: self.seq,
+                epoch: 0,
+                instance: "test".into(),
+                input,
+                event,
+                answers_step: outcome.answers_step,
+                decision: outcome.decision,
+                llm: outcome.llm,
+                dequeued,
+                at: 0,
+            });
+        }
+    }
+
+    const LLM_RULES: &str = r#"
+hop_limit: 6
+budget: { max_tokens: 1000 }
+rules:
+  - id: ask
+    when: { kind: SUBMITTED }
+    then: { llm: { candidates: [a, b], complete: true, human: h, fallback: { escalate: h } } }
+  - { id: done, when: { source: [a, b, h] }, then: complete }
+"#;
+
+    fn chose(agent: &str, tokens: u64) -> LlmRecord {
+        LlmRecord {
+            model: "m".into(),
+            agent: Some(agent.into()),
+            tokens_in: tokens,
+            attempts: 1,
+            ..LlmRecord::default()
+        }
+    }
+
+    #[test]
+    fn llm_decisions_wait_queue_later_events_and_resolve_in_order() {
+        let mut run = Run::new(LLM_RULES, &["a", "b", "h"]);
+        let d = run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
+        assert_eq!(d, Decision::AwaitingLlm { rule_id: "ask".into() });
+        let cancel = run.send(TaskEvent::new("t1", EventKind::Cancel, "client"));
+        assert_eq!(cancel, Decision::Queued, "later events wait for the answer");
+        let out = run.llm_answers(chose("b", 10));
+        assert_eq!(routed_cards(&out[0]), vec![(1, "b".into())]);
+        assert!(matches!(&out[0], Decision::Routed { decided_by: DecidedBy::Llm { rule_id }, .. } if rule_id == "ask"));
+        assert_eq!(out[1], Decision::Cancelled, "then the queued cancel, in order");
+        assert!(run.state.tasks.is_empty());
+    }
+
+    #[test]
+    fn invalid_or_failed_llm_answers_take_the_rules_fallback() {
+        for call in [
+            chose("admin", 10),
+            LlmRecord {
+                error: Some("timeout".into()),
+                ..LlmRecord::default()
+            },
+        ] {
+            let mut run = Run::new(LLM_RULES, &["a", "b", "h"]);
+            run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
+            let out = run.llm_answers(call);
+            assert!(
+                matches!(&out[0], Decision::Escalated { step, .. } if step.card == "h"),
+                "{out:?}"
+            );
+        }
+        let mut run = Run::new(LLM_RULES, &["a", "b", "h"]);
+        run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
+        assert!(matches!(run.llm_answers(chose("COMPLETE", 1))[0], Decision::Completed { .. }));
+        let mut run = Run::new(LLM_RULES, &["a", "b", "h"]);
+        run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
+        assert!(matches!(&run.llm_answers(chose("HUMAN", 1))[0], Decision::Escalated { step, .. } if step.card == "h"));
+    }
+
+    #[test]
+    fn a_task_over_budget_is_not_sent_to_the_llm() {
+        let mut run = Run::new(LLM_RULES, &["a", "b", "h"]);
+        let mut submitted = TaskEvent::new("t1", EventKind::Submitted, "client");
+        submitted.usage = Some(crate::envelope::Usage {
+            tokens_in: 2000,
+            ..Default::default()
+        });
+        let outcome = run.engine.decide(&run.state, &submitted);
+        assert!(matches!(&outcome.decision, Decision::Escalated { step, .. } if step.card == "h"));
+        let call = outcome.llm.expect("the short-cut is recorded");
+        assert_eq!(call.error.as_deref(), Some("budget_exceeded"));
+        assert_eq!(call.attempts, 0);
     }
 
     fn answer(kind: EventKind, step: u32, attempt: u32, confidence: Option<f64>) -> TaskEvent {
