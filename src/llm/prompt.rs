@@ -60,26 +60,28 @@ pub fn system_prompt(
         "You are the router of a multi-agent system. Decide which agent acts next on the task.\n\n\
          Agents:\n",
     );
+    // One line per card: a small model routes better on a short, regular list.
     for card in candidates {
+        let skills: Vec<String> = card
+            .skills
+            .iter()
+            .map(|skill| {
+                if skill.tags.is_empty() {
+                    skill.name.clone()
+                } else {
+                    format!("{} ({})", skill.name, skill.tags.join(", "))
+                }
+            })
+            .collect();
+        let skills = if skills.is_empty() {
+            String::new()
+        } else {
+            format!(" Skills: {}.", skills.join("; "))
+        };
         out.push_str(&format!(
-            "- {}: {}\n",
+            "- {}: {}{skills} Input: {}. Output: {}.\n",
             card.name,
-            one_line(&card.description)
-        ));
-        for skill in &card.skills {
-            let tags = if skill.tags.is_empty() {
-                String::new()
-            } else {
-                format!(" [{}]", skill.tags.join(", "))
-            };
-            out.push_str(&format!(
-                "    skill {}: {}{tags}\n",
-                skill.name,
-                one_line(&skill.description)
-            ));
-        }
-        out.push_str(&format!(
-            "    input: {}; output: {}\n",
+            one_line(&card.description),
             card.input_modes.join(", "),
             card.output_modes.join(", ")
         ));
