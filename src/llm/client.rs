@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
+use async_openai::middleware::ReqwestService;
 use async_openai::types::chat::{
     ChatCompletionRequestMessage, ChatCompletionRequestSystemMessage,
     ChatCompletionRequestUserMessage, CreateChatCompletionRequest, ResponseFormat,
@@ -83,8 +84,16 @@ impl LlmClient {
             _ => openai.with_api_key(""),
         };
         let json_object = config.structured_output == StructuredOutput::JsonObject;
+        // async-openai's default transport retries 429 and 5xx responses by itself; switchyard
+        // retries with its own policy (counted, backed off, seen by the circuit breaker), so the
+        // transport is the plain reqwest service.
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.timeout)
+            .build()
+            .map_err(|e| format!("HTTP client: {e}"))?;
         Ok(Self {
-            client: async_openai::Client::with_config(openai),
+            client: async_openai::Client::with_config(openai)
+                .with_http_service(ReqwestService::new(http)),
             breaker: Breaker::new(config.breaker.clone()),
             limit: Semaphore::new(config.concurrency),
             json_object: AtomicBool::new(json_object),

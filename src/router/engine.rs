@@ -598,7 +598,12 @@ rules:
                 t.queue.iter().map(|q| q.event.clone()).collect()
             });
             for event in queued {
-                if self.state.tasks.get("t1").is_some_and(|t| t.awaiting.is_some()) {
+                if self
+                    .state
+                    .tasks
+                    .get("t1")
+                    .is_some_and(|t| t.awaiting.is_some())
+                {
                     break;
                 }
                 let outcome = self.engine.decide_dequeued(&self.state, &event);
@@ -657,13 +662,24 @@ rules:
     fn llm_decisions_wait_queue_later_events_and_resolve_in_order() {
         let mut run = Run::new(LLM_RULES, &["a", "b", "h"]);
         let d = run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
-        assert_eq!(d, Decision::AwaitingLlm { rule_id: "ask".into() });
+        assert_eq!(
+            d,
+            Decision::AwaitingLlm {
+                rule_id: "ask".into()
+            }
+        );
         let cancel = run.send(TaskEvent::new("t1", EventKind::Cancel, "client"));
         assert_eq!(cancel, Decision::Queued, "later events wait for the answer");
         let out = run.llm_answers(chose("b", 10));
         assert_eq!(routed_cards(&out[0]), vec![(1, "b".into())]);
-        assert!(matches!(&out[0], Decision::Routed { decided_by: DecidedBy::Llm { rule_id }, .. } if rule_id == "ask"));
-        assert_eq!(out[1], Decision::Cancelled, "then the queued cancel, in order");
+        assert!(
+            matches!(&out[0], Decision::Routed { decided_by: DecidedBy::Llm { rule_id }, .. } if rule_id == "ask")
+        );
+        assert_eq!(
+            out[1],
+            Decision::Cancelled,
+            "then the queued cancel, in order"
+        );
         assert!(run.state.tasks.is_empty());
     }
 
@@ -686,15 +702,20 @@ rules:
         }
         let mut run = Run::new(LLM_RULES, &["a", "b", "h"]);
         run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
-        assert!(matches!(run.llm_answers(chose("COMPLETE", 1))[0], Decision::Completed { .. }));
+        assert!(matches!(
+            run.llm_answers(chose("COMPLETE", 1))[0],
+            Decision::Completed { .. }
+        ));
         let mut run = Run::new(LLM_RULES, &["a", "b", "h"]);
         run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
-        assert!(matches!(&run.llm_answers(chose("HUMAN", 1))[0], Decision::Escalated { step, .. } if step.card == "h"));
+        assert!(
+            matches!(&run.llm_answers(chose("HUMAN", 1))[0], Decision::Escalated { step, .. } if step.card == "h")
+        );
     }
 
     #[test]
     fn a_task_over_budget_is_not_sent_to_the_llm() {
-        let mut run = Run::new(LLM_RULES, &["a", "b", "h"]);
+        let run = Run::new(LLM_RULES, &["a", "b", "h"]);
         let mut submitted = TaskEvent::new("t1", EventKind::Submitted, "client");
         submitted.usage = Some(crate::envelope::Usage {
             tokens_in: 2000,

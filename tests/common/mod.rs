@@ -20,6 +20,8 @@ use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 use tokio::sync::watch;
 
+pub mod llm;
+
 /// Logs to the test output when `RUST_LOG` is set.
 pub fn logging() {
     if std::env::var_os("RUST_LOG").is_some() {
