@@ -186,8 +186,15 @@ async fn main() {
         ..LlmConfig::default()
     };
 
-    // (a) rule-decided tasks.
-    let bench = Bench::start("rules", &engine, &workflow, None).await;
+    // (a) rule-decided tasks (the endpoint is configured but never asked).
+    let url = fixed_latency_endpoint(latency).await;
+    let bench = Bench::start(
+        "rules",
+        &engine,
+        &workflow,
+        Some(fake(url.clone(), concurrency)),
+    )
+    .await;
     bench.warm().await;
     let t = Instant::now();
     bench.submit("rule", tasks, true).await;
@@ -197,7 +204,6 @@ async fn main() {
     println!("(a) {tasks} tasks decided by a rule: {rule_secs:.2}s, {rule_rate:.0} decisions/s");
 
     // (b) LLM-decided tasks against a fixed-latency endpoint.
-    let url = fixed_latency_endpoint(latency).await;
     let bench = Bench::start(
         "fixed",
         &engine,
