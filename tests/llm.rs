@@ -138,7 +138,7 @@ async fn every_kind_of_endpoint_failure_ends_in_the_fallback_while_other_tasks_k
     let workflow = setup_faults(&kafka).await;
     let fake = FakeLlm::start(Arc::new(|body: &str, _: &str| {
         if body.contains("fault-500") {
-            Behaviour::Status500
+            Behaviour::Status(500)
         } else if body.contains("fault-timeout") {
             Behaviour::Hang(Duration::from_secs(5))
         } else if body.contains("fault-json") {
@@ -222,7 +222,7 @@ async fn every_kind_of_endpoint_failure_ends_in_the_fallback_while_other_tasks_k
 async fn the_circuit_breaker_short_cuts_to_the_fallback_while_the_endpoint_is_down() {
     let kafka = kafka("llm-breaker");
     let workflow = setup_faults(&kafka).await;
-    let fake = FakeLlm::start(Arc::new(|_: &str, _: &str| Behaviour::Status500)).await;
+    let fake = FakeLlm::start(Arc::new(|_: &str, _: &str| Behaviour::Status(500))).await;
     let mut config = fake_config(&fake.url);
     config.retries = 0;
     config.breaker.failures = 2;
@@ -252,6 +252,40 @@ async fn the_circuit_breaker_short_cuts_to_the_fallback_while_the_endpoint_is_do
         "the open breaker sent no request: {:?}",
         fake.all()
     );
+    router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_endpoint_without_json_schema_is_asked_for_json_objects_instead() {
+    let kafka = kafka("llm-json-object");
+    let workflow = setup_faults(&kafka).await;
+    let fake = FakeLlm::start(Arc::new(|body: &str, _: &str| {
+        if body.contains(r#""type":"json_schema""#) {
+            Behaviour::Status(400)
+        } else {
+            assert!(body.contains(r#""type":"json_object""#), "{body}");
+            Behaviour::Answer(choose("shipping"), Duration::ZERO)
+        }
+    }))
+    .await;
+    let router =
+        RunningRouter::start_with(&kafka, &workflow, |c| c.llm = Some(fake_config(&fake.url)))
+            .await;
+    publish(
+        &kafka,
+        &submission("plain", "ref-plain where is my parcel?"),
+    )
+    .await;
+    let record = resolution(&kafka, "plain", Duration::from_secs(30)).await;
+    assert!(
+        matches!(&record.decision, Decision::Routed { steps, .. } if steps[0].card == "shipping")
+    );
+    assert_eq!(
+        call(&record).attempts,
+        2,
+        "refused once, then asked for a JSON object"
+    );
+    assert_eq!(fake.calls("ref-plain"), 2);
     router.stop().await;
 }
 
@@ -374,7 +408,7 @@ async fn an_llm_agent_publishes_its_completion_with_usage_and_falls_back_to_its_
     let workflow = setup_faults(&kafka).await;
     let fake = FakeLlm::start(Arc::new(|_: &str, model: &str| match model {
         "fake" => Behaviour::Answer(choose("billing"), Duration::ZERO),
-        "broken" => Behaviour::Status500,
+        "broken" => Behaviour::Status(500),
         _ => Behaviour::Answer("Your refund is on its way.".into(), Duration::ZERO),
     }))
     .await;

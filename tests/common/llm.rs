@@ -19,8 +19,8 @@ use serde_json::{json, Value};
 pub enum Behaviour {
     /// Answer with this content after a delay.
     Answer(String, Duration),
-    /// Answer with HTTP 500.
-    Status500,
+    /// Answer with this HTTP status and an OpenAI-style error body.
+    Status(u16),
     /// Answer only after this long (longer than the client's time limit).
     Hang(Duration),
 }
@@ -116,9 +116,14 @@ async fn complete(State(shared): State<Shared>, Json(body): Json<Value>) -> Resp
         script(&text, &model)
     };
     match behaviour {
-        Behaviour::Status500 => {
-            (StatusCode::INTERNAL_SERVER_ERROR, "upstream model crashed").into_response()
+        Behaviour::Status(code) if code >= 500 => {
+            (StatusCode::from_u16(code).unwrap(), "upstream model crashed").into_response()
         }
+        Behaviour::Status(code) => (
+            StatusCode::from_u16(code).unwrap(),
+            Json(json!({"error": {"message": format!("fake error {code}"), "type": "invalid_request_error"}})),
+        )
+            .into_response(),
         Behaviour::Hang(d) => {
             tokio::time::sleep(d).await;
             (StatusCode::GATEWAY_TIMEOUT, "too late").into_response()
