@@ -460,3 +460,69 @@ async fn an_llm_agent_publishes_its_completion_with_usage_and_falls_back_to_its_
     agents.stop().await;
     router.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn llm_decisions_commit_in_transactions_in_exactly_once_mode() {
+    // librdkafka's mock cluster is the only transactional broker here (see tests/transactions.rs).
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    let kafka = KafkaConfig {
+        bootstrap_servers: cluster.bootstrap_servers(),
+        topic_prefix: "eos-llm".into(),
+        options: Default::default(),
+    };
+    let workflow = Workflow::load(
+        &helpdesk(),
+        Some(&root().join("tests/fixtures/llm-rules.yaml")),
+    )
+    .unwrap();
+    let topics = kafka.topics();
+    let mut names = vec![topics.tasks(), topics.state(), topics.dlq()];
+    names.extend(workflow.cards.iter().map(|c| c.topic(&kafka.topic_prefix)));
+    for name in names {
+        cluster.create_topic(&name, 3, 1).unwrap();
+    }
+    let fake = FakeLlm::start(Arc::new(|_: &str, _: &str| {
+        Behaviour::Answer(choose("billing"), Duration::from_millis(100))
+    }))
+    .await;
+    let router = RunningRouter::start_with(&kafka, &workflow, |c| {
+        c.consistency = switchyard::router::ConsistencyMode::ExactlyOnce;
+        c.commit_interval = Duration::from_millis(50);
+        c.llm = Some(fake_config(&fake.url));
+    })
+    .await;
+    for i in 0..3 {
+        publish(
+            &kafka,
+            &submission(&format!("eos-{i}"), &format!("ref-eos{i} refund please")),
+        )
+        .await;
+        let mut express = submission(&format!("fast-{i}"), "parcel?");
+        express.labels.insert("lane".into(), "express".into());
+        publish(&kafka, &express).await;
+    }
+    for i in 0..3 {
+        let record = resolution(&kafka, &format!("eos-{i}"), Duration::from_secs(60)).await;
+        assert!(
+            matches!(&record.decision, Decision::Routed { steps, .. } if steps[0].card == "billing")
+        );
+    }
+    router.stop().await;
+    let events = state_events(&kafka);
+    for i in 0..3 {
+        let resolved = events
+            .iter()
+            .filter(|e| e.task_id == format!("eos-{i}") && e.llm.is_some())
+            .count();
+        assert_eq!(resolved, 1, "eos-{i}");
+        assert!(events.iter().any(|e| e.task_id == format!("fast-{i}")
+            && matches!(
+                &e.decision,
+                Decision::Routed {
+                    decided_by: DecidedBy::Rule { .. },
+                    ..
+                }
+            )));
+        assert_eq!(fake.calls(&format!("ref-eos{i}")), 1);
+    }
+}
