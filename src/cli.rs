@@ -847,10 +847,17 @@ async fn dev_llm(global: &Global, workflow: &Workflow) -> Result<(Vec<String>, b
         .cards
         .iter()
         .any(|c| matches!(c.runtime, Runtime::Llm { .. }));
+    let llm = global.llm()?.unwrap_or_default();
     if !(workflow.rules.uses_llm() || llm_cards) {
+        if answers(&llm.base_url).await {
+            println!(
+                "an LLM answers at {} but this workflow has no `llm` rule or card; \
+                 `cargo run -- dev --workflow agents/helpdesk` runs the LLM-routed example",
+                llm.base_url
+            );
+        }
         return Ok((Vec::new(), false));
     }
-    let llm = global.llm()?.unwrap_or_default();
     let mut started = false;
     if !answers(&llm.base_url).await {
         if llm.base_url != LlmConfig::default().base_url {
