@@ -761,6 +761,42 @@ rules:
     }
 
     #[test]
+    fn llm_rules_name_known_cards_and_fall_back_without_the_llm() {
+        let table = |then: &str| {
+            format!(
+                "rules:\n  - {{ id: ask, when: {{ kind: SUBMITTED }}, then: {{ llm: {then} }} }}\n  - {{ id: done, when: {{ source: [a, b, h] }}, then: complete }}\n"
+            )
+        };
+        let known = cards(&["a", "b", "h"]);
+        parse(&table(
+            "{ candidates: [a, b], human: h, fallback: { escalate: h } }",
+        ))
+        .validate(&known)
+        .unwrap();
+        let err = parse(&table("{ candidates: [a, ghost] }"))
+            .validate(&known)
+            .unwrap_err();
+        assert!(
+            err.contains("rules[0].then.llm.candidates[1]") && err.contains("ghost"),
+            "{err}"
+        );
+        let err = parse(&table(
+            "{ candidates: [a], fallback: { llm: { candidates: [b] } } }",
+        ))
+        .validate(&known)
+        .unwrap_err();
+        assert!(
+            err.contains("rules[0].then.llm.fallback") && err.contains("cannot ask the LLM"),
+            "{err}"
+        );
+        let err =
+            serde_yaml_ng::from_str::<RuleTable>(&table("{ candidates: [a], temprature: 0 }"))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("temprature"), "{err}");
+    }
+
+    #[test]
     fn shadowed_rule_is_unreachable() {
         let yaml = FLOW.replace(
             "  - id: sure\n    when: { source: c, confidence: { gt: 0.8 } }",

@@ -1,4 +1,5 @@
-//! The command line: start-up refuses bad cards and rule tables with the file and the field.
+//! The command line: start-up refuses bad cards, rule tables and LLM settings with the file and
+//! the field.
 
 use std::process::Command;
 
@@ -78,4 +79,40 @@ fn every_subcommand_has_help() {
             "{sub} --help"
         );
     }
+}
+
+#[test]
+fn a_bad_llm_section_stops_start_up_naming_file_and_field() {
+    let dir = workflow("name: a\nruntime: {kind: handler}\n", RULES);
+    let config = dir.path().join("switchyard.yaml");
+    for (llm, field) in [
+        ("{ base_url: 'ftp://models' }", "llm.base_url"),
+        ("{ timout: 5s }", "unknown field `timout`"),
+    ] {
+        std::fs::write(&config, format!("llm: {llm}\n")).unwrap();
+        let (ok, stderr) = switchyard(&[
+            "--config",
+            config.to_str().unwrap(),
+            "router",
+            "--workflow",
+            dir.path().to_str().unwrap(),
+        ]);
+        assert!(!ok);
+        assert!(
+            stderr.contains("switchyard.yaml") && stderr.contains(field),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn the_shipped_llm_workflow_loads() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let wf = switchyard::workflow::Workflow::load(
+        &std::path::Path::new(root).join("agents/helpdesk"),
+        None,
+    )
+    .unwrap();
+    assert!(wf.rules.uses_llm());
+    assert_eq!(wf.cards.names().len(), 6);
 }
