@@ -402,6 +402,27 @@ pub struct StateEvent {
     pub at: i64,
 }
 
+impl StateEvent {
+    /// Whether this record resolves a pending LLM decision (rather than deciding an input): it
+    /// has the call and no input of its own. Its event is the one that asked, already counted.
+    pub fn resolves_llm(&self) -> bool {
+        self.llm.is_some() && self.input.is_none()
+    }
+
+    /// Tokens and cost this record adds to its task: the LLM call's, and the event's own unless
+    /// the event was counted before (a resolution) or will be when it is dequeued.
+    pub fn spent(&self) -> Option<Usage> {
+        let mut total = self.llm.as_ref().map(LlmRecord::usage);
+        let own = self.event.as_ref().and_then(|e| e.usage.as_ref());
+        if let Some(usage) =
+            own.filter(|_| !self.resolves_llm() && self.decision != Decision::Queued)
+        {
+            total.get_or_insert_with(Usage::default).add(usage);
+        }
+        total
+    }
+}
+
 /// One call of the LLM decider, as recorded with the decision it led to.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LlmRecord {

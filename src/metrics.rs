@@ -151,6 +151,10 @@ pub struct RouterMetrics {
     pub llm: LlmMetrics,
     /// LLM decisions waiting for an answer.
     pub llm_pending: IntGauge,
+    /// Tokens spent, by tenant and by whom (`llm_decider`, or `agents` from results' usage).
+    pub tokens: IntCounterVec,
+    /// Cost spent, by tenant and by whom.
+    pub cost: prometheus::CounterVec,
 }
 
 impl RouterMetrics {
@@ -235,6 +239,23 @@ impl RouterMetrics {
                 "switchyard_llm_pending_decisions",
                 "LLM decisions waiting for an answer",
             )?,
+            tokens: counter(
+                &r,
+                "switchyard_spent_tokens_total",
+                "Tokens spent on tasks, by tenant and spender",
+                &["tenant", "by"],
+            )?,
+            cost: {
+                let c = prometheus::CounterVec::new(
+                    Opts::new(
+                        "switchyard_spent_cost_total",
+                        "Cost spent on tasks, by tenant and spender",
+                    ),
+                    &["tenant", "by"],
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
             registry: r,
         })
     }

@@ -297,17 +297,11 @@ impl PartitionState {
         if record.dequeued {
             task.queue.pop_front();
         }
-        match &record.llm {
-            Some(call) => {
-                task.awaiting = None;
-                task.spent.add(&call.usage());
-            }
-            None if record.decision != Decision::Queued => {
-                if let Some(usage) = &event.usage {
-                    task.spent.add(usage);
-                }
-            }
-            None => {}
+        if record.resolves_llm() {
+            task.awaiting = None;
+        }
+        if let Some(spent) = record.spent() {
+            task.spent.add(&spent);
         }
         let ends = match &record.decision {
             Decision::Owned { .. } | Decision::Dropped { .. } => false,

@@ -526,3 +526,89 @@ async fn llm_decisions_commit_in_transactions_in_exactly_once_mode() {
         assert_eq!(fake.calls(&format!("ref-eos{i}")), 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn budgets_stop_tasks_that_spend_too_much_and_are_counted_per_tenant() {
+    let kafka = kafka("llm-budget");
+    setup(&kafka, &helpdesk()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        r#"
+hop_limit: 6
+budget: { max_tokens: 150, fallback: { escalate: human_agent } }
+rules:
+  - id: triage
+    when: { kind: SUBMITTED }
+    then: { llm: { candidates: [billing, shipping], fallback: { dead_letter: over_budget } } }
+  - { id: answered, when: { source: [billing, shipping, human_agent] }, then: complete }
+"#,
+    )
+    .unwrap();
+    let workflow = Workflow::load(&helpdesk(), Some(&rules)).unwrap();
+    let fake = FakeLlm::start(Arc::new(|_: &str, _: &str| {
+        Behaviour::Answer(choose("billing"), Duration::ZERO)
+    }))
+    .await;
+    let router =
+        RunningRouter::start_with(&kafka, &workflow, |c| c.llm = Some(fake_config(&fake.url)))
+            .await;
+
+    // A submission that already spent more than the budget is not sent to the LLM.
+    let mut rich = submission("rich", "ref-rich a refund please");
+    rich.tenant = "acme".into();
+    rich.usage = Some(switchyard::envelope::Usage {
+        tokens_in: 200,
+        ..Default::default()
+    });
+    publish(&kafka, &rich).await;
+    let record = eventually(
+        Duration::from_secs(30),
+        "the over-budget decision",
+        || async {
+            task_events(&kafka, "rich")
+                .into_iter()
+                .find(|e| e.llm.is_some())
+        },
+    )
+    .await;
+    assert_eq!(call(&record).error.as_deref(), Some("budget_exceeded"));
+    assert_eq!(call(&record).attempts, 0);
+    assert!(
+        matches!(&record.decision, Decision::DeadLettered { reason, .. } if reason == "over_budget")
+    );
+    assert_eq!(fake.calls("ref-rich"), 0);
+
+    // A task within budget is decided by the LLM (120 tokens); a result that takes it past 150
+    // goes to the budget's fallback.
+    let mut modest = submission("modest", "ref-modest a refund please");
+    modest.tenant = "acme".into();
+    publish(&kafka, &modest).await;
+    let decided = resolution(&kafka, "modest", Duration::from_secs(30)).await;
+    let step = match &decided.decision {
+        Decision::Routed { steps, .. } => steps[0].clone(),
+        other => panic!("unexpected {other:?}"),
+    };
+    let mut result = TaskEvent::new("modest", EventKind::Result, "billing");
+    result.tenant = "acme".into();
+    result.step_id = Some(step.step_id);
+    result.attempt = Some(step.attempt);
+    result.usage = Some(switchyard::envelope::Usage {
+        tokens_in: 20,
+        tokens_out: 20,
+        cost: 0.0,
+    });
+    publish(&kafka, &result).await;
+    let stopped = eventually(Duration::from_secs(30), "the budget's fallback", || async {
+        task_events(&kafka, "modest")
+            .into_iter()
+            .find(|e| matches!(&e.decision, Decision::Escalated { step, .. } if step.card == "human_agent"))
+    })
+    .await;
+    assert_eq!(stopped.event.unwrap().kind, EventKind::Result);
+    let spent = |by: &str| router.metrics.tokens.with_label_values(&["acme", by]).get();
+    assert_eq!(spent("llm_decider"), 120);
+    assert_eq!(spent("agents"), 240, "200 submitted + 40 in the result");
+    router.stop().await;
+}

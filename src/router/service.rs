@@ -1018,6 +1018,26 @@ fn count_decision(metrics: &RouterMetrics, record: &StateEvent) {
     if let Some(reason) = record.llm.as_ref().and_then(|c| c.error.as_deref()) {
         metrics.llm.fallbacks.with_label_values(&[reason]).inc();
     }
+    if let (Some(spent), Some(event)) = (record.spent(), &record.event) {
+        let llm = record.llm.as_ref().map(|c| c.usage()).unwrap_or_default();
+        let tenant = event.tenant.as_str();
+        for (by, tokens, cost) in [
+            ("llm_decider", llm.tokens(), llm.cost),
+            (
+                "agents",
+                spent.tokens() - llm.tokens(),
+                spent.cost - llm.cost,
+            ),
+        ] {
+            if tokens > 0 || cost > 0.0 {
+                metrics
+                    .tokens
+                    .with_label_values(&[tenant, by])
+                    .inc_by(tokens);
+                metrics.cost.with_label_values(&[tenant, by]).inc_by(cost);
+            }
+        }
+    }
     let decision = &record.decision;
     let name = decision.name();
     match decision {

@@ -86,6 +86,8 @@ where
 pub struct RunningRouter {
     stop: watch::Sender<bool>,
     handle: tokio::task::JoinHandle<()>,
+    /// Its metrics.
+    pub metrics: RouterMetrics,
 }
 
 impl RunningRouter {
@@ -104,12 +106,17 @@ impl RunningRouter {
         let mut config = RouterConfig::new(kafka.clone());
         config.session_timeout = Duration::from_secs(6);
         edit(&mut config);
-        let router = Router::new(config, workflow.engine(), RouterMetrics::new().unwrap())
+        let metrics = RouterMetrics::new().unwrap();
+        let router = Router::new(config, workflow.engine(), metrics.clone())
             .await
             .expect("router starts");
         let (stop, rx) = watch::channel(false);
         let handle = tokio::spawn(async move { router.run(rx).await.expect("router runs") });
-        Self { stop, handle }
+        Self {
+            stop,
+            handle,
+            metrics,
+        }
     }
 
     /// Stops it and waits.
