@@ -124,8 +124,9 @@ fn allowed_list(candidates: &[&Card], complete: bool, human: bool) -> String {
     names.join(", ")
 }
 
-/// The user message: a bounded summary of the task's history and the latest payload, between
-/// delimiters that the data itself cannot close.
+/// The user message: a bounded summary of the task's history (its latest steps, and the outputs
+/// of those that are done) and the latest payload; everything that came from users or agents is
+/// between delimiters that the data itself cannot close.
 pub fn user_prompt(
     task: &TaskState,
     payload: &Value,
@@ -137,17 +138,29 @@ pub fn user_prompt(
     if steps.is_empty() {
         out.push_str("  (none: the task was just submitted)\n");
     }
+    let mut outputs: Vec<&str> = Vec::new();
     for (id, step) in steps.into_iter().rev() {
         let status = match step.status {
             StepStatus::Done => "done",
             StepStatus::Pending => "pending",
         };
         out.push_str(&format!("  step {id}: {} ({status})\n", step.card));
+        if step.status == StepStatus::Done && !outputs.contains(&step.card.as_str()) {
+            outputs.push(&step.card);
+        }
     }
-    let input = (task.input != *payload).then(|| truncate(&task.input.to_string(), max_chars));
     out.push_str(&format!("\n{OPEN}\n"));
-    if let Some(input) = input {
+    if task.input != *payload {
+        let input = truncate(&task.input.to_string(), max_chars);
         out.push_str(&format!("submitted: {}\n", fence(&input)));
+    }
+    // Earlier agents' outputs are data too: inside the delimiters, each one bounded.
+    for card in outputs {
+        let output = task.outputs.get(card).filter(|o| *o != payload);
+        if let Some(output) = output {
+            let text = truncate(&output.to_string(), max_chars / 4);
+            out.push_str(&format!("output of {card}: {}\n", fence(&text)));
+        }
     }
     out.push_str(&format!(
         "latest: {}\n{CLOSE}\n\nWhich agent acts next?",
