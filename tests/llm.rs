@@ -140,7 +140,7 @@ async fn every_kind_of_endpoint_failure_ends_in_the_fallback_while_other_tasks_k
         if body.contains("fault-500") {
             Behaviour::Status(500)
         } else if body.contains("fault-timeout") {
-            Behaviour::Hang(Duration::from_secs(5))
+            Behaviour::Hang(Duration::from_secs(120))
         } else if body.contains("fault-json") {
             Behaviour::Answer("Sure! I would pick billing.".into(), Duration::ZERO)
         } else if body.contains("fault-agent") {
@@ -152,6 +152,8 @@ async fn every_kind_of_endpoint_failure_ends_in_the_fallback_while_other_tasks_k
     .await;
     let mut config = fake_config(&fake.url);
     config.breaker.failures = 1000;
+    // Two attempts of 4 s: the express lane below has 8 s to be routed "meanwhile".
+    config.timeout = Duration::from_secs(4);
     let router = RunningRouter::start_with(&kafka, &workflow, |c| c.llm = Some(config)).await;
     let faults = [
         ("fault-500", "http_error"),
@@ -326,6 +328,33 @@ async fn a_restart_reuses_recorded_llm_decisions_and_asks_only_for_unrecorded_on
         },
     )
     .await;
+    // Rule-decided tasks are routed while the held decisions wait (held until the test lets go).
+    for i in 0..10 {
+        let mut event = submission(&format!("express-{i}"), "where is my parcel?");
+        event.labels.insert("lane".into(), "express".into());
+        publish(&kafka, &event).await;
+    }
+    eventually(
+        Duration::from_secs(30),
+        "the express lane routed",
+        || async {
+            let routed = state_events(&kafka)
+                .iter()
+                .filter(|e| {
+                    e.task_id.starts_with("express-")
+                        && matches!(e.decision, Decision::Routed { .. })
+                })
+                .count();
+            (routed == 10).then_some(())
+        },
+    )
+    .await;
+    for id in held_tasks {
+        assert!(
+            task_events(&kafka, id).iter().all(|e| e.llm.is_none()),
+            "{id} is still held"
+        );
+    }
     // An event of a task that waits for the LLM is queued behind the decision.
     publish(
         &kafka,
