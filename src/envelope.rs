@@ -409,17 +409,15 @@ impl StateEvent {
         self.llm.is_some() && self.input.is_none()
     }
 
-    /// Tokens and cost this record adds to its task: the LLM call's, and the event's own unless
-    /// the event was counted before (a resolution) or will be when it is dequeued.
-    pub fn spent(&self) -> Option<Usage> {
-        let mut total = self.llm.as_ref().map(LlmRecord::usage);
-        let own = self.event.as_ref().and_then(|e| e.usage.as_ref());
-        if let Some(usage) =
-            own.filter(|_| !self.resolves_llm() && self.decision != Decision::Queued)
-        {
-            total.get_or_insert_with(Usage::default).add(usage);
-        }
-        total
+    /// The event's own usage that this record adds to its task: none for a resolution (its event
+    /// was counted when it asked) or a queued event (counted when it is dequeued). The LLM call's
+    /// usage, in `llm`, is added besides.
+    pub fn event_usage(&self) -> Option<&Usage> {
+        let counted_elsewhere = self.resolves_llm() || self.decision == Decision::Queued;
+        self.event
+            .as_ref()
+            .and_then(|e| e.usage.as_ref())
+            .filter(|_| !counted_elsewhere)
     }
 }
 
@@ -440,15 +438,9 @@ pub struct LlmRecord {
     /// The model's confidence, 0 to 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confidence: Option<f64>,
-    /// Prompt tokens over every attempt.
-    #[serde(default)]
-    pub tokens_in: u64,
-    /// Completion tokens over every attempt.
-    #[serde(default)]
-    pub tokens_out: u64,
-    /// Cost of every attempt, from the configured prices.
-    #[serde(default)]
-    pub cost: f64,
+    /// Tokens and cost of every attempt (cost from the configured prices).
+    #[serde(flatten)]
+    pub usage: Usage,
     /// Time from the first request to the last answer, milliseconds.
     #[serde(default)]
     pub latency_ms: u64,
@@ -462,17 +454,6 @@ pub struct LlmRecord {
     /// The last error's message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-}
-
-impl LlmRecord {
-    /// Tokens and cost spent by this call.
-    pub fn usage(&self) -> Usage {
-        Usage {
-            tokens_in: self.tokens_in,
-            tokens_out: self.tokens_out,
-            cost: self.cost,
-        }
-    }
 }
 
 /// Header names of dead-letter records (in the spirit of KIP-1034).

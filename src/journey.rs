@@ -104,7 +104,7 @@ pub fn describe(record: &StateEvent) -> String {
             c.model,
             c.attempts,
             c.latency_ms,
-            c.tokens_in + c.tokens_out
+            c.usage.tokens()
         )
     });
     format!("{input:<50} ⇒ {decision}{llm}")

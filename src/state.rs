@@ -300,8 +300,11 @@ impl PartitionState {
         if record.resolves_llm() {
             task.awaiting = None;
         }
-        if let Some(spent) = record.spent() {
-            task.spent.add(&spent);
+        if let Some(call) = &record.llm {
+            task.spent.add(&call.usage);
+        }
+        if let Some(usage) = record.event_usage() {
+            task.spent.add(usage);
         }
         let ends = match &record.decision {
             Decision::Owned { .. } | Decision::Dropped { .. } => false,

@@ -68,14 +68,10 @@ impl LlmHandler {
                         Some(_) => serde_json::from_str(&c.text).map_err(|e| e.to_string())?,
                         None => json!({"text": c.text, "model": c.model}),
                     };
-                    let usage = self
-                        .client
-                        .config()
-                        .usage(&c.model, c.tokens_in, c.tokens_out);
                     return Ok(Reply {
                         payload,
                         confidence: None,
-                        usage: Some(usage),
+                        usage: Some(c.usage),
                     });
                 }
                 Err(e) => failures.push(format!("{model}: {} ({})", e.reason, e.message)),

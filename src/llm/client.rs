@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 use super::breaker::Breaker;
 use super::config::{LlmConfig, StructuredOutput};
 use super::prompt::{self, truncate};
-use crate::envelope::LlmRecord;
+use crate::envelope::{LlmRecord, Usage};
 use crate::metrics::LlmMetrics;
 
 /// Why one request gave no usable answer.
@@ -38,10 +38,8 @@ pub struct Completion {
     pub model: String,
     /// The answer's text.
     pub text: String,
-    /// Prompt tokens.
-    pub tokens_in: u64,
-    /// Completion tokens.
-    pub tokens_out: u64,
+    /// Tokens, and their cost at the configured price of the model asked for.
+    pub usage: Usage,
 }
 
 /// A question for the decider: the prompt and the answers it may give.
@@ -118,13 +116,9 @@ impl LlmClient {
             ..LlmRecord::default()
         };
         let schema = prompt::answer_schema(&ask.allowed);
-        let mut backoff = self.config.backoff;
         let mut last: Option<CallError> = None;
         for attempt in 0..=self.config.retries {
-            if attempt > 0 {
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-            }
+            self.pause(attempt).await;
             if !self.breaker.admit(Instant::now()) {
                 last = Some(CallError {
                     reason: "circuit_open",
@@ -142,10 +136,7 @@ impl LlmClient {
             let result = answer.and_then(|c| {
                 record.model = c.model.clone();
                 record.raw = Some(truncate(&c.text, 2000));
-                let usage = self.config.usage(&c.model, c.tokens_in, c.tokens_out);
-                record.tokens_in += usage.tokens_in;
-                record.tokens_out += usage.tokens_out;
-                record.cost += usage.cost;
+                record.usage.add(&c.usage);
                 prompt::parse_answer(&c.text, &ask.allowed).map_err(|r| CallError {
                     reason: r.reason,
                     message: r.message,
@@ -189,13 +180,9 @@ impl LlmClient {
         user: &str,
         schema: Option<&Value>,
     ) -> Result<Completion, CallError> {
-        let mut backoff = self.config.backoff;
         let mut last = None;
         for attempt in 0..=self.config.retries {
-            if attempt > 0 {
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-            }
+            self.pause(attempt).await;
             let result = self
                 .request(model, system, user, schema)
                 .await
@@ -223,6 +210,14 @@ impl LlmClient {
             reason: "http_error",
             message: "no request was made".into(),
         }))
+    }
+
+    /// Waits before attempt `attempt` (from 0): not before the first, then `backoff`, doubled for
+    /// each further one.
+    async fn pause(&self, attempt: u32) {
+        if attempt > 0 {
+            tokio::time::sleep(self.config.backoff * 2u32.saturating_pow(attempt - 1)).await;
+        }
     }
 
     /// One request with the configured time limit; counts calls, latency and tokens.
@@ -320,19 +315,14 @@ impl LlmClient {
                     .tokens
                     .with_label_values(&["completion"])
                     .inc_by(tokens_out);
-                let cost = self.config.cost(model, tokens_in, tokens_out);
-                self.metrics.cost.inc_by(cost);
+                let usage = self.config.usage(model, tokens_in, tokens_out);
+                self.metrics.cost.inc_by(usage.cost);
                 // Some servers (llama.cpp) name no model; record the one asked for.
                 let model = match response.model.as_str() {
                     "" | "-" => model.to_string(),
                     named => named.to_string(),
                 };
-                Ok(Completion {
-                    model,
-                    text,
-                    tokens_in,
-                    tokens_out,
-                })
+                Ok(Completion { model, text, usage })
             }
         };
         let label = match &outcome {

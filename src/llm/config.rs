@@ -103,19 +103,16 @@ impl LlmConfig {
         Ok(())
     }
 
-    /// The cost of `tokens_in` prompt and `tokens_out` completion tokens of `model`.
-    pub fn cost(&self, model: &str, tokens_in: u64, tokens_out: u64) -> f64 {
-        self.prices.get(model).map_or(0.0, |p| {
-            (tokens_in as f64 * p.input + tokens_out as f64 * p.output) / 1_000_000.0
-        })
-    }
-
-    /// Usage with its cost.
+    /// `tokens_in` prompt and `tokens_out` completion tokens of `model`, with their cost at the
+    /// model's price (0 for models not listed).
     pub fn usage(&self, model: &str, tokens_in: u64, tokens_out: u64) -> Usage {
+        let cost = self.prices.get(model).map_or(0.0, |p| {
+            (tokens_in as f64 * p.input + tokens_out as f64 * p.output) / 1_000_000.0
+        });
         Usage {
             tokens_in,
             tokens_out,
-            cost: self.cost(model, tokens_in, tokens_out),
+            cost,
         }
     }
 }

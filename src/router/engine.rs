@@ -652,7 +652,10 @@ rules:
         LlmRecord {
             model: "m".into(),
             agent: Some(agent.into()),
-            tokens_in: tokens,
+            usage: Usage {
+                tokens_in: tokens,
+                ..Usage::default()
+            },
             attempts: 1,
             ..LlmRecord::default()
         }

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
+    StreamConsumer,
 };
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::Producer;
@@ -190,18 +191,32 @@ struct Gap {
 /// How many times the router fetches a hole again before it accepts it.
 const GAP_RETRIES: u32 = 20;
 
-/// A decided batch, ready to be written.
-struct Batch {
-    /// Dead letters, then state events.
-    phases: Vec<Vec<Outgoing>>,
-    /// Work items, encoded when the batch is written.
+/// Decisions ready to be written, in this order: dead letters, state events, work items.
+#[derive(Default)]
+struct Decided {
+    dead: Vec<Outgoing>,
+    states: Vec<Outgoing>,
+    /// Work items, encoded when written.
     works: Vec<WorkItem>,
+    /// Exactly-once: how to take the decisions back if their transaction aborts.
+    undo: Vec<(i32, Undo)>,
+    /// Tasks that started waiting for the LLM: asked once the decisions are written.
+    asks: Vec<(i32, String)>,
+}
+
+/// A decided input batch.
+struct Batch {
+    out: Decided,
     decided: u64,
     refetch: Vec<i32>,
-    /// Exactly-once: how to take the batch's decisions back if its transaction aborts.
-    undo: Vec<(i32, Undo)>,
-    /// Tasks that started waiting for the LLM: asked once the batch is written.
-    asks: Vec<(i32, String)>,
+}
+
+/// Where the input of a decision came from, for its dead letter.
+enum Origin<'a> {
+    /// Read in this batch: the dead letter keeps the original bytes.
+    Read(&'a OwnedMessage),
+    /// Read earlier (an LLM answer, a queued event): the event is encoded again.
+    Recorded(Option<InputRef>),
 }
 
 /// The decider's answer for a task of a partition owned at `epoch`.
@@ -210,17 +225,6 @@ struct Answer {
     epoch: Option<i64>,
     task_id: String,
     call: LlmRecord,
-}
-
-/// Records written together outside the input batches: LLM answers and the queued events they
-/// release.
-#[derive(Default)]
-struct Resolved {
-    dead: Vec<Outgoing>,
-    states: Vec<Outgoing>,
-    works: Vec<WorkItem>,
-    undo: Vec<(i32, Undo)>,
-    asks: Vec<(i32, String)>,
 }
 
 /// A running router.
@@ -363,7 +367,7 @@ impl Router {
                         self.rebalance(event, &consumer).await?;
                     }
                     let decoded = self.decode(&batch).await;
-                    let batch = self.decide(batch, decoded);
+                    let batch = self.decide(batch, decoded).await?;
                     self.commit(batch, &consumer).await?;
                 }
             }
@@ -418,43 +422,23 @@ impl Router {
         }
     }
 
-    /// Writes a decided batch; an aborted transaction restores the owned partitions and rewinds.
-    async fn commit(&mut self, mut batch: Batch, consumer: &TasksConsumer) -> Result<()> {
+    /// Writes a decided batch; an aborted transaction takes the batch back and rewinds.
+    async fn commit(&mut self, batch: Batch, consumer: &TasksConsumer) -> Result<()> {
         let started = Instant::now();
         if batch.decided > 0 {
-            let works = self.encode_works(&batch.works).await?;
-            batch.phases.push(works);
             let offsets = match self.config.consistency {
                 ConsistencyMode::ExactlyOnce => {
                     consumer.group_metadata().map(|g| (self.positions(), g))
                 }
                 ConsistencyMode::EffectivelyOnce => None,
             };
-            match self.writer.write(batch.phases, offsets).await? {
-                Written::Committed(_) => {
-                    let elapsed = started.elapsed().as_secs_f64();
-                    self.metrics.commit_latency.observe(elapsed);
-                    for _ in 0..batch.decided {
-                        self.metrics.routing_latency.observe(elapsed);
-                    }
-                    for (p, task_id) in batch.asks {
-                        self.ask(p, task_id);
-                    }
-                }
-                Written::Aborted(cause) => {
-                    tracing::warn!(error = %cause, decided = batch.decided, "transaction aborted; taking the batch back and reading it again");
-                    self.metrics.aborted.inc();
-                    let mut touched = Vec::new();
-                    for (p, undo) in batch.undo.into_iter().rev() {
-                        if let Some(state) = self.partitions.get_mut(&p) {
-                            state.undo(undo);
-                        }
-                        if !touched.contains(&p) {
-                            touched.push(p);
-                        }
-                    }
-                    return self.seek(consumer, &touched);
-                }
+            if let Some(touched) = self.write(batch.out, offsets).await? {
+                return self.seek(consumer, &touched);
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            self.metrics.commit_latency.observe(elapsed);
+            for _ in 0..batch.decided {
+                self.metrics.routing_latency.observe(elapsed);
             }
         }
         self.seek(consumer, &batch.refetch)?;
@@ -462,6 +446,43 @@ impl Router {
             self.commit_positions(consumer);
         }
         Ok(())
+    }
+
+    /// Writes decisions (with the consumed `offsets` in exactly-once mode) and asks the LLM for
+    /// the tasks that started waiting. When the transaction aborts, the decisions are taken back
+    /// in memory and the partitions they touched are returned.
+    async fn write(
+        &mut self,
+        out: Decided,
+        offsets: Option<(TopicPartitionList, ConsumerGroupMetadata)>,
+    ) -> Result<Option<Vec<i32>>> {
+        let works = self.encode_works(&out.works).await?;
+        match self
+            .writer
+            .write(vec![out.dead, out.states, works], offsets)
+            .await?
+        {
+            Written::Committed(_) => {
+                for (p, id) in out.asks {
+                    self.ask(p, id);
+                }
+                Ok(None)
+            }
+            Written::Aborted(cause) => {
+                tracing::warn!(error = %cause, "transaction aborted; taking its decisions back");
+                self.metrics.aborted.inc();
+                let mut touched = Vec::new();
+                for (p, undo) in out.undo.into_iter().rev() {
+                    if let Some(state) = self.partitions.get_mut(&p) {
+                        state.undo(undo);
+                    }
+                    if !touched.contains(&p) {
+                        touched.push(p);
+                    }
+                }
+                Ok(Some(touched))
+            }
+        }
     }
 
     /// Seeks `partitions` to the first offset not yet decided.
@@ -573,11 +594,11 @@ impl Router {
                 }
             }
         }
-        let mut resolved = Resolved::default();
+        let mut drained = Decided::default();
         for (p, id) in drains {
-            self.drain(p, &id, &mut resolved).await?;
+            self.drain(p, &id, &mut drained).await?;
         }
-        if !resolved.states.is_empty() && !self.write_resolved(resolved).await? {
+        if !drained.states.is_empty() && self.write(drained, None).await?.is_some() {
             return Err(Error::Restore {
                 topic: self.topics.state(),
                 partition: parts[0],
@@ -697,7 +718,7 @@ impl Router {
     /// it all. Answers for partitions no longer owned (or owned since under a new epoch) are
     /// dropped: the new owner asks again.
     async fn resolve(&mut self, answers: Vec<Answer>) -> Result<()> {
-        let mut out = Resolved::default();
+        let mut out = Decided::default();
         let mut taken = Vec::new();
         for answer in answers {
             let p = answer.partition;
@@ -715,21 +736,10 @@ impl Router {
                 continue;
             };
             let outcome = self.engine.resolve(task, &answer.call);
-            let origin = awaiting.input.clone();
-            let record = StateEvent {
-                task_id: answer.task_id.clone(),
-                seq: task.seq + 1,
-                epoch: state.epoch.unwrap_or(-1),
-                instance: self.config.instance_id.clone(),
-                input: None,
-                event: Some(awaiting.event.clone()),
-                answers_step: None,
-                decision: outcome.decision,
-                llm: outcome.llm,
-                dequeued: false,
-                at: now_ms(),
-            };
-            self.emit(p, record, origin, &mut out).await?;
+            let (event, origin) = (awaiting.event.clone(), awaiting.input.clone());
+            let record = self.record(p, &answer.task_id, None, Some(event), outcome, false);
+            self.emit(p, record, Origin::Recorded(origin), &mut out)
+                .await?;
             self.drain(p, &answer.task_id, &mut out).await?;
             taken.push(answer);
         }
@@ -737,7 +747,7 @@ impl Router {
         if out.states.is_empty() {
             return Ok(());
         }
-        if !self.write_resolved(out).await? {
+        if self.write(out, None).await?.is_some() {
             for answer in taken {
                 self.asking
                     .insert((answer.partition, answer.task_id.clone()));
@@ -749,7 +759,7 @@ impl Router {
 
     /// Decides, in order, the events queued behind `task_id`'s LLM decision, until the queue is
     /// empty or one of them waits for the LLM again.
-    async fn drain(&mut self, p: i32, task_id: &str, out: &mut Resolved) -> Result<()> {
+    async fn drain(&mut self, p: i32, task_id: &str, out: &mut Decided) -> Result<()> {
         let queue: Vec<Queued> = match self.partitions.get(&p).and_then(|s| s.tasks.get(task_id)) {
             Some(task) => task.queue.iter().cloned().collect(),
             None => return Ok(()),
@@ -758,36 +768,59 @@ impl Router {
             let Some(state) = self.partitions.get(&p) else {
                 break;
             };
-            let task = state.tasks.get(task_id);
-            if task.is_some_and(|t| t.awaiting.is_some()) {
+            if state
+                .tasks
+                .get(task_id)
+                .is_some_and(|t| t.awaiting.is_some())
+            {
                 break;
             }
             let outcome = self.engine.decide_dequeued(state, &queued.event);
-            let record = StateEvent {
-                task_id: task_id.to_string(),
-                seq: task.map_or(1, |t| t.seq + 1),
-                epoch: state.epoch.unwrap_or(-1),
-                instance: self.config.instance_id.clone(),
-                input: queued.input.clone(),
-                event: Some(queued.event),
-                answers_step: outcome.answers_step,
-                decision: outcome.decision,
-                llm: outcome.llm,
-                dequeued: true,
-                at: now_ms(),
-            };
-            self.emit(p, record, queued.input, out).await?;
+            let input = queued.input.clone();
+            let record = self.record(p, task_id, input, Some(queued.event), outcome, true);
+            self.emit(p, record, Origin::Recorded(queued.input), out)
+                .await?;
         }
         Ok(())
     }
 
-    /// Applies a decision made outside an input batch and adds what it writes to `out`.
+    /// The state event for `outcome` about `task_id` in partition `p`, numbered after the task's
+    /// last one.
+    fn record(
+        &self,
+        p: i32,
+        task_id: &str,
+        input: Option<InputRef>,
+        event: Option<TaskEvent>,
+        outcome: Outcome,
+        dequeued: bool,
+    ) -> StateEvent {
+        let state = self.partitions.get(&p);
+        StateEvent {
+            task_id: task_id.to_string(),
+            seq: state
+                .and_then(|s| s.tasks.get(task_id))
+                .map_or(1, |t| t.seq + 1),
+            epoch: state.and_then(|s| s.epoch).unwrap_or(-1),
+            instance: self.config.instance_id.clone(),
+            input,
+            event,
+            answers_step: outcome.answers_step,
+            decision: outcome.decision,
+            llm: outcome.llm,
+            dequeued,
+            at: now_ms(),
+        }
+    }
+
+    /// Applies a decision to its partition's state and adds what it writes to `out`: its state
+    /// event, its work items, its dead letter, the LLM question it starts waiting for.
     async fn emit(
         &mut self,
         p: i32,
         record: StateEvent,
-        origin: Option<InputRef>,
-        out: &mut Resolved,
+        origin: Origin<'_>,
+        out: &mut Decided,
     ) -> Result<()> {
         let exactly_once = self.config.consistency == ConsistencyMode::ExactlyOnce;
         let Some(state) = self.partitions.get_mut(&p) else {
@@ -802,25 +835,23 @@ impl Router {
             out.works
                 .extend(self.engine.work_items(task, &record.decision, p));
         }
-        match (&record.decision, &record.event) {
-            (Decision::AwaitingLlm { .. }, _) => out.asks.push((p, record.task_id.clone())),
-            (
-                Decision::DeadLettered {
-                    reason, message, ..
-                },
-                Some(event),
-            ) => {
-                let tasks = self.topics.tasks();
-                let source = DeadSource {
-                    topic: origin.as_ref().map_or(tasks.clone(), |i| i.topic.clone()),
-                    partition: origin.as_ref().map_or(p, |i| i.partition),
-                    offset: origin.as_ref().map_or(-1, |i| i.offset),
-                    key: event.task_id.as_bytes().to_vec(),
-                    payload: self.codec.encode_task_event(&tasks, event).await?,
-                    redrives: None,
+        match &record.decision {
+            Decision::AwaitingLlm { .. } => out.asks.push((p, record.task_id.clone())),
+            Decision::Dropped { reason } => self.metrics.dropped.with_label_values(&[reason]).inc(),
+            Decision::DeadLettered {
+                reason, message, ..
+            } => {
+                let source = match (origin, &record.event) {
+                    (Origin::Read(read), _) => Some(DeadSource::of_message(read)),
+                    (Origin::Recorded(input), Some(event)) => {
+                        Some(self.re_encoded(p, event, input).await?)
+                    }
+                    (Origin::Recorded(_), None) => None,
                 };
-                out.dead
-                    .push(dead_letter(self.topics.dlq(), source, reason, message));
+                if let Some(source) = source {
+                    out.dead
+                        .push(dead_letter(self.topics.dlq(), source, reason, message));
+                }
             }
             _ => {}
         }
@@ -833,32 +864,24 @@ impl Router {
         Ok(())
     }
 
-    /// Writes decisions made outside an input batch; returns whether they committed (an aborted
-    /// transaction has been taken back in memory).
-    async fn write_resolved(&mut self, out: Resolved) -> Result<bool> {
-        let works = self.encode_works(&out.works).await?;
-        match self
-            .writer
-            .write(vec![out.dead, out.states, works], None)
-            .await?
-        {
-            Written::Committed(_) => {
-                for (p, id) in out.asks {
-                    self.ask(p, id);
-                }
-                Ok(true)
-            }
-            Written::Aborted(cause) => {
-                tracing::warn!(error = %cause, "transaction of LLM decisions aborted; taking them back");
-                self.metrics.aborted.inc();
-                for (p, undo) in out.undo.into_iter().rev() {
-                    if let Some(state) = self.partitions.get_mut(&p) {
-                        state.undo(undo);
-                    }
-                }
-                Ok(false)
-            }
-        }
+    /// The source of a dead letter whose original bytes were consumed earlier: the event encoded
+    /// again, with where it was read.
+    async fn re_encoded(
+        &self,
+        p: i32,
+        event: &TaskEvent,
+        input: Option<InputRef>,
+    ) -> Result<DeadSource> {
+        let tasks = self.topics.tasks();
+        let payload = self.codec.encode_task_event(&tasks, event).await?;
+        Ok(DeadSource {
+            partition: input.as_ref().map_or(p, |i| i.partition),
+            offset: input.as_ref().map_or(-1, |i| i.offset),
+            topic: input.map_or(tasks, |i| i.topic),
+            key: event.task_id.as_bytes().to_vec(),
+            payload,
+            redrives: None,
+        })
     }
 
     /// Work items as records for their cards' topics.
@@ -890,20 +913,16 @@ impl Router {
     }
 
     /// Decides a batch against the partitions' state; returns what to write.
-    fn decide(
+    async fn decide(
         &mut self,
         batch: Vec<OwnedMessage>,
         decoded: Vec<Result<TaskEvent, DecodeError>>,
-    ) -> Batch {
-        let (mut dead, mut states, mut works) = (Vec::new(), Vec::new(), Vec::new());
+    ) -> Result<Batch> {
         let tasks_topic = self.topics.tasks();
-        let state_topic = self.topics.state();
-        let exactly_once = self.config.consistency == ConsistencyMode::ExactlyOnce;
-        let guard_gaps = !exactly_once;
-        let mut undo = Vec::new();
+        let guard_gaps = self.config.consistency == ConsistencyMode::EffectivelyOnce;
+        let mut out = Decided::default();
         let mut decided = 0u64;
         let mut refetch = Vec::new();
-        let mut asks = Vec::new();
         for (message, decoded) in batch.iter().zip(decoded) {
             let p = message.partition();
             let Some(partition) = self.partitions.get_mut(&p) else {
@@ -954,63 +973,21 @@ impl Router {
                 .as_ref()
                 .map(|e| e.task_id.clone())
                 .unwrap_or_default();
-            let seq = partition.tasks.get(&task_id).map_or(1, |t| t.seq + 1);
-            let record = StateEvent {
-                task_id: task_id.clone(),
-                seq,
-                epoch: partition.epoch.unwrap_or(-1),
-                instance: self.config.instance_id.clone(),
-                input: Some(InputRef {
-                    event_id: event.as_ref().map(|e| e.event_id.clone()),
-                    topic: tasks_topic.clone(),
-                    partition: p,
-                    offset: message.offset(),
-                }),
-                event,
-                answers_step: outcome.answers_step,
-                decision: outcome.decision,
-                llm: outcome.llm,
-                dequeued: false,
-                at: now_ms(),
+            let input = InputRef {
+                event_id: event.as_ref().map(|e| e.event_id.clone()),
+                topic: tasks_topic.clone(),
+                partition: p,
+                offset: message.offset(),
             };
-            if exactly_once {
-                undo.push((p, partition.undo_point(&task_id)));
-            }
-            partition.apply(&record);
-            count_decision(&self.metrics, &record);
-            match &record.decision {
-                Decision::DeadLettered {
-                    reason,
-                    message: why,
-                    ..
-                } => {
-                    let source = DeadSource::of_message(message);
-                    dead.push(dead_letter(self.topics.dlq(), source, reason, why));
-                }
-                Decision::AwaitingLlm { .. } => asks.push((p, task_id.clone())),
-                Decision::Dropped { reason } => {
-                    self.metrics.dropped.with_label_values(&[reason]).inc()
-                }
-                _ => {}
-            }
-            if let Some(task) = partition.tasks.get(&task_id) {
-                works.extend(self.engine.work_items(task, &record.decision, p));
-            }
-            states.push(Outgoing::json(
-                state_topic.clone(),
-                Some(p),
-                &task_id,
-                &record,
-            ));
+            let record = self.record(p, &task_id, Some(input), event, outcome, false);
+            self.emit(p, record, Origin::Read(message), &mut out)
+                .await?;
         }
-        Batch {
-            phases: vec![dead, states],
-            works,
+        Ok(Batch {
+            out,
             decided,
             refetch,
-            undo,
-            asks,
-        }
+        })
     }
 }
 
@@ -1018,23 +995,19 @@ fn count_decision(metrics: &RouterMetrics, record: &StateEvent) {
     if let Some(reason) = record.llm.as_ref().and_then(|c| c.error.as_deref()) {
         metrics.llm.fallbacks.with_label_values(&[reason]).inc();
     }
-    if let (Some(spent), Some(event)) = (record.spent(), &record.event) {
-        let llm = record.llm.as_ref().map(|c| c.usage()).unwrap_or_default();
-        let tenant = event.tenant.as_str();
-        for (by, tokens, cost) in [
-            ("llm_decider", llm.tokens(), llm.cost),
-            (
-                "agents",
-                spent.tokens() - llm.tokens(),
-                spent.cost - llm.cost,
-            ),
-        ] {
-            if tokens > 0 || cost > 0.0 {
+    let spenders = [
+        ("llm_decider", record.llm.as_ref().map(|c| &c.usage)),
+        ("agents", record.event_usage()),
+    ];
+    for (by, usage) in spenders {
+        if let (Some(usage), Some(event)) = (usage, &record.event) {
+            if usage.tokens() > 0 || usage.cost > 0.0 {
+                let labels = [event.tenant.as_str(), by];
                 metrics
                     .tokens
-                    .with_label_values(&[tenant, by])
-                    .inc_by(tokens);
-                metrics.cost.with_label_values(&[tenant, by]).inc_by(cost);
+                    .with_label_values(&labels)
+                    .inc_by(usage.tokens());
+                metrics.cost.with_label_values(&labels).inc_by(usage.cost);
             }
         }
     }
