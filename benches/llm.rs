@@ -9,34 +9,28 @@
 //!     tasks (default 10) decided by that endpoint.
 //! Prints decisions/s and ratios. Run with `scripts/bench-llm`.
 
-use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::routing::post;
-use axum::Json;
 use futures::future::join_all;
 use rdkafka::producer::FutureRecord;
-use serde_json::{json, Value};
+use serde_json::json;
 use switchyard::envelope::{EventKind, TaskEvent};
 use switchyard::kafka::KafkaConfig;
 use switchyard::llm::LlmConfig;
 use switchyard::metrics::RouterMetrics;
 use switchyard::router::{Engine, Router, RouterConfig};
-use switchyard::rules::RuleTable;
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 use tokio::sync::watch;
 
-const RULES: &str = r#"
-hop_limit: 4
-rules:
-  - { id: express, when: { kind: SUBMITTED, labels: { lane: express } }, then: { route: shipping } }
-  - id: triage
-    when: { kind: SUBMITTED }
-    then: { llm: { candidates: [billing, shipping, tech_support, sales], human: human_agent, fallback: { escalate: human_agent } } }
-  - { id: answered, when: { source: [billing, shipping, tech_support, sales, human_agent] }, then: complete }
-"#;
+/// The tests' OpenAI-compatible endpoint, here answering `billing` after a fixed latency.
+#[allow(dead_code)]
+#[path = "../tests/common/llm.rs"]
+mod fake;
+
+use fake::{choose, Behaviour, FakeLlm};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -46,26 +40,11 @@ fn env(name: &str, default: u64) -> u64 {
 }
 
 /// An endpoint that always chooses `billing` after `latency`.
-async fn fixed_latency_endpoint(latency: Duration) -> String {
-    let app = axum::Router::new().route(
-        "/v1/chat/completions",
-        post(move |Json(body): Json<Value>| async move {
-            tokio::time::sleep(latency).await;
-            let content = json!({"reason": "fixed", "agent": "billing", "confidence": 0.9});
-            Json(json!({
-                "id": "b", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": content.to_string()}}],
-                "usage": {"prompt_tokens": 400, "completion_tokens": 30, "total_tokens": 430}
-            }))
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .await
-        .unwrap();
-    let url = format!("http://{}/v1", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
+async fn fixed_latency_endpoint(latency: Duration) -> FakeLlm {
+    FakeLlm::start(Arc::new(move |_: &str, _: &str| {
+        Behaviour::Answer(choose("billing"), latency)
+    }))
+    .await
 }
 
 struct Bench {
@@ -101,11 +80,15 @@ impl Bench {
             .unwrap();
         let (stop, rx) = watch::channel(false);
         tokio::spawn(async move { router.run(rx).await.unwrap() });
-        Self {
+        let bench = Self {
             kafka,
             metrics,
             stop,
-        }
+        };
+        // Ready once the router owns its partitions: a first express task is routed.
+        bench.submit("warm", 1, true).await;
+        bench.wait("rule", "shipping", 1, Instant::now()).await;
+        bench
     }
 
     async fn submit(&self, prefix: &str, count: u64, express: bool) {
@@ -158,12 +141,6 @@ impl Bench {
         since.elapsed().as_secs_f64()
     }
 
-    /// Waits until the router owns its partitions (a first express task is routed).
-    async fn warm(&self) {
-        self.submit("warm", 1, true).await;
-        self.wait("rule", "shipping", 1, Instant::now()).await;
-    }
-
     fn stop(self) {
         let _ = self.stop.send(true);
     }
@@ -171,31 +148,23 @@ impl Bench {
 
 #[tokio::main]
 async fn main() {
-    let mut workflow = Workflow::load(Path::new("agents/helpdesk"), None).unwrap();
-    workflow.rules = serde_yaml_ng::from_str::<RuleTable>(RULES).unwrap();
-    workflow.rules.validate(&workflow.cards).unwrap();
+    let rules = Path::new("tests/fixtures/llm-rules.yaml");
+    let workflow = Workflow::load(Path::new("agents/helpdesk"), Some(rules)).unwrap();
     let engine = workflow.engine();
     let tasks = env("BENCH_LLM_TASKS", 200);
     let latency = Duration::from_millis(env("BENCH_LLM_LATENCY_MS", 200));
     let concurrency = env("BENCH_LLM_CONCURRENCY", 8) as usize;
     let backlog = env("BENCH_LLM_BACKLOG", 500);
-    let fake = |url: String, concurrency: usize| LlmConfig {
-        base_url: url,
+    let endpoint = |url: &str| LlmConfig {
+        base_url: url.to_string(),
         concurrency,
         timeout: Duration::from_secs(600),
         ..LlmConfig::default()
     };
 
     // (a) rule-decided tasks (the endpoint is configured but never asked).
-    let url = fixed_latency_endpoint(latency).await;
-    let bench = Bench::start(
-        "rules",
-        &engine,
-        &workflow,
-        Some(fake(url.clone(), concurrency)),
-    )
-    .await;
-    bench.warm().await;
+    let fixed = fixed_latency_endpoint(latency).await;
+    let bench = Bench::start("rules", &engine, &workflow, Some(endpoint(&fixed.url))).await;
     let t = Instant::now();
     bench.submit("rule", tasks, true).await;
     let rule_secs = bench.wait("rule", "shipping", tasks + 1, t).await;
@@ -204,14 +173,7 @@ async fn main() {
     println!("(a) {tasks} tasks decided by a rule: {rule_secs:.2}s, {rule_rate:.0} decisions/s");
 
     // (b) LLM-decided tasks against a fixed-latency endpoint.
-    let bench = Bench::start(
-        "fixed",
-        &engine,
-        &workflow,
-        Some(fake(url.clone(), concurrency)),
-    )
-    .await;
-    bench.warm().await;
+    let bench = Bench::start("fixed", &engine, &workflow, Some(endpoint(&fixed.url))).await;
     let t = Instant::now();
     bench.submit("llm", tasks, false).await;
     let llm_secs = bench.wait("llm", "billing", tasks, t).await;
@@ -227,8 +189,7 @@ async fn main() {
 
     // (c) rule-decided tasks behind a backlog waiting on a 2-second LLM.
     let slow = fixed_latency_endpoint(Duration::from_secs(2)).await;
-    let bench = Bench::start("backlog", &engine, &workflow, Some(fake(slow, concurrency))).await;
-    bench.warm().await;
+    let bench = Bench::start("backlog", &engine, &workflow, Some(endpoint(&slow.url))).await;
     bench.submit("backlog", backlog, false).await;
     let t = Instant::now();
     bench.submit("rule", tasks, true).await;
@@ -244,10 +205,9 @@ async fn main() {
     // (d) a real endpoint.
     if let Ok(url) = std::env::var("BENCH_LLM_URL") {
         let real = env("BENCH_LLM_REAL", 10);
-        let mut config = fake(url.clone(), concurrency);
+        let mut config = endpoint(&url);
         config.model = std::env::var("BENCH_LLM_MODEL").unwrap_or(config.model);
         let bench = Bench::start("real", &engine, &workflow, Some(config)).await;
-        bench.warm().await;
         let t = Instant::now();
         bench.submit("real", real, false).await;
         let decided = || {

@@ -24,14 +24,26 @@ fn helpdesk() -> std::path::PathBuf {
     root().join("agents/helpdesk")
 }
 
-/// The helpdesk workflow with the rules of `tests/fixtures/llm-rules.yaml`.
-async fn setup_faults(kafka: &KafkaConfig) -> Workflow {
-    setup(kafka, &helpdesk()).await;
+/// The helpdesk cards with the rules of `tests/fixtures/llm-rules.yaml`.
+fn faults_workflow() -> Workflow {
     Workflow::load(
         &helpdesk(),
         Some(&root().join("tests/fixtures/llm-rules.yaml")),
     )
     .unwrap()
+}
+
+/// [`faults_workflow`] with its topics created.
+async fn setup_faults(kafka: &KafkaConfig) -> Workflow {
+    setup(kafka, &helpdesk()).await;
+    faults_workflow()
+}
+
+/// A submission the `express` rule of `tests/fixtures/llm-rules.yaml` routes, without the LLM.
+fn express(task_id: &str) -> TaskEvent {
+    let mut event = submission(task_id, "where is my parcel?");
+    event.labels.insert("lane".into(), "express".into());
+    event
 }
 
 fn fake_config(url: &str) -> LlmConfig {
@@ -100,7 +112,7 @@ async fn the_real_model_routes_clear_requests_to_the_right_card_and_resists_inje
             c.reason, c.latency_ms
         );
         assert!(allowed.contains(&agent), "{agent} is not an allowed answer");
-        assert!(c.attempts >= 1 && c.tokens_in > 0 && c.raw.is_some() && !c.model.is_empty());
+        assert!(c.attempts >= 1 && c.usage.tokens_in > 0 && c.raw.is_some() && !c.model.is_empty());
         match &record.decision {
             Decision::Routed {
                 steps,
@@ -169,9 +181,7 @@ async fn every_kind_of_endpoint_failure_ends_in_the_fallback_while_other_tasks_k
         .await;
     }
     for i in 0..20 {
-        let mut event = submission(&format!("express-{i}"), "where is my parcel?");
-        event.labels.insert("lane".into(), "express".into());
-        publish(&kafka, &event).await;
+        publish(&kafka, &express(&format!("express-{i}"))).await;
     }
     publish(
         &kafka,
@@ -330,9 +340,7 @@ async fn a_restart_reuses_recorded_llm_decisions_and_asks_only_for_unrecorded_on
     .await;
     // Rule-decided tasks are routed while the held decisions wait (held until the test lets go).
     for i in 0..10 {
-        let mut event = submission(&format!("express-{i}"), "where is my parcel?");
-        event.labels.insert("lane".into(), "express".into());
-        publish(&kafka, &event).await;
+        publish(&kafka, &express(&format!("express-{i}"))).await;
     }
     eventually(
         Duration::from_secs(30),
@@ -492,24 +500,8 @@ async fn an_llm_agent_publishes_its_completion_with_usage_and_falls_back_to_its_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn llm_decisions_commit_in_transactions_in_exactly_once_mode() {
-    // librdkafka's mock cluster is the only transactional broker here (see tests/transactions.rs).
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    let kafka = KafkaConfig {
-        bootstrap_servers: cluster.bootstrap_servers(),
-        topic_prefix: "eos-llm".into(),
-        options: Default::default(),
-    };
-    let workflow = Workflow::load(
-        &helpdesk(),
-        Some(&root().join("tests/fixtures/llm-rules.yaml")),
-    )
-    .unwrap();
-    let topics = kafka.topics();
-    let mut names = vec![topics.tasks(), topics.state(), topics.dlq()];
-    names.extend(workflow.cards.iter().map(|c| c.topic(&kafka.topic_prefix)));
-    for name in names {
-        cluster.create_topic(&name, 3, 1).unwrap();
-    }
+    let workflow = faults_workflow();
+    let (_cluster, kafka) = mock_cluster_with(&workflow, "eos-llm");
     let fake = FakeLlm::start(Arc::new(|_: &str, _: &str| {
         Behaviour::Answer(choose("billing"), Duration::from_millis(100))
     }))
@@ -526,9 +518,7 @@ async fn llm_decisions_commit_in_transactions_in_exactly_once_mode() {
             &submission(&format!("eos-{i}"), &format!("ref-eos{i} refund please")),
         )
         .await;
-        let mut express = submission(&format!("fast-{i}"), "parcel?");
-        express.labels.insert("lane".into(), "express".into());
-        publish(&kafka, &express).await;
+        publish(&kafka, &express(&format!("fast-{i}"))).await;
     }
     for i in 0..3 {
         let record = resolution(&kafka, &format!("eos-{i}"), Duration::from_secs(60)).await;

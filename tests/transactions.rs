@@ -20,25 +20,14 @@ use switchyard::workflow::Workflow;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A mock cluster with the example workflow's topics (3 partitions each).
+/// A mock cluster with the example workflow's topics.
 fn mock_cluster() -> (
     MockCluster<'static, DefaultProducerContext>,
     KafkaConfig,
     Workflow,
 ) {
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    let kafka = KafkaConfig {
-        bootstrap_servers: cluster.bootstrap_servers(),
-        topic_prefix: "eos".into(),
-        options: Default::default(),
-    };
     let workflow = Workflow::load(&root().join("agents/customer-service"), None).unwrap();
-    let topics = kafka.topics();
-    let mut names = vec![topics.tasks(), topics.state(), topics.dlq()];
-    names.extend(workflow.cards.iter().map(|c| c.topic(&kafka.topic_prefix)));
-    for name in names {
-        cluster.create_topic(&name, 3, 1).unwrap();
-    }
+    let (cluster, kafka) = mock_cluster_with(&workflow, "eos");
     (cluster, kafka, workflow)
 }
 

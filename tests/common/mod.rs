@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use switchyard::agent::{self, AgentConfig, Handler, Reply};
@@ -61,6 +63,27 @@ pub async fn setup(kafka: &KafkaConfig, workflow_dir: &Path) -> Workflow {
         .await
         .expect("topics apply");
     workflow
+}
+
+/// librdkafka's in-process mock cluster (the only transactional broker here, see
+/// tests/transactions.rs) with `workflow`'s topics under `prefix`, 3 partitions each.
+pub fn mock_cluster_with(
+    workflow: &Workflow,
+    prefix: &str,
+) -> (MockCluster<'static, DefaultProducerContext>, KafkaConfig) {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let kafka = KafkaConfig {
+        bootstrap_servers: cluster.bootstrap_servers(),
+        topic_prefix: prefix.into(),
+        options: Default::default(),
+    };
+    let topics = kafka.topics();
+    let mut names = vec![topics.tasks(), topics.state(), topics.dlq()];
+    names.extend(workflow.cards.iter().map(|c| c.topic(prefix)));
+    for name in names {
+        cluster.create_topic(&name, 3, 1).unwrap();
+    }
+    (cluster, kafka)
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
