@@ -10,12 +10,10 @@ use std::time::Duration;
 
 use common::llm::{choose, real_model, Behaviour, FakeLlm};
 use common::*;
-use switchyard::codec::Codec;
 use switchyard::envelope::{DecidedBy, Decision, EventKind, LlmRecord, StateEvent, TaskEvent};
 use switchyard::kafka::KafkaConfig;
 use switchyard::llm::{LlmClient, LlmConfig, LlmHandler};
 use switchyard::metrics::LlmMetrics;
-use switchyard::replay::{replay, Filter};
 use switchyard::workflow::Workflow;
 
 const CANDIDATES: [&str; 4] = ["billing", "shipping", "tech_support", "sales"];
@@ -425,15 +423,7 @@ async fn a_restart_reuses_recorded_llm_decisions_and_asks_only_for_unrecorded_on
     // Replay checks every LLM decision from its record and calls nobody: the engine has no
     // LLM client at all, and the endpoint sees no request.
     let before = fake.total();
-    let report = replay(
-        &kafka,
-        &Codec::Json,
-        &workflow.engine(),
-        &Filter::default(),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let report = replay_all(&kafka, &workflow.engine()).await;
     assert!(report.divergences.is_empty(), "{:?}", report.divergences);
     assert_eq!(report.llm_recorded, 5);
     assert_eq!(fake.total(), before);

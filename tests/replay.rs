@@ -12,7 +12,7 @@ use rdkafka::producer::FutureRecord;
 use switchyard::dlq::{self, Redriven, Selection};
 use switchyard::envelope::{DecidedBy, Decision, EventKind, StateEvent, TaskEvent};
 use switchyard::kafka::KafkaConfig;
-use switchyard::replay::{self, Filter};
+use switchyard::replay;
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 
@@ -134,15 +134,7 @@ async fn replay_verifies_history_and_catches_a_tampered_decision() {
         .collect();
     let workflow = run_history(&kafka, &messages).await;
 
-    let report = replay::replay(
-        &kafka,
-        &switchyard::codec::Codec::Json,
-        &workflow.engine(),
-        &Filter::default(),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let report = replay_all(&kafka, &workflow.engine()).await;
     assert!(
         report.checked > 30 * 5,
         "every decision is checked: {}",
@@ -174,15 +166,7 @@ async fn replay_verifies_history_and_catches_a_tampered_decision() {
     })
     .await;
     let forged = forged.expect("a decision was tampered with");
-    let report = replay::replay(
-        &tampered,
-        &switchyard::codec::Codec::Json,
-        &workflow.engine(),
-        &Filter::default(),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let report = replay_all(&tampered, &workflow.engine()).await;
     // The forged step also makes the task's next decision diverge (the message_sender result
     // answers a step recorded for human_agent); nothing in other tasks does.
     let first = &report.divergences[0];
@@ -235,15 +219,7 @@ async fn replay_with_a_changed_threshold_reports_exactly_the_tasks_whose_route_c
     .unwrap();
     let mut engine = workflow.engine();
     engine.rules = switchyard::rules::RuleTable::load(stricter.path(), &workflow.cards).unwrap();
-    let report = replay::replay(
-        &kafka,
-        &switchyard::codec::Codec::Json,
-        &engine,
-        &Filter::default(),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let report = replay_all(&kafka, &engine).await;
     let changed: Vec<&str> = report.changed_tasks().into_iter().collect();
     assert_eq!(changed, expected);
     let transitions = report.transitions();

@@ -14,10 +14,12 @@ use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use switchyard::agent::{self, AgentConfig, Handler, Reply};
+use switchyard::codec::Codec;
 use switchyard::envelope::{EventKind, StateEvent, TaskEvent, WorkItem};
 use switchyard::kafka::KafkaConfig;
 use switchyard::metrics::{AgentMetrics, RouterMetrics};
-use switchyard::router::{Router, RouterConfig};
+use switchyard::replay::{replay, Filter, Report};
+use switchyard::router::{Engine, Router, RouterConfig};
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 use tokio::sync::watch;
@@ -84,6 +86,13 @@ pub fn mock_cluster_with(
         cluster.create_topic(&name, 3, 1).unwrap();
     }
     (cluster, kafka)
+}
+
+/// Replays the whole recorded history of `kafka` (JSON) with `engine`, as `replay --verify` does.
+pub async fn replay_all(kafka: &KafkaConfig, engine: &Engine) -> Report {
+    replay(kafka, &Codec::Json, engine, &Filter::default(), |_| {})
+        .await
+        .expect("replay reads the topics")
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
