@@ -570,21 +570,9 @@ rules:
 
         fn send(&mut self, event: TaskEvent) -> Decision {
             let outcome = self.engine.decide(&self.state, &event);
-            self.seq += 1;
-            self.state.apply(&StateEvent {
-                task_id: event.task_id.clone(),
-                seq: self.seq,
-                epoch: 0,
-                instance: "test".into(),
-                input: None,
-                event: Some(event),
-                answers_step: outcome.answers_step,
-                decision: outcome.decision.clone(),
-                llm: None,
-                dequeued: false,
-                at: 0,
-            });
-            outcome.decision
+            let decision = outcome.decision.clone();
+            self.apply(event, outcome, false);
+            decision
         }
 
         /// Records the LLM's answer for `t1` and decides its queued events, as the router does.
@@ -593,7 +581,7 @@ rules:
             let event = task.awaiting.as_ref().unwrap().event.clone();
             let outcome = self.engine.resolve(task, &call);
             let mut out = vec![outcome.decision.clone()];
-            self.apply("t1", None, Some(event), outcome, false);
+            self.apply(event, outcome, false);
             let queued: Vec<_> = self.state.tasks.get("t1").map_or(vec![], |t| {
                 t.queue.iter().map(|q| q.event.clone()).collect()
             });
@@ -608,27 +596,21 @@ rules:
                 }
                 let outcome = self.engine.decide_dequeued(&self.state, &event);
                 out.push(outcome.decision.clone());
-                self.apply("t1", None, Some(event), outcome, true);
+                self.apply(event, outcome, true);
             }
             out
         }
 
-        fn apply(
-            &mut self,
-            task: &str,
-            input: Option<crate::envelope::InputRef>,
-            event: Option<TaskEvent>,
-            outcome: Outcome,
-            dequeued: bool,
-        ) {
+        /// Folds `outcome` about `event` into the state, as a recorded decision.
+        fn apply(&mut self, event: TaskEvent, outcome: Outcome, dequeued: bool) {
             self.seq += 1;
             self.state.apply(&StateEvent {
-                task_id: task.into(),
+                task_id: event.task_id.clone(),
                 seq: self.seq,
                 epoch: 0,
                 instance: "test".into(),
-                input,
-                event,
+                input: None,
+                event: Some(event),
                 answers_step: outcome.answers_step,
                 decision: outcome.decision,
                 llm: outcome.llm,
