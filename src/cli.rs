@@ -93,38 +93,24 @@ impl Global {
         Codec::new(self.encoding, &self.registry_url)
     }
 
-    fn file(&self) -> Result<FileConfig> {
-        let Some(path) = &self.config else {
-            return Ok(FileConfig::default());
+    /// The Kafka settings and the LLM endpoint (`None` when neither the file nor a flag names
+    /// one): the config file, read once, with the flags and environment applied.
+    fn settings(&self) -> Result<(KafkaConfig, Option<LlmConfig>)> {
+        let file = match &self.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+                let file: FileConfig = serde_yaml_ng::from_str(&text)
+                    .with_context(|| format!("{}", path.display()))?;
+                if let Some(llm) = &file.llm {
+                    llm.validate()
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                }
+                file
+            }
+            None => FileConfig::default(),
         };
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-        let file: FileConfig =
-            serde_yaml_ng::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        if let Some(llm) = &file.llm {
-            llm.validate()
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        }
-        Ok(file)
-    }
-
-    /// The LLM endpoint: the config file's `llm:` section with the flags applied; `None` when
-    /// neither names one.
-    fn llm(&self) -> Result<Option<LlmConfig>> {
-        let mut llm = self.file()?.llm;
-        if self.llm_url.is_some() || self.llm_model.is_some() {
-            let config = llm.get_or_insert_with(LlmConfig::default);
-            if let Some(url) = &self.llm_url {
-                config.base_url = url.clone();
-            }
-            if let Some(model) = &self.llm_model {
-                config.model = model.clone();
-            }
-        }
-        Ok(llm)
-    }
-
-    fn kafka(&self) -> Result<KafkaConfig> {
-        let mut kafka = self.file()?.kafka;
+        let mut kafka = file.kafka;
         if let Some(b) = &self.bootstrap_servers {
             kafka.bootstrap_servers = b.clone();
         }
@@ -137,7 +123,17 @@ impl Global {
             };
             kafka.options.insert(k.to_string(), v.to_string());
         }
-        Ok(kafka)
+        let mut llm = file.llm;
+        if self.llm_url.is_some() || self.llm_model.is_some() {
+            let config = llm.get_or_insert_with(LlmConfig::default);
+            if let Some(url) = &self.llm_url {
+                config.base_url = url.clone();
+            }
+            if let Some(model) = &self.llm_model {
+                config.model = model.clone();
+            }
+        }
+        Ok((kafka, llm))
     }
 
     /// These settings as flags, for child processes (the LLM flags are added by `dev_llm` where
@@ -453,10 +449,10 @@ fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
 impl Cli {
     /// Runs the chosen subcommand.
     pub async fn run(self) -> Result<()> {
-        let kafka = self.global.kafka()?;
+        let (kafka, llm) = self.global.settings()?;
         match self.command {
-            Command::Router(args) => run_router(kafka, &self.global, args).await,
-            Command::Agent(args) => run_agent(kafka, &self.global, args).await,
+            Command::Router(args) => run_router(kafka, llm, &self.global, args).await,
+            Command::Agent(args) => run_agent(kafka, llm, &self.global, args).await,
             Command::Submit(args) => {
                 let task_id = submit(&kafka, &self.global.codec(), args).await?;
                 println!("{task_id}");
@@ -471,7 +467,7 @@ impl Cli {
                 }
                 Ok(())
             }
-            Command::Dev(args) => dev(&self.global, kafka, args).await,
+            Command::Dev(args) => dev(&self.global, kafka, llm, args).await,
             Command::Audit(args) => {
                 let timeline = crate::journey::audit(&kafka, &args.task_id)?;
                 if timeline.decisions.is_empty() && timeline.dead_letters.is_empty() {
@@ -538,7 +534,12 @@ fn shutdown_signal() -> Result<watch::Receiver<bool>> {
     Ok(rx)
 }
 
-async fn run_router(kafka: KafkaConfig, global: &Global, args: RouterArgs) -> Result<()> {
+async fn run_router(
+    kafka: KafkaConfig,
+    llm: Option<LlmConfig>,
+    global: &Global,
+    args: RouterArgs,
+) -> Result<()> {
     let workflow = Workflow::load(&args.workflow.workflow, args.workflow.rules.as_deref())?;
     kafka.wait_for_broker(Duration::from_secs(30))?;
     let mut config = RouterConfig::new(kafka);
@@ -552,13 +553,18 @@ async fn run_router(kafka: KafkaConfig, global: &Global, args: RouterArgs) -> Re
     config.commit_interval = args.commit_interval;
     config.encoding = global.encoding;
     config.registry_url = global.registry_url.clone();
-    config.llm = global.llm()?;
+    config.llm = llm;
     let router = Router::new(config, workflow.engine(), RouterMetrics::new()?).await?;
     router.run(shutdown_signal()?).await?;
     Ok(())
 }
 
-async fn run_agent(kafka: KafkaConfig, global: &Global, args: AgentArgs) -> Result<()> {
+async fn run_agent(
+    kafka: KafkaConfig,
+    llm: Option<LlmConfig>,
+    global: &Global,
+    args: AgentArgs,
+) -> Result<()> {
     let card = Card::load(&args.card)?;
     let dir = args
         .card
@@ -567,7 +573,7 @@ async fn run_agent(kafka: KafkaConfig, global: &Global, args: AgentArgs) -> Resu
     let metrics = AgentMetrics::new()?;
     let llm = match &card.runtime {
         Runtime::Llm { .. } => {
-            let config = global.llm()?.with_context(|| {
+            let config = llm.with_context(|| {
                 format!(
                     "{}: runtime `llm` needs an endpoint (`llm:` in the config file, or --llm-url)",
                     args.card.display()
@@ -714,7 +720,12 @@ const SAMPLES: [&str; 2] = [
     "This is the third time my refund has failed. I am furious and I want to cancel everything.",
 ];
 
-async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
+async fn dev(
+    global: &Global,
+    kafka: KafkaConfig,
+    llm: Option<LlmConfig>,
+    args: DevArgs,
+) -> Result<()> {
     let workflow = Workflow::load(&args.workflow.workflow, args.workflow.rules.as_deref())?;
     println!(
         "workflow {}: {} cards, {} rules",
@@ -740,7 +751,7 @@ async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
     for line in topics::apply(&kafka, &TopicSpecs::load(&args.spec)?, &workflow.cards).await? {
         println!("topic  {line}");
     }
-    let (llm_args, started_llm) = dev_llm(global, &workflow).await?;
+    let (llm_args, started_llm) = dev_llm(llm.unwrap_or_default(), &workflow).await?;
     let logs = PathBuf::from(".switchyard/logs");
     std::fs::create_dir_all(&logs)?;
     let mut base = global.as_args(&kafka);
@@ -842,12 +853,11 @@ async fn dev(global: &Global, kafka: KafkaConfig, args: DevArgs) -> Result<()> {
 /// Where the workflow needs an LLM (an `llm` rule or card): the configured endpoint, or the
 /// local one, started with `scripts/start-llm` when nothing answers. Returns the flags that point
 /// the children at it and whether dev started it.
-async fn dev_llm(global: &Global, workflow: &Workflow) -> Result<(Vec<String>, bool)> {
+async fn dev_llm(llm: LlmConfig, workflow: &Workflow) -> Result<(Vec<String>, bool)> {
     let llm_cards = workflow
         .cards
         .iter()
         .any(|c| matches!(c.runtime, Runtime::Llm { .. }));
-    let llm = global.llm()?.unwrap_or_default();
     if !(workflow.rules.uses_llm() || llm_cards) {
         if answers(&llm.base_url).await {
             println!(
