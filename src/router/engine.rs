@@ -223,18 +223,16 @@ impl Engine {
         let mut spent = task.spent.clone();
         if let Some(usage) = &event.usage {
             spent.add(usage);
-            let budget = self.rules.budget.as_ref();
-            if let Some(budget) = budget.filter(|b| b.exceeded(spent.tokens(), spent.cost)) {
+            if let Some(message) = self.over_budget(&spent) {
                 let decision = self.fallback(
-                    budget.fallback.as_ref(),
+                    self.rules.budget.as_ref().and_then(|b| b.fallback.as_ref()),
                     "budget",
-                    "budget_exceeded",
-                    &format!(
-                        "the task spent {} tokens and {:.4} in cost, over its budget",
-                        spent.tokens(),
-                        spent.cost
-                    ),
-                    task,
+                    DecidedBy::Rule {
+                        rule_id: "budget".into(),
+                    },
+                    "budget_exceeded".into(),
+                    message,
+                    (task.hops(), task.next_step()),
                 );
                 return Outcome::new(answered, decision);
             }
@@ -297,24 +295,15 @@ impl Engine {
                 self.act_plainly(&rule.then, &rule.id, hops, next_step),
             );
         };
-        let over = self
-            .rules
-            .budget
-            .as_ref()
-            .filter(|b| b.exceeded(spent.tokens(), spent.cost));
-        if over.is_none() {
+        let Some(over) = self.over_budget(spent) else {
             let decision = Decision::AwaitingLlm {
                 rule_id: rule.id.clone(),
             };
             return Outcome::new(answered, decision);
-        }
+        };
         let call = LlmRecord {
             error: Some("budget_exceeded".into()),
-            message: Some(format!(
-                "the task spent {} tokens and {:.4} in cost, over its budget; the LLM was not asked",
-                spent.tokens(),
-                spent.cost
-            )),
+            message: Some(format!("{over}; the LLM was not asked")),
             ..LlmRecord::default()
         };
         let decision = self.llm_fallback(&rule.id, llm, &call, hops, next_step);
@@ -367,6 +356,19 @@ impl Engine {
         }
     }
 
+    /// Why a task that has spent `spent` is over the budget, if it is.
+    fn over_budget(&self, spent: &Usage) -> Option<String> {
+        let budget = self.rules.budget.as_ref()?;
+        budget.exceeded(spent.tokens(), spent.cost).then(|| {
+            format!(
+                "the task spent {} tokens and {:.4} in cost, over its budget",
+                spent.tokens(),
+                spent.cost
+            )
+        })
+    }
+
+    /// The rule's fallback for an LLM call that gave no usable answer.
     fn llm_fallback(
         &self,
         rule_id: &str,
@@ -384,42 +386,38 @@ impl Engine {
             rule_id: rule_id.into(),
             reason: reason.into(),
         };
-        match &llm.fallback {
+        let default = format!("llm_{reason}");
+        let at = (hops, next_step);
+        self.fallback(llm.fallback.as_ref(), rule_id, by, default, message, at)
+    }
+
+    /// What a fallback does when the LLM or the budget stops a task: `action`, with a route
+    /// recorded as decided `by` and a dead letter carrying `message`; without one, a dead letter
+    /// with reason `default`. `at` is the task's hops and next step id.
+    fn fallback(
+        &self,
+        action: Option<&Action>,
+        rule_id: &str,
+        by: DecidedBy,
+        default: String,
+        message: String,
+        (hops, next_step): (u32, u32),
+    ) -> Decision {
+        match action {
             Some(Action::Route(cards)) => self.route(hops, next_step, cards, by),
             Some(action) => match self.act_plainly(action, rule_id, hops, next_step) {
                 Decision::DeadLettered {
-                    reason: r,
-                    ends_task,
-                    ..
+                    reason, ends_task, ..
                 } => Decision::DeadLettered {
-                    reason: r,
+                    reason,
                     message,
                     ends_task,
                 },
                 other => other,
             },
             None => Decision::DeadLettered {
-                reason: format!("llm_{reason}"),
+                reason: default,
                 message,
-                ends_task: true,
-            },
-        }
-    }
-
-    /// A fallback action (budget or LLM): `None` dead-letters with `reason`.
-    fn fallback(
-        &self,
-        action: Option<&Action>,
-        rule_id: &str,
-        reason: &str,
-        message: &str,
-        task: &TaskState,
-    ) -> Decision {
-        match action {
-            Some(action) => self.act_plainly(action, rule_id, task.hops(), task.next_step()),
-            None => Decision::DeadLettered {
-                reason: reason.into(),
-                message: message.into(),
                 ends_task: true,
             },
         }
