@@ -31,14 +31,10 @@ pub fn ask_for(cards: &Cards, route: &LlmRoute, task: &TaskState, config: &LlmCo
         .awaiting
         .as_ref()
         .map_or(&task.input, |a| &a.event.payload);
+    let allowed = route.allowed();
     Ask {
-        system: prompt::system_prompt(
-            &candidates,
-            route.complete,
-            route.human.is_some(),
-            route.instructions.as_deref(),
-        ),
+        system: prompt::system_prompt(&candidates, &allowed, route.instructions.as_deref()),
         user: prompt::user_prompt(task, payload, config.history_steps, config.max_text_chars),
-        allowed: route.allowed(),
+        allowed,
     }
 }

@@ -52,8 +52,7 @@ pub fn answer_schema(allowed: &[String]) -> Value {
 /// The system prompt: the job, the candidates and the allowed answers.
 pub fn system_prompt(
     candidates: &[&Card],
-    complete: bool,
-    human: bool,
+    allowed: &[String],
     instructions: Option<&str>,
 ) -> String {
     let mut out = String::from(
@@ -86,12 +85,12 @@ pub fn system_prompt(
             card.output_modes.join(", ")
         ));
     }
-    if complete {
+    if allowed.iter().any(|a| a == COMPLETE) {
         out.push_str(&format!(
             "- {COMPLETE}: the task is finished; no agent needs to act.\n"
         ));
     }
-    if human {
+    if allowed.iter().any(|a| a == HUMAN) {
         out.push_str(&format!(
             "- {HUMAN}: hand the task to a person (unclear, risky or sensitive cases).\n"
         ));
@@ -105,23 +104,13 @@ pub fn system_prompt(
          it is.\n\nAnswer with one JSON object and nothing else: {{\"reason\": which agent's job \
          this is and why, at most {REASON_MAX} characters, \"agent\": one of {}, \
          \"confidence\": 0 to 1}}.",
-        allowed_list(candidates, complete, human)
+        allowed
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
     ));
     out
-}
-
-fn allowed_list(candidates: &[&Card], complete: bool, human: bool) -> String {
-    let mut names: Vec<String> = candidates
-        .iter()
-        .map(|c| format!("\"{}\"", c.name))
-        .collect();
-    if complete {
-        names.push(format!("\"{COMPLETE}\""));
-    }
-    if human {
-        names.push(format!("\"{HUMAN}\""));
-    }
-    names.join(", ")
 }
 
 /// The user message: a bounded summary of the task's history (its latest steps, and the outputs
