@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -24,10 +24,11 @@ use tokio::task::JoinSet;
 
 use crate::cards::{Card, Runtime};
 use crate::codec::{self, Codec, Encoding};
+use crate::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use crate::envelope::{EventKind, TaskEvent, Usage, WorkItem};
 use crate::kafka::{self, set_default, KafkaConfig};
 use crate::metrics::AgentMetrics;
-use crate::router::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
+use crate::signing::{Secret, SIGNATURE_HEADER};
 
 /// Errors that stop an agent.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,14 @@ pub enum Error {
     /// A result could not be encoded.
     #[error(transparent)]
     Codec(#[from] codec::Error),
+    /// The card signs its answers but its secret is not in the environment.
+    #[error("card `{card}` signs its answers with the secret in `{var}`, which is not set; set it (the secret never goes in the card)")]
+    MissingSecret {
+        /// The card.
+        card: String,
+        /// Its `secret_env`.
+        var: String,
+    },
     /// Exactly-once: a result's transaction was aborted; a restart re-delivers the work item.
     #[error("the transaction publishing a result was aborted ({0}); restart to receive the work item again")]
     Aborted(rdkafka::error::KafkaError),
@@ -217,12 +226,15 @@ pub struct AgentConfig {
     pub encoding: Encoding,
     /// Schema registry URL (Avro).
     pub registry_url: String,
+    /// The card's signing secret (from its `secret_env`): every result is signed with it.
+    pub secret: Option<Secret>,
 }
 
 impl AgentConfig {
     /// Defaults for `card` on `kafka`.
     pub fn new(kafka: KafkaConfig, card: Card) -> Self {
         let group_id = format!("{}.agent.{}", kafka.topic_prefix, card.name);
+        let secret = card.secret_env.as_deref().and_then(Secret::from_env);
         Self {
             kafka,
             card,
@@ -233,6 +245,7 @@ impl AgentConfig {
             instance_id: format!("agent-{}", uuid::Uuid::new_v4().simple()),
             encoding: Encoding::Json,
             registry_url: "http://127.0.0.1:8081".into(),
+            secret,
         }
     }
 }
@@ -284,6 +297,12 @@ pub async fn run<H: Handler>(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let card = config.card.clone();
+    if let (Some(var), None) = (&card.secret_env, &config.secret) {
+        return Err(Error::MissingSecret {
+            card: card.name.clone(),
+            var: var.clone(),
+        });
+    }
     let topics = config.kafka.topics();
     let inbox = card.topic(&config.kafka.topic_prefix);
     config.kafka.partition_count(&inbox)?;
@@ -330,7 +349,8 @@ pub async fn run<H: Handler>(
                 entry.inflight.remove(&offset);
                 entry.next = Some(entry.next.unwrap_or(0).max(offset + 1));
                 if let Some(outcome) = outcome {
-                    let record = result_record(&codec, &tasks_topic, &card.name, outcome, &metrics).await?;
+                    let item = outcome.item.clone();
+                    let record = result_record(&codec, &tasks_topic, &card.name, config.secret.as_ref(), outcome, &metrics).await?;
                     let commit = match (writer.mode(), entry.committable(), consumer.group_metadata()) {
                         (ConsistencyMode::ExactlyOnce, Some(next), Some(group)) => {
                             let mut tpl = TopicPartitionList::new();
@@ -340,7 +360,16 @@ pub async fn run<H: Handler>(
                         _ => None,
                     };
                     if writer.mode() == ConsistencyMode::EffectivelyOnce {
-                        publish_again_on_failure(&mut writer, &config.kafka, &transactional_id, record).await?;
+                        let size = record.size();
+                        if let Some(refused) = publish_again_on_failure(&mut writer, &config.kafka, &transactional_id, record).await? {
+                            // The broker refused this one result (too large, invalid): the step
+                            // fails instead, so that the router's retry policy decides.
+                            let failed = Outcome { item, result: Err(format!("the broker refused the result ({size} bytes): {refused}")) };
+                            let record = result_record(&codec, &tasks_topic, &card.name, config.secret.as_ref(), failed, &metrics).await?;
+                            if let Some(refused) = publish_again_on_failure(&mut writer, &config.kafka, &transactional_id, record).await? {
+                                tracing::error!(error = %refused, "the broker refused the failure too; the router's timeout will decide");
+                            }
+                        }
                     } else if let Written::Aborted(e) = writer.write(vec![vec![record]], commit).await? {
                         return Err(Error::Aborted(e));
                     }
@@ -403,17 +432,21 @@ const PUBLISH_TRIES: u32 = 5;
 /// Publishes a result without a transaction. A producer that fails for good (e.g. the broker
 /// answers an idempotent write with OutOfOrderSequenceNumber, which librdkafka treats as fatal) is
 /// replaced and the result sent again: results are at-least-once and the router drops the
-/// duplicates by step id, so only the agent's own producer needs to survive.
+/// duplicates by step id, so only the agent's own producer needs to survive. An error that
+/// belongs to this one record (see [`commit::refuses_record`]) is returned instead.
 async fn publish_again_on_failure(
     writer: &mut Writer,
     kafka: &KafkaConfig,
     transactional_id: &str,
     record: Outgoing,
-) -> Result<()> {
+) -> Result<Option<rdkafka::error::KafkaError>> {
     let mut tries = 1;
     loop {
         match writer.write(vec![vec![record.clone()]], None).await {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(None),
+            Err(commit::Error::Produce { source, .. }) if commit::refuses_record(&source) => {
+                return Ok(Some(source))
+            }
             Err(e) if tries < PUBLISH_TRIES => {
                 tracing::warn!(error = %e, tries, "publishing a result failed; replacing the producer");
                 *writer =
@@ -425,11 +458,12 @@ async fn publish_again_on_failure(
     }
 }
 
-/// The RESULT or FAILED event for a handled work item.
+/// The RESULT or FAILED event for a handled work item, signed with `secret` if the card has one.
 async fn result_record(
     codec: &Codec,
     tasks_topic: &str,
     card: &str,
+    secret: Option<&Secret>,
     outcome: Outcome,
     metrics: &AgentMetrics,
 ) -> Result<Outgoing> {
@@ -456,12 +490,20 @@ async fn result_record(
     }
     metrics.work_items.with_label_values(&[card, label]).inc();
     let payload = codec.encode_task_event(tasks_topic, &event).await?;
-    Ok(Outgoing::bytes(
+    let signature = secret.map(|s| s.sign(&event.task_id, event.step_id, event.attempt, &payload));
+    let mut record = Outgoing::bytes(
         tasks_topic.to_string(),
         Some(item.reply_partition),
         &item.task_id,
         payload,
-    ))
+    );
+    if let Some(signature) = &signature {
+        record.headers = Some(OwnedHeaders::new().insert(Header {
+            key: SIGNATURE_HEADER,
+            value: Some(signature),
+        }));
+    }
+    Ok(record)
 }
 
 fn commit(

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::signing::{Secret, Secrets};
+
 /// Errors loading cards.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -150,6 +152,12 @@ pub struct Card {
     /// Cost of one call, in the operator's currency.
     #[serde(default)]
     pub cost_per_call: f64,
+    /// The environment variable that holds this card's signing secret. When set, every answer to
+    /// a step of this card must carry a valid `switchyard.signature` header (see
+    /// [`crate::signing`]); unsigned or wrongly signed answers are dead-lettered `bad_signature`.
+    /// `switchyard agent` signs with it. The secret itself never appears in a file or a log.
+    #[serde(default)]
+    pub secret_env: Option<String>,
 }
 
 fn default_version() -> String {
@@ -218,6 +226,17 @@ impl Card {
         if let Runtime::Command { command, .. } = &self.runtime {
             if command.is_empty() {
                 return Err("field `runtime.command`: must name a program".into());
+            }
+        }
+        if let Some(var) = &self.secret_env {
+            let valid = !var.is_empty()
+                && var
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+            if !valid {
+                return Err(format!(
+                    "field `secret_env`: `{var}` is not an environment variable name; use upper-case letters, digits and `_` (the secret itself goes in that variable, never in the card)"
+                ));
             }
         }
         if self.fallback.as_deref() == Some(self.name.as_str()) {
@@ -306,6 +325,17 @@ impl Cards {
     /// Every card.
     pub fn iter(&self) -> impl Iterator<Item = &Card> {
         self.cards.values().map(|(card, _)| card)
+    }
+
+    /// The signing secrets of the cards that declare `secret_env`, read from the environment.
+    pub fn secrets(&self) -> Secrets {
+        let mut secrets = Secrets::default();
+        for card in self.iter() {
+            if let Some(var) = &card.secret_env {
+                secrets.insert(&card.name, Secret::from_env(var));
+            }
+        }
+        secrets
     }
 
     /// The names of every card, sorted.

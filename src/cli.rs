@@ -446,10 +446,36 @@ fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
         .collect()
 }
 
+/// How long a one-shot command waits for the broker before it says which one did not answer.
+const BROKER_WAIT: Duration = Duration::from_secs(5);
+
 impl Cli {
+    /// The log filter when `RUST_LOG` is not set: services (router, agent, registry, dev) show
+    /// librdkafka's warnings; one-shot commands show none of librdkafka's lines, only their own
+    /// one-line errors.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Router(_) | Command::Agent(_) | Command::Registry(_) | Command::Dev(_) => {
+                "info,librdkafka=warn,rdkafka=warn"
+            }
+            _ => "info,librdkafka=off,rdkafka=off",
+        }
+    }
+
     /// Runs the chosen subcommand.
     pub async fn run(self) -> Result<()> {
         let (kafka, llm) = self.global.settings()?;
+        if matches!(
+            self.command,
+            Command::Submit(_)
+                | Command::Tail(_)
+                | Command::Audit(_)
+                | Command::Replay(_)
+                | Command::Dlq(_)
+                | Command::Topics(_)
+        ) {
+            kafka.wait_for_broker(BROKER_WAIT)?;
+        }
         match self.command {
             Command::Router(args) => run_router(kafka, llm, &self.global, args).await,
             Command::Agent(args) => run_agent(kafka, llm, &self.global, args).await,
@@ -461,7 +487,6 @@ impl Cli {
             Command::Tail(args) => tail(&kafka, args).await,
             Command::Topics(TopicsCommand::Apply { workflow, spec }) => {
                 let wf = Workflow::load(&workflow.workflow, workflow.rules.as_deref())?;
-                kafka.wait_for_broker(Duration::from_secs(10))?;
                 for line in topics::apply(&kafka, &TopicSpecs::load(&spec)?, &wf.cards).await? {
                     println!("{line}");
                 }
@@ -1107,7 +1132,15 @@ async fn dlq(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> {
         } => {
             let d = crate::dlq::show(kafka, partition, offset)?;
             println!("{}", serde_json::to_string_pretty(&d)?);
-            println!("payload: {}", String::from_utf8_lossy(&d.payload));
+            match &d.payload {
+                Some(bytes) if d.truncated() => println!(
+                    "payload (the first {} bytes; the original is at its source position): {}",
+                    bytes.len(),
+                    String::from_utf8_lossy(bytes)
+                ),
+                Some(bytes) => println!("payload: {}", String::from_utf8_lossy(bytes)),
+                None => println!("payload: none (a tombstone)"),
+            }
         }
         DlqCommand::Redrive {
             filter,
@@ -1127,6 +1160,13 @@ async fn dlq(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> {
                     } => println!(
                         "refused  {}:{} ({}): redriven {} times already, the limit is {max}",
                         d.partition, d.offset, d.reason, d.redrives
+                    ),
+                    crate::dlq::Redriven::Unavailable {
+                        dead_letter: d,
+                        why,
+                    } => println!(
+                        "skipped  {}:{} ({}): it holds only a prefix and {why}",
+                        d.partition, d.offset, d.reason
                     ),
                 }
             }

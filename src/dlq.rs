@@ -1,4 +1,10 @@
-//! The dead-letter topic: list, show and redrive dead letters.
+//! The dead-letter topic: how a dead letter is written (the original key and value, the reason
+//! in headers), and how dead letters are listed, shown and redriven.
+//!
+//! A dead letter keeps its record as it was read: the same key, the same bytes, and no value for
+//! a tombstone. A value too large to be written whole keeps a bounded prefix, and its headers
+//! say so with the original size and SHA-256; the whole record stays at its source position,
+//! which `redrive` reads back (and checks against the hash) instead of the prefix.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -7,8 +13,144 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 
-use crate::envelope::dlq_headers;
-use crate::kafka::{self, read_topic, KafkaConfig};
+use crate::commit::Outgoing;
+use crate::envelope::now_ms;
+use crate::kafka::{self, read_at, read_topic, KafkaConfig};
+use crate::signing::sha256_hex;
+
+/// Header names of dead-letter records (in the spirit of KIP-1034).
+pub mod headers {
+    /// Reason code.
+    pub const REASON: &str = "switchyard.error.reason";
+    /// Human-readable error message.
+    pub const MESSAGE: &str = "switchyard.error.message";
+    /// Source topic.
+    pub const TOPIC: &str = "switchyard.error.topic";
+    /// Source partition.
+    pub const PARTITION: &str = "switchyard.error.partition";
+    /// Source offset.
+    pub const OFFSET: &str = "switchyard.error.offset";
+    /// Version of the router that dead-lettered the record.
+    pub const ROUTER_VERSION: &str = "switchyard.error.router.version";
+    /// Time of dead-lettering, milliseconds since the Unix epoch.
+    pub const TIME: &str = "switchyard.error.time";
+    /// How often the record has been redriven from the dead-letter topic.
+    pub const REDRIVES: &str = "switchyard.redrive.count";
+    /// Present when the dead letter carries only a prefix of the original value: `value`.
+    pub const TRUNCATED: &str = "switchyard.error.truncated";
+    /// Size of the original value in bytes (when truncated).
+    pub const ORIGINAL_SIZE: &str = "switchyard.error.original.size";
+    /// Hex SHA-256 of the original value (when truncated).
+    pub const ORIGINAL_SHA256: &str = "switchyard.error.original.sha256";
+}
+
+/// How many bytes of a value that cannot be written whole a dead letter keeps.
+pub const PREFIX_BYTES: usize = 64 * 1024;
+
+/// A dead letter's original record, as read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Source {
+    /// Topic it was read from.
+    pub topic: String,
+    /// Partition there.
+    pub partition: i32,
+    /// Offset there (-1 when it was not read from a topic).
+    pub offset: i64,
+    /// Its key.
+    pub key: Vec<u8>,
+    /// Its value (`None`: a tombstone).
+    pub value: Option<Vec<u8>>,
+    /// The redrive count it arrived with.
+    pub redrives: Option<String>,
+}
+
+impl Source {
+    /// The record as read.
+    pub fn of_message(message: &impl Message) -> Self {
+        let redrives = message
+            .headers()
+            .and_then(|hs| {
+                hs.iter()
+                    .find(|h| h.key == headers::REDRIVES)
+                    .and_then(|h| h.value)
+            })
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        Self {
+            topic: message.topic().to_string(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().unwrap_or_default().to_vec(),
+            value: message.payload().map(<[u8]>::to_vec),
+            redrives,
+        }
+    }
+}
+
+/// Room left in a dead letter for its headers and the record's framing.
+const HEADROOM: usize = 8 * 1024;
+
+/// The dead-letter record for `source` on `topic`: its original key and value, with the reason
+/// and `why` in headers (and the redrive count it arrived with). When key and value would make a
+/// record of more than `max_record` bytes, the value is cut to a prefix of at most
+/// [`PREFIX_BYTES`], with headers that say so; `max_record` 0 keeps no byte of it.
+pub fn record(
+    topic: String,
+    source: &Source,
+    reason: &str,
+    why: &str,
+    max_record: usize,
+) -> Outgoing {
+    let max_value = max_record.saturating_sub(source.key.len() + HEADROOM);
+    let partition = source.partition.to_string();
+    let offset = source.offset.to_string();
+    let time = now_ms().to_string();
+    let mut value = source.value.clone();
+    let mut truncated = None;
+    if let Some(bytes) = value.as_mut().filter(|v| v.len() > max_value) {
+        truncated = Some((bytes.len().to_string(), sha256_hex(bytes)));
+        bytes.truncate(max_value.min(PREFIX_BYTES));
+    }
+    let mut hs = OwnedHeaders::new();
+    for (key, value) in [
+        (headers::REASON, reason),
+        (headers::MESSAGE, why),
+        (headers::TOPIC, &source.topic),
+        (headers::PARTITION, &partition),
+        (headers::OFFSET, &offset),
+        (headers::ROUTER_VERSION, env!("CARGO_PKG_VERSION")),
+        (headers::TIME, &time),
+    ] {
+        hs = hs.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    if let Some(count) = &source.redrives {
+        hs = hs.insert(Header {
+            key: headers::REDRIVES,
+            value: Some(count),
+        });
+    }
+    if let Some((size, sha256)) = &truncated {
+        for (key, value) in [
+            (headers::TRUNCATED, "value"),
+            (headers::ORIGINAL_SIZE, size.as_str()),
+            (headers::ORIGINAL_SHA256, sha256.as_str()),
+        ] {
+            hs = hs.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+    }
+    Outgoing {
+        topic,
+        partition: None,
+        key: source.key.clone(),
+        payload: value,
+        headers: Some(hs),
+    }
+}
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +183,11 @@ pub struct DeadLetter {
     pub partition: i32,
     /// Offset in that partition.
     pub offset: i64,
-    /// The original key (the task id where there was one).
+    /// The original key as text (the task id where there was one).
     pub key: String,
+    /// The original key's bytes.
+    #[serde(skip)]
+    pub raw_key: Vec<u8>,
     /// Reason code.
     pub reason: String,
     /// Human-readable explanation.
@@ -59,12 +204,17 @@ pub struct DeadLetter {
     pub redrives: u32,
     /// Every header, as text.
     pub headers: BTreeMap<String, String>,
-    /// The original bytes.
+    /// The original bytes (`None`: a tombstone); only a prefix when `truncated`.
     #[serde(skip)]
-    pub payload: Vec<u8>,
+    pub payload: Option<Vec<u8>>,
 }
 
 impl DeadLetter {
+    /// Whether it carries only a prefix of the original value.
+    pub fn truncated(&self) -> bool {
+        self.headers.contains_key(headers::TRUNCATED)
+    }
+
     fn from_message(m: &impl Message) -> Self {
         let headers: BTreeMap<String, String> = m
             .headers()
@@ -90,19 +240,55 @@ impl DeadLetter {
             partition: m.partition(),
             offset: m.offset(),
             key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-            reason: text(dlq_headers::REASON),
-            message: text(dlq_headers::MESSAGE),
-            source_topic: text(dlq_headers::TOPIC),
-            source_partition: number(dlq_headers::PARTITION) as i32,
-            source_offset: number(dlq_headers::OFFSET),
-            time: number(dlq_headers::TIME),
+            raw_key: m.key().unwrap_or_default().to_vec(),
+            reason: text(headers::REASON),
+            message: text(headers::MESSAGE),
+            source_topic: text(headers::TOPIC),
+            source_partition: number(headers::PARTITION) as i32,
+            source_offset: number(headers::OFFSET),
+            time: number(headers::TIME),
             redrives: headers
-                .get(dlq_headers::REDRIVES)
+                .get(headers::REDRIVES)
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
-            payload: m.payload().unwrap_or_default().to_vec(),
+            payload: m.payload().map(<[u8]>::to_vec),
             headers,
         }
+    }
+}
+
+/// `record` (a dead letter the broker refused) without its value: the same key and headers,
+/// marked truncated, with the original size and hash unless they are there already.
+pub fn stub(record: &Outgoing) -> Outgoing {
+    let mut hs = OwnedHeaders::new();
+    let mut has_original = false;
+    for h in record.headers.iter().flat_map(|hs| hs.iter()) {
+        has_original |= h.key == headers::ORIGINAL_SIZE;
+        hs = hs.insert(Header {
+            key: h.key,
+            value: h.value,
+        });
+    }
+    if !has_original {
+        let value = record.payload.as_deref().unwrap_or_default();
+        let (size, sha256) = (value.len().to_string(), sha256_hex(value));
+        for (key, value) in [
+            (headers::TRUNCATED, "value"),
+            (headers::ORIGINAL_SIZE, size.as_str()),
+            (headers::ORIGINAL_SHA256, sha256.as_str()),
+        ] {
+            hs = hs.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+    }
+    Outgoing {
+        topic: record.topic.clone(),
+        partition: record.partition,
+        key: record.key.clone(),
+        payload: record.payload.as_ref().map(|_| Vec::new()),
+        headers: Some(hs),
     }
 }
 
@@ -167,10 +353,39 @@ pub enum Redriven {
         /// The limit.
         max: u32,
     },
+    /// Not sent: it carries only a prefix, and the original is no longer at its source position
+    /// (retention) or is not the record that was dead-lettered (its hash differs).
+    Unavailable {
+        /// The dead letter.
+        dead_letter: DeadLetter,
+        /// Why.
+        why: String,
+    },
+}
+
+/// The whole original value of a truncated dead letter, read back from its source position and
+/// checked against the recorded hash.
+fn original(kafka: &KafkaConfig, d: &DeadLetter) -> Result<Result<Option<Vec<u8>>, String>> {
+    let at = format!(
+        "{}[{}]@{}",
+        d.source_topic, d.source_partition, d.source_offset
+    );
+    let Some(m) = read_at(kafka, &d.source_topic, d.source_partition, d.source_offset)? else {
+        return Ok(Err(format!("the original at {at} is gone (retention)")));
+    };
+    let value = m.payload().map(<[u8]>::to_vec);
+    let sha256 = value.as_deref().map(sha256_hex).unwrap_or_default();
+    if d.headers.get(headers::ORIGINAL_SHA256) != Some(&sha256) {
+        return Ok(Err(format!(
+            "the record at {at} is not the one dead-lettered (its SHA-256 differs)"
+        )));
+    }
+    Ok(Ok(value))
 }
 
 /// Sends the selected dead letters back to their source topics (original key and bytes, with
 /// `switchyard.redrive.count` one higher), refusing those redriven `max_redrives` times already.
+/// A truncated dead letter sends its original, read back from its source position.
 pub async fn redrive(
     kafka: &KafkaConfig,
     selection: &Selection,
@@ -186,15 +401,31 @@ pub async fn redrive(
             });
             continue;
         }
+        let value = if d.truncated() {
+            match original(kafka, &d)? {
+                Ok(value) => value,
+                Err(why) => {
+                    out.push(Redriven::Unavailable {
+                        dead_letter: d,
+                        why,
+                    });
+                    continue;
+                }
+            }
+        } else {
+            d.payload.clone()
+        };
         let count = (d.redrives + 1).to_string();
-        let headers = OwnedHeaders::new().insert(Header {
-            key: dlq_headers::REDRIVES,
+        let hs = OwnedHeaders::new().insert(Header {
+            key: headers::REDRIVES,
             value: Some(&count),
         });
-        let record = FutureRecord::to(&d.source_topic)
-            .key(d.key.as_bytes())
-            .payload(&d.payload)
-            .headers(headers);
+        let mut record = FutureRecord::to(&d.source_topic)
+            .key(d.raw_key.as_slice())
+            .headers(hs);
+        if let Some(value) = &value {
+            record = record.payload(value);
+        }
         producer
             .send(record, Duration::from_secs(30))
             .await

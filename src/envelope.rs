@@ -177,6 +177,17 @@ pub enum DecodeError {
     /// Avro: the datum does not decode with its schema.
     #[error("corrupt Avro datum: {0}")]
     CorruptDatum(String),
+    /// The event is larger than the rule table's `max_event_bytes`, as read or as it would be
+    /// recorded.
+    #[error("the event is {size} bytes {form}, over the limit of {limit} (`max_event_bytes` of the rule table)")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// `as read` or `as recorded`.
+        form: &'static str,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl DecodeError {
@@ -189,6 +200,7 @@ impl DecodeError {
             DecodeError::BadMagic(_) => "bad_magic_byte",
             DecodeError::UnknownSchema(_) => "unknown_schema_id",
             DecodeError::CorruptDatum(_) => "corrupt_datum",
+            DecodeError::TooLarge { .. } => "too_large",
         }
     }
 }
@@ -238,7 +250,9 @@ pub struct WorkItem {
     pub reply_partition: i32,
 }
 
-/// Where a state event's input came from.
+/// Where a state event's input came from. A record that does not copy its input (it could not
+/// be decoded, or it is too large to copy) refers to it by position, size and SHA-256, which
+/// replay, audit and redrive follow.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InputRef {
     /// The input event's id, when it could be decoded.
@@ -249,6 +263,27 @@ pub struct InputRef {
     pub partition: i32,
     /// Source offset.
     pub offset: i64,
+    /// Size of the record's value in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Hex SHA-256 of the record's value, when the state record does not copy the input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// A record the broker refused for good (too large for the topic, invalid, no such topic),
+/// recorded with the decision that follows from it, so that restore and replay know that the
+/// earlier decision's writes did not all happen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rejection {
+    /// The topic the record was for.
+    pub topic: String,
+    /// The step whose work item it was.
+    pub step_id: Option<u32>,
+    /// The record's size in bytes.
+    pub bytes: u64,
+    /// The producer's error.
+    pub error: String,
 }
 
 /// One step a decision creates.
@@ -398,6 +433,10 @@ pub struct StateEvent {
     /// Whether this decides a queued event (the oldest of its task's queue).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dequeued: bool,
+    /// The write the broker refused, when this record decides what follows from that (it has
+    /// no input of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<Rejection>,
     /// When, milliseconds since the Unix epoch.
     pub at: i64,
 }
@@ -454,26 +493,6 @@ pub struct LlmRecord {
     /// The last error's message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-}
-
-/// Header names of dead-letter records (in the spirit of KIP-1034).
-pub mod dlq_headers {
-    /// Reason code.
-    pub const REASON: &str = "switchyard.error.reason";
-    /// Human-readable error message.
-    pub const MESSAGE: &str = "switchyard.error.message";
-    /// Source topic.
-    pub const TOPIC: &str = "switchyard.error.topic";
-    /// Source partition.
-    pub const PARTITION: &str = "switchyard.error.partition";
-    /// Source offset.
-    pub const OFFSET: &str = "switchyard.error.offset";
-    /// Version of the router that dead-lettered the record.
-    pub const ROUTER_VERSION: &str = "switchyard.error.router.version";
-    /// Time of dead-lettering, milliseconds since the Unix epoch.
-    pub const TIME: &str = "switchyard.error.time";
-    /// How often the record has been redriven from the dead-letter topic.
-    pub const REDRIVES: &str = "switchyard.redrive.count";
 }
 
 /// Milliseconds since the Unix epoch.
@@ -536,6 +555,7 @@ mod tests {
             },
             llm: None,
             dequeued: false,
+            rejected: None,
             at: 0,
         };
         let bytes = serde_json::to_vec(&s).unwrap();

@@ -46,7 +46,17 @@ pub fn describe(record: &StateEvent) -> String {
                 format!("{:<15} {from}{confidence}", e.kind.as_str())
             }
         }
-        None => "UNDECODABLE".to_string(),
+        None => match (&record.rejected, &record.input) {
+            (Some(r), _) => format!("WRITE REFUSED   {} bytes for `{}`", r.bytes, r.topic),
+            (None, Some(i)) => format!(
+                "NOT COPIED      {}[{}]@{}, {} bytes",
+                i.topic,
+                i.partition,
+                i.offset,
+                i.size.unwrap_or_default()
+            ),
+            (None, None) => "UNDECODABLE".to_string(),
+        },
     };
     let decision = match &record.decision {
         Decision::Routed { steps, decided_by } => {
@@ -211,8 +221,17 @@ impl Timeline {
             out.push_str("no dead letters\n");
         }
         for d in &self.dead_letters {
+            let kept = if d.truncated() {
+                let size = d.headers.get(crate::dlq::headers::ORIGINAL_SIZE);
+                format!(
+                    "; keeps a prefix of the {} bytes, the original stays at its source",
+                    size.map_or("?", String::as_str)
+                )
+            } else {
+                String::new()
+            };
             out.push_str(&format!(
-                "dead letter {}@{}: {} ({}) from {}[{}]@{}, redriven {} times\n",
+                "dead letter {}@{}: {} ({}) from {}[{}]@{}, redriven {} times{kept}\n",
                 d.partition,
                 d.offset,
                 d.reason,

@@ -17,14 +17,14 @@ pub enum Error {
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
     /// No broker answered.
-    #[error("no Kafka broker answered at {bootstrap} within {timeout:?}: {source}; start one with `scripts/start-broker` or point --bootstrap-servers at yours")]
+    #[error("no Kafka broker answered at {bootstrap} within {timeout:?} ({last_error}); start one with `scripts/start-broker` or point --bootstrap-servers at yours")]
     Unreachable {
         /// The bootstrap servers tried.
         bootstrap: String,
         /// How long we waited.
         timeout: Duration,
-        /// The last error.
-        source: KafkaError,
+        /// The last error (not a `source`: the message says it all in one line).
+        last_error: KafkaError,
     },
     /// A topic is missing from the cluster.
     #[error("topic `{0}` does not exist; create it with `switchyard topics apply`")]
@@ -143,11 +143,11 @@ impl KafkaConfig {
         loop {
             match client.fetch_metadata(None, Duration::from_secs(2)) {
                 Ok(_) => return Ok(()),
-                Err(source) if std::time::Instant::now() >= deadline => {
+                Err(last_error) if std::time::Instant::now() >= deadline => {
                     return Err(Error::Unreachable {
                         bootstrap: self.bootstrap_servers.clone(),
                         timeout,
-                        source,
+                        last_error,
                     })
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(200)),
@@ -208,6 +208,40 @@ pub fn read_topic(
         }
     }
     Ok(())
+}
+
+/// The record of `topic` at `partition`/`offset`, or `None` when there is none there any more
+/// (retention removed it, or the offset is past the end).
+pub fn read_at(
+    kafka: &KafkaConfig,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Result<Option<rdkafka::message::OwnedMessage>> {
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let mut config = kafka.client_config();
+    config
+        .set("group.id", "switchyard-reader")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10");
+    let consumer: BaseConsumer = config.create()?;
+    let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+    if offset < low || offset >= high {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    consumer.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Some(message) = consumer.poll(Duration::from_millis(500)) {
+            let message = message?;
+            return Ok((message.offset() == offset).then(|| message.detach()));
+        }
+    }
+    Err(Error::Kafka(KafkaError::MessageConsumption(
+        rdkafka::types::RDKafkaErrorCode::RequestTimedOut,
+    )))
 }
 
 /// The sum of the high watermarks of `topic`'s partitions (its records written so far, when it

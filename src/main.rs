@@ -4,12 +4,18 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
+    let cli = switchyard::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new(cli.default_log_filter())),
         )
         .with_writer(std::io::stderr)
         .init();
-    switchyard::cli::Cli::parse().run().await
+    if let Err(e) = cli.run().await {
+        // One line with the whole chain of causes, never a backtrace: every error names its fix.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
 }

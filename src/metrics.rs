@@ -147,6 +147,8 @@ pub struct RouterMetrics {
     pub gaps: IntCounter,
     /// Exactly-once: transactions aborted (and their batches read again).
     pub aborted: IntCounter,
+    /// Records the broker refused for good, by what they were (`dead_letter`, `work_item`).
+    pub rejected_records: IntCounterVec,
     /// LLM decider calls.
     pub llm: LlmMetrics,
     /// LLM decisions waiting for an answer.
@@ -233,6 +235,12 @@ impl RouterMetrics {
                 r.register(Box::new(c.clone()))?;
                 c
             },
+            rejected_records: counter(
+                &r,
+                "switchyard_rejected_records_total",
+                "Records the broker refused for good (too large, invalid, no topic)",
+                &["record"],
+            )?,
             llm: LlmMetrics::new(&r)?,
             llm_pending: gauge(
                 &r,

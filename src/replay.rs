@@ -5,18 +5,21 @@
 //! anew with the given engine, and compared with what was recorded; the state then advances with
 //! the *recorded* decision, so every later decision is judged against the history that really
 //! happened. Decisions the LLM made are checked from the answer recorded with them: the answer
-//! must still be allowed and lead to the same decision. Nothing is written to Kafka and no LLM is
-//! called.
+//! must still be allowed and lead to the same decision. Records that follow from a write the
+//! broker refused are recorded facts, folded like the rest. Inputs are admitted as the router
+//! admits them (size, signature); an input the state record refers to instead of copying must
+//! still have the recorded SHA-256. Nothing is written to Kafka and no LLM is called.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use serde::Serialize;
 
 use crate::codec::Codec;
 use crate::envelope::{Decision, DecodeError, LlmRecord, StateEvent, TaskEvent};
 use crate::kafka::{self, read_topic, KafkaConfig};
-use crate::router::{Engine, Outcome};
+use crate::router::{Engine, Outcome, Raw};
+use crate::signing::{sha256_hex, SIGNATURE_HEADER};
 use crate::state::PartitionState;
 
 /// Errors of a replay.
@@ -97,6 +100,10 @@ pub struct Report {
     pub inputs_missing: u64,
     /// LLM decisions checked against their recorded answer (the LLM is never called).
     pub llm_recorded: u64,
+    /// Decisions that follow from a write the broker refused (recorded facts, not re-decided).
+    pub refused_writes: u64,
+    /// Answers whose signature could not be checked: their card's secret is not set here.
+    pub signatures_unchecked: u64,
     /// Every divergence.
     pub divergences: Vec<Divergence>,
 }
@@ -155,17 +162,38 @@ pub async fn replay(
     mut progress: impl FnMut(u64),
 ) -> Result<Report> {
     let topics = kafka.topics();
-    let mut raw: Vec<((i32, i64), Vec<u8>)> = Vec::new();
+    let mut raw: Vec<((i32, i64), Option<Vec<u8>>, Option<Vec<u8>>)> = Vec::new();
     read_topic(kafka, &topics.tasks(), None, |m| {
+        let signature = m.headers().and_then(|hs| {
+            hs.iter()
+                .find(|h| h.key == SIGNATURE_HEADER)
+                .and_then(|h| h.value.map(<[u8]>::to_vec))
+        });
         raw.push((
             (m.partition(), m.offset()),
-            m.payload().unwrap_or_default().to_vec(),
+            m.payload().map(<[u8]>::to_vec),
+            signature,
         ));
     })?;
-    let mut inputs: HashMap<(i32, i64), Result<TaskEvent, DecodeError>> =
-        HashMap::with_capacity(raw.len());
-    for (at, bytes) in raw {
-        inputs.insert(at, codec.decode_task_event(&bytes).await);
+    let mut inputs: HashMap<(i32, i64), Input> = HashMap::with_capacity(raw.len());
+    for (at, value, signature) in raw {
+        let bytes = value.as_deref().unwrap_or_default();
+        let decoded = match engine.too_large(bytes.len()) {
+            Some(too_large) => Err(too_large),
+            None => codec.decode_task_event(bytes).await,
+        };
+        let sha256 = decoded.is_err().then(|| sha256_hex(bytes));
+        let size = bytes.len();
+        let signed = signature.map(|s| (value.unwrap_or_default(), s));
+        inputs.insert(
+            at,
+            Input {
+                size,
+                decoded,
+                sha256,
+                signed,
+            },
+        );
     }
     let state_topic = topics.state();
     let mut report = Report::default();
@@ -196,6 +224,10 @@ pub async fn replay(
         {
             report.checked += 1;
             let divergence = match (&record.input, &record.llm) {
+                _ if record.rejected.is_some() => {
+                    report.refused_writes += 1;
+                    None
+                }
                 (None, Some(call)) => {
                     report.llm_recorded += 1;
                     check_llm(engine, state, &record, call, partition, offset)
@@ -207,6 +239,12 @@ pub async fn replay(
                         .and_then(|i| inputs.get(&(i.partition, i.offset)));
                     if input.is_none() {
                         report.inputs_missing += 1;
+                    }
+                    let unchecked = input
+                        .and_then(|i| i.decoded.as_ref().ok())
+                        .is_some_and(|e| !record.dequeued && engine.unverifiable(state, e));
+                    if unchecked {
+                        report.signatures_unchecked += 1;
                     }
                     check(engine, state, &record, input, partition, offset)
                 }
@@ -221,6 +259,12 @@ pub async fn replay(
         Some(e) => Err(e),
         None => Ok(report),
     }
+}
+
+/// Why the state record's copy of its input does not match the input as read, if it does not.
+fn copy_note(record: &StateEvent, event: &TaskEvent) -> Option<String> {
+    (record.event.as_ref() != Some(event))
+        .then(|| "the input copy in the state record differs from the tasks topic".to_string())
 }
 
 /// Checks a decision resolved by the LLM: the recorded answer, validated against the rule as it
@@ -259,32 +303,69 @@ fn check_llm(
     })
 }
 
+/// A tasks-topic record as replay keeps it.
+struct Input {
+    /// Its value's size.
+    size: usize,
+    /// The event, or why it could not be decoded (or was too large to try).
+    decoded: Result<TaskEvent, DecodeError>,
+    /// Its value's SHA-256, for the records a state record refers to instead of copying.
+    sha256: Option<String>,
+    /// Its value and signature header, when it is signed.
+    signed: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 fn check(
     engine: &Engine,
     state: &PartitionState,
     record: &StateEvent,
-    input: Option<&Result<TaskEvent, DecodeError>>,
+    input: Option<&Input>,
     partition: i32,
     offset: i64,
 ) -> Option<Divergence> {
-    let missing = DecodeError::NotJson("input missing".into());
-    let decoded: Result<&TaskEvent, &DecodeError> = match input {
-        Some(decoded) => decoded.as_ref(),
-        None => record.event.as_ref().ok_or(&missing),
-    };
-    let (outcome, note) = match decoded {
-        Ok(event) => {
-            let note = (record.event.as_ref() != Some(event)).then(|| {
-                "the input copy in the state record differs from the tasks topic".to_string()
-            });
-            let outcome = if record.dequeued {
-                engine.decide_dequeued(state, event)
-            } else {
-                engine.decide(state, event)
+    let (outcome, note) = match input {
+        Some(input) if record.dequeued => match &input.decoded {
+            Ok(event) => (
+                engine.decide_dequeued(state, event),
+                copy_note(record, event),
+            ),
+            Err(e) => (Outcome::undecodable(e), None),
+        },
+        Some(input) => {
+            let raw = Raw {
+                size: input.size,
+                value: input.signed.as_ref().map(|(v, _)| v.as_slice()),
+                signature: input.signed.as_ref().map(|(_, s)| s.as_slice()),
             };
-            (outcome, note)
+            let moved = record
+                .input
+                .as_ref()
+                .and_then(|i| i.sha256.as_ref())
+                .filter(|recorded| input.sha256.as_ref() != Some(*recorded))
+                .map(|_| {
+                    "the input at this position is not the one recorded (its SHA-256 differs)"
+                        .to_string()
+                });
+            match (
+                engine.refusal(state, raw, input.decoded.as_ref()),
+                &input.decoded,
+            ) {
+                (Some((_, outcome)), _) => (outcome, moved),
+                (None, Ok(event)) => {
+                    let note = moved.or_else(|| copy_note(record, event));
+                    (engine.decide(state, event), note)
+                }
+                (None, Err(e)) => (Outcome::undecodable(e), moved),
+            }
         }
-        Err(e) => (Outcome::undecodable(e), None),
+        None => match &record.event {
+            Some(event) if record.dequeued => (engine.decide_dequeued(state, event), None),
+            Some(event) => (engine.decide(state, event), None),
+            None => (
+                Outcome::undecodable(&DecodeError::NotJson("input missing".into())),
+                None,
+            ),
+        },
     };
     let step_note = (outcome.answers_step != record.answers_step).then(|| {
         format!(

@@ -402,12 +402,35 @@ pub struct RuleTable {
     /// Tokens and cost one task may spend (no limit when absent).
     #[serde(default)]
     pub budget: Option<Budget>,
+    /// Largest task event the router decides, in bytes: as read, and as recorded on the state
+    /// topic (its JSON form). A larger event is dead-lettered `too_large` and recorded by
+    /// reference (position, size, SHA-256), never copied, so every state record stays well under
+    /// the broker's default record limit of 1 MiB. Default 256 KiB.
+    #[serde(default = "default_max_event_bytes")]
+    pub max_event_bytes: usize,
+    /// Largest work item the router writes, in bytes (its JSON form: the task's input and the
+    /// latest output of every card so far). A decision whose work item would be larger
+    /// dead-letters the task `too_large`. Keep it under the agent topics' `max.message.bytes`
+    /// and the producer's `message.max.bytes` (librdkafka's default: 1,000,000). Default 900,000.
+    #[serde(default = "default_max_work_item_bytes")]
+    pub max_work_item_bytes: usize,
     /// The rules, first match wins.
     pub rules: Vec<Rule>,
 }
 
 fn default_hop_limit() -> u32 {
     25
+}
+
+/// The default of [`RuleTable::max_event_bytes`].
+pub const DEFAULT_MAX_EVENT_BYTES: usize = 256 * 1024;
+
+fn default_max_event_bytes() -> usize {
+    DEFAULT_MAX_EVENT_BYTES
+}
+
+fn default_max_work_item_bytes() -> usize {
+    900_000
 }
 
 impl RuleTable {
@@ -448,6 +471,15 @@ impl RuleTable {
     pub fn validate(&self, cards: &Cards) -> std::result::Result<(), String> {
         if self.hop_limit == 0 {
             return Err("field `hop_limit`: must be at least 1".into());
+        }
+        if self.max_event_bytes < 1024 {
+            return Err("field `max_event_bytes`: must be at least 1024".into());
+        }
+        if self.max_work_item_bytes <= self.max_event_bytes {
+            return Err(format!(
+                "field `max_work_item_bytes`: {} must be more than `max_event_bytes` ({}): a work item carries the task's input",
+                self.max_work_item_bytes, self.max_event_bytes
+            ));
         }
         let known = |field: String, name: &str| {
             if cards.get(name).is_some() {

@@ -142,12 +142,13 @@ impl TaskState {
             })
     }
 
-    fn answer(&mut self, step_id: Option<u32>, event: &TaskEvent) {
+    /// Marks `step_id` done; a result's payload becomes its card's latest output.
+    fn answer(&mut self, step_id: Option<u32>, event: Option<&TaskEvent>) {
         let Some(step) = step_id.and_then(|id| self.steps.get_mut(&id)) else {
             return;
         };
         step.status = StepStatus::Done;
-        if event.kind != EventKind::Failed {
+        if let Some(event) = event.filter(|e| e.kind != EventKind::Failed) {
             self.outputs
                 .insert(step.card.clone(), event.payload.clone());
         }
@@ -257,30 +258,27 @@ impl PartitionState {
         self.next_offset = undo.next_offset;
     }
 
-    /// Applies a decision to the state.
+    /// Applies a decision to the state. A record without an event changes no task unless it
+    /// decides what follows from a refused write (`rejected`).
     pub fn apply(&mut self, record: &StateEvent) {
         if let Some(input) = &record.input {
             self.next_offset = Some(self.next_offset.unwrap_or(0).max(input.offset + 1));
         }
-        let Some(event) = &record.event else { return };
-        let id = &event.task_id;
-        let revivable = self.finished.get(id).is_none_or(|f| f.dead_lettered);
-        if event.kind == EventKind::Submitted && !self.tasks.contains_key(id) && revivable {
-            if let Decision::Routed { .. }
-            | Decision::Completed { .. }
-            | Decision::Escalated { .. }
-            | Decision::AwaitingLlm { .. } = record.decision
-            {
-                let step_base = self.finished.get(id).map_or(0, |f| f.last_step);
-                self.finished.remove(id);
-                self.tasks
-                    .insert(id.clone(), TaskState::new(event, step_base));
-            }
+        let event = record.event.as_ref();
+        if event.is_none() && record.rejected.is_none() {
+            return;
+        }
+        let id = &record.task_id;
+        if let Some(event) = event {
+            self.create(record, event);
         }
         let Some(task) = self.tasks.get_mut(id) else {
-            if let Decision::DeadLettered {
-                ends_task: true, ..
-            } = record.decision
+            if let (
+                Some(_),
+                Decision::DeadLettered {
+                    ends_task: true, ..
+                },
+            ) = (event, &record.decision)
             {
                 let last_step = self.finished.get(id).map_or(0, |f| f.last_step);
                 self.finished.insert(
@@ -306,10 +304,10 @@ impl PartitionState {
         if let Some(usage) = record.event_usage() {
             task.spent.add(usage);
         }
-        let ends = match &record.decision {
-            Decision::Owned { .. } | Decision::Dropped { .. } => false,
-            Decision::AwaitingLlm { rule_id } => {
-                task.answer(record.answers_step, event);
+        let ends = match (&record.decision, event) {
+            (Decision::Owned { .. } | Decision::Dropped { .. }, _) => false,
+            (Decision::AwaitingLlm { rule_id }, Some(event)) => {
+                task.answer(record.answers_step, Some(event));
                 task.awaiting = Some(Awaiting {
                     rule_id: rule_id.clone(),
                     event: event.clone(),
@@ -317,36 +315,37 @@ impl PartitionState {
                 });
                 false
             }
-            Decision::Queued => {
+            (Decision::Queued, Some(event)) => {
                 task.queue.push_back(Queued {
                     event: event.clone(),
                     input: record.input.clone(),
                 });
                 false
             }
-            Decision::Routed { steps, .. } => {
+            (Decision::AwaitingLlm { .. } | Decision::Queued, None) => false,
+            (Decision::Routed { steps, .. }, _) => {
                 task.answer(record.answers_step, event);
                 add_steps(task, steps);
                 false
             }
-            Decision::Escalated { step, .. } => {
+            (Decision::Escalated { step, .. }, _) => {
                 task.answer(record.answers_step, event);
                 add_steps(task, std::slice::from_ref(step));
                 false
             }
-            Decision::Recorded => {
+            (Decision::Recorded, _) => {
                 task.answer(record.answers_step, event);
                 false
             }
-            Decision::RetryScheduled { step } => {
+            (Decision::RetryScheduled { step }, _) => {
                 if let Some(s) = task.steps.get_mut(&step.step_id) {
                     s.attempt = step.attempt;
                     s.status = StepStatus::Pending;
                 }
                 false
             }
-            Decision::Completed { .. } | Decision::Cancelled => true,
-            Decision::DeadLettered { ends_task, .. } => *ends_task,
+            (Decision::Completed { .. } | Decision::Cancelled, _) => true,
+            (Decision::DeadLettered { ends_task, .. }, _) => *ends_task,
         };
         if ends {
             let finished = Finished {
@@ -355,6 +354,24 @@ impl PartitionState {
             };
             self.tasks.remove(id);
             self.finished.insert(id.clone(), finished);
+        }
+    }
+
+    /// Starts the task a submission's decision starts (a dead-lettered task may start again).
+    fn create(&mut self, record: &StateEvent, event: &TaskEvent) {
+        let id = &event.task_id;
+        let revivable = self.finished.get(id).is_none_or(|f| f.dead_lettered);
+        if event.kind == EventKind::Submitted && !self.tasks.contains_key(id) && revivable {
+            if let Decision::Routed { .. }
+            | Decision::Completed { .. }
+            | Decision::Escalated { .. }
+            | Decision::AwaitingLlm { .. } = record.decision
+            {
+                let step_base = self.finished.get(id).map_or(0, |f| f.last_step);
+                self.finished.remove(id);
+                self.tasks
+                    .insert(id.clone(), TaskState::new(event, step_base));
+            }
         }
     }
 }

@@ -44,11 +44,13 @@ impl Workflow {
         })
     }
 
-    /// The decision engine of this workflow.
+    /// The decision engine of this workflow, with the cards' signing secrets read from the
+    /// environment.
     pub fn engine(&self) -> Engine {
         Engine {
             cards: self.cards.clone(),
             rules: self.rules.clone(),
+            secrets: self.cards.secrets(),
         }
     }
 }

@@ -9,7 +9,8 @@ use common::*;
 use rdkafka::message::Message;
 use serde_json::{json, Value};
 use switchyard::codec::{Codec, Encoding};
-use switchyard::envelope::{dlq_headers, Decision};
+use switchyard::dlq::headers as dlq_headers;
+use switchyard::envelope::Decision;
 
 const WAIT: Duration = Duration::from_secs(60);
 

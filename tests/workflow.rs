@@ -8,7 +8,8 @@ use std::time::Duration;
 use common::*;
 use rdkafka::message::Message;
 use switchyard::agent::CommandHandler;
-use switchyard::envelope::{dlq_headers, Decision, EventKind, TaskEvent, WorkItem};
+use switchyard::dlq::headers as dlq_headers;
+use switchyard::envelope::{Decision, EventKind, TaskEvent, WorkItem};
 
 const WAIT: Duration = Duration::from_secs(60);
 

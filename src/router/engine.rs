@@ -8,6 +8,7 @@ use crate::envelope::{
     DecidedBy, Decision, DecodeError, EventKind, LlmRecord, Step, TaskEvent, Usage, WorkItem,
 };
 use crate::rules::{Action, Facts, LlmRoute, Rule, RuleTable, COMPLETE, HUMAN};
+use crate::signing::Secrets;
 use crate::state::{PartitionState, StepStatus, TaskState};
 
 /// A decision with the step the event answered.
@@ -30,7 +31,7 @@ impl Outcome {
         }
     }
 
-    fn dead_letter(reason: &str, message: impl Into<String>, ends_task: bool) -> Self {
+    pub(crate) fn dead_letter(reason: &str, message: impl Into<String>, ends_task: bool) -> Self {
         Self::new(
             None,
             Decision::DeadLettered {
@@ -57,13 +58,15 @@ impl Outcome {
     }
 }
 
-/// Cards and rules: everything the router decides with.
+/// Cards, rules and the cards' signing secrets: everything the router decides with.
 #[derive(Debug, Clone)]
 pub struct Engine {
     /// The agent cards.
     pub cards: Cards,
     /// The rule table.
     pub rules: RuleTable,
+    /// The secrets of the cards that sign their answers.
+    pub secrets: Secrets,
 }
 
 impl Engine {
@@ -134,40 +137,69 @@ impl Engine {
         };
         let first_step = finished.map_or(0, |f| f.last_step) + 1;
         let spent = event.usage.clone().unwrap_or_default();
-        match self.rules.decide(&facts, |_| false) {
+        let outcome = match self.rules.decide(&facts, |_| false) {
             Some(rule) => self.act(rule, None, &spent, 0, first_step),
             None => {
                 Outcome::dead_letter("no_rule_matched", "no rule matches this submission", true)
             }
+        };
+        self.bounded(None, Some(event), None, outcome)
+    }
+
+    /// The step `event` answers: its `step_id`, or for a human decision without one the latest
+    /// pending step of a human card.
+    pub fn answered_step(&self, task: &TaskState, event: &TaskEvent) -> Option<u32> {
+        match event.step_id {
+            Some(id) => Some(id),
+            None if event.kind == EventKind::HumanDecision => task
+                .pending()
+                .filter(|s| self.cards.get(&s.card).is_some_and(|c| c.is_human()))
+                .last()
+                .map(|s| s.step_id),
+            None => None,
+        }
+    }
+
+    /// Why `event` may not answer `step_id` of `card`: a result or failure from another card
+    /// (`source_mismatch`), a human decision for a card that is not human (`not_a_human_step`).
+    fn answerer_problem(&self, step_id: u32, card: &str, event: &TaskEvent) -> Option<Outcome> {
+        let kind = event.kind.as_str();
+        match event.kind {
+            EventKind::Result | EventKind::Failed if event.source != card => {
+                Some(Outcome::dead_letter(
+                    "source_mismatch",
+                    format!(
+                        "step {step_id} belongs to card `{card}`; this {kind} comes from `{}`",
+                        event.source
+                    ),
+                    false,
+                ))
+            }
+            EventKind::HumanDecision if !self.cards.get(card).is_some_and(|c| c.is_human()) => {
+                Some(Outcome::dead_letter(
+                    "not_a_human_step",
+                    format!(
+                        "step {step_id} belongs to card `{card}`, which is not a human card; a {kind} answers only a human card's step"
+                    ),
+                    false,
+                ))
+            }
+            _ => None,
         }
     }
 
     fn decide_answer(&self, task: &TaskState, event: &TaskEvent) -> Outcome {
-        let step_id = match event.step_id {
-            Some(id) => id,
-            None if event.kind == EventKind::HumanDecision => {
-                let human = task
-                    .pending()
-                    .filter(|s| self.cards.get(&s.card).is_some_and(|c| c.is_human()))
-                    .last();
-                match human {
-                    Some(step) => step.step_id,
-                    None => {
-                        return Outcome::dead_letter(
-                            "no_step",
-                            "no human step is pending for this task",
-                            false,
-                        )
-                    }
-                }
-            }
-            None => {
-                return Outcome::dead_letter(
-                    "no_step",
-                    "RESULT and FAILED events need a `step_id`",
-                    false,
-                )
-            }
+        let outcome = self.answer_outcome(task, event);
+        self.bounded(Some(task), None, Some(event), outcome)
+    }
+
+    fn answer_outcome(&self, task: &TaskState, event: &TaskEvent) -> Outcome {
+        let Some(step_id) = self.answered_step(task, event) else {
+            let message = match event.kind {
+                EventKind::HumanDecision => "no human step is pending for this task",
+                _ => "RESULT and FAILED events need a `step_id`",
+            };
+            return Outcome::dead_letter("no_step", message, false);
         };
         let Some(step) = task.steps.get(&step_id) else {
             return Outcome::dead_letter(
@@ -176,6 +208,9 @@ impl Engine {
                 false,
             );
         };
+        if let Some(refused) = self.answerer_problem(step_id, &step.card, event) {
+            return refused;
+        }
         if step.status == StepStatus::Done {
             return Outcome::dropped(Some(step_id), "duplicate_result");
         }
@@ -349,11 +384,12 @@ impl Engine {
                 ends_task: true,
             },
         };
-        Outcome {
+        let outcome = Outcome {
             answers_step: None,
             decision,
             llm: Some(call.clone()),
-        }
+        };
+        self.bounded(Some(task), None, None, outcome)
     }
 
     /// Why a task that has spent `spent` is over the budget, if it is.
@@ -538,7 +574,11 @@ mod tests {
         }
         let rules: RuleTable = serde_yaml_ng::from_str(rules).unwrap();
         rules.validate(&set).unwrap();
-        Engine { cards: set, rules }
+        Engine {
+            cards: set,
+            rules,
+            secrets: Secrets::default(),
+        }
     }
 
     const RULES: &str = r#"
@@ -599,6 +639,27 @@ rules:
             out
         }
 
+        /// An answer to `step` of task `t1` from the card that owns it (`agent` if none does).
+        fn answer(
+            &self,
+            kind: EventKind,
+            step: u32,
+            attempt: u32,
+            confidence: Option<f64>,
+        ) -> TaskEvent {
+            let card = self
+                .state
+                .tasks
+                .get("t1")
+                .and_then(|t| t.steps.get(&step))
+                .map_or("agent", |s| s.card.as_str());
+            let mut e = TaskEvent::new("t1", kind, card);
+            e.step_id = Some(step);
+            e.attempt = Some(attempt);
+            e.confidence = confidence;
+            e
+        }
+
         /// Folds `outcome` about `event` into the state, as a recorded decision.
         fn apply(&mut self, event: TaskEvent, outcome: Outcome, dequeued: bool) {
             self.seq += 1;
@@ -613,6 +674,7 @@ rules:
                 decision: outcome.decision,
                 llm: outcome.llm,
                 dequeued,
+                rejected: None,
                 at: 0,
             });
         }
@@ -711,14 +773,6 @@ rules:
         assert_eq!(call.attempts, 0);
     }
 
-    fn answer(kind: EventKind, step: u32, attempt: u32, confidence: Option<f64>) -> TaskEvent {
-        let mut e = TaskEvent::new("t1", kind, "agent");
-        e.step_id = Some(step);
-        e.attempt = Some(attempt);
-        e.confidence = confidence;
-        e
-    }
-
     fn routed_cards(d: &Decision) -> Vec<(u32, String)> {
         match d {
             Decision::Routed { steps, .. } => {
@@ -734,19 +788,19 @@ rules:
         let d = run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
         assert_eq!(routed_cards(&d), vec![(1, "a".into()), (2, "b".into())]);
         assert_eq!(
-            run.send(answer(EventKind::Result, 2, 1, None)),
+            run.send(run.answer(EventKind::Result, 2, 1, None)),
             Decision::Recorded
         );
         assert_eq!(
-            routed_cards(&run.send(answer(EventKind::Result, 1, 1, None))),
+            routed_cards(&run.send(run.answer(EventKind::Result, 1, 1, None))),
             vec![(3, "c".into())]
         );
         assert!(matches!(
-            run.send(answer(EventKind::Result, 3, 1, Some(0.95))),
+            run.send(run.answer(EventKind::Result, 3, 1, Some(0.95))),
             Decision::Completed { .. }
         ));
         assert!(run.state.tasks.is_empty(), "finished tasks leave memory");
-        let late = run.send(answer(EventKind::Result, 3, 1, Some(0.95)));
+        let late = run.send(run.answer(EventKind::Result, 3, 1, Some(0.95)));
         assert_eq!(
             late,
             Decision::Dropped {
@@ -759,9 +813,9 @@ rules:
     fn low_confidence_escalates_and_human_completes() {
         let mut run = Run::new(RULES, &["a", "b", "c", "h"]);
         run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
-        run.send(answer(EventKind::Result, 1, 1, None));
-        run.send(answer(EventKind::Result, 2, 1, None));
-        let d = run.send(answer(EventKind::Result, 3, 1, Some(0.5)));
+        run.send(run.answer(EventKind::Result, 1, 1, None));
+        run.send(run.answer(EventKind::Result, 2, 1, None));
+        let d = run.send(run.answer(EventKind::Result, 3, 1, Some(0.5)));
         assert!(
             matches!(&d, Decision::Escalated { step, .. } if step.card == "h" && step.step_id == 4),
             "{d:?}"
@@ -782,30 +836,30 @@ rules:
             }
         );
         assert!(matches!(
-            run.send(answer(EventKind::Failed, 1, 1, None)),
+            run.send(run.answer(EventKind::Failed, 1, 1, None)),
             Decision::RetryScheduled { .. }
         ));
         assert_eq!(
-            run.send(answer(EventKind::Result, 1, 1, None)),
+            run.send(run.answer(EventKind::Result, 1, 1, None)),
             Decision::Dropped {
                 reason: "stale_attempt".into()
             }
         );
         assert_eq!(
-            run.send(answer(EventKind::Result, 1, 2, None)),
+            run.send(run.answer(EventKind::Result, 1, 2, None)),
             Decision::Recorded
         );
         assert_eq!(
-            run.send(answer(EventKind::Result, 1, 2, None)),
+            run.send(run.answer(EventKind::Result, 1, 2, None)),
             Decision::Dropped {
                 reason: "duplicate_result".into()
             }
         );
-        let d = run.send(answer(EventKind::Result, 9, 1, None));
+        let d = run.send(run.answer(EventKind::Result, 9, 1, None));
         assert!(
             matches!(d, Decision::DeadLettered { ref reason, ends_task: false, .. } if reason == "unknown_step")
         );
-        let mut other = answer(EventKind::Result, 1, 1, None);
+        let mut other = run.answer(EventKind::Result, 1, 1, None);
         other.task_id = "nope".into();
         assert!(
             matches!(run.send(other), Decision::DeadLettered { ref reason, .. } if reason == "unknown_task")
@@ -816,8 +870,8 @@ rules:
     fn failures_past_the_retry_budget_end_in_the_dead_letter_topic() {
         let mut run = Run::new(RULES, &["a", "b", "c", "h"]);
         run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
-        run.send(answer(EventKind::Failed, 1, 1, None));
-        let d = run.send(answer(EventKind::Failed, 1, 2, None));
+        run.send(run.answer(EventKind::Failed, 1, 1, None));
+        let d = run.send(run.answer(EventKind::Failed, 1, 2, None));
         assert!(
             matches!(d, Decision::DeadLettered { ref reason, ends_task: true, .. } if reason == "agent_failed"),
             "{d:?}"
@@ -839,11 +893,151 @@ rules:
         run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
         let mut last = Decision::Recorded;
         for step in 1..=5 {
-            last = run.send(answer(EventKind::Result, step, 1, None));
+            last = run.send(run.answer(EventKind::Result, step, 1, None));
         }
         assert!(
             matches!(last, Decision::DeadLettered { ref reason, ends_task: true, .. } if reason == "hop_limit"),
             "{last:?}"
         );
+    }
+
+    fn reason(d: &Decision) -> (&str, bool) {
+        match d {
+            Decision::DeadLettered {
+                reason, ends_task, ..
+            } => (reason.as_str(), *ends_task),
+            other => panic!("expected DEAD_LETTERED, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn answers_are_accepted_only_for_their_own_steps() {
+        let mut run = Run::new(RULES, &["a", "b", "c", "h"]);
+        run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
+        let mut forged = run.answer(EventKind::Result, 2, 1, None);
+        forged.source = "a".into();
+        let d = run.send(forged);
+        assert_eq!(reason(&d), ("source_mismatch", false), "{d:?}");
+        let mut human = run.answer(EventKind::HumanDecision, 1, 1, None);
+        human.source = "alice".into();
+        let d = run.send(human);
+        assert_eq!(reason(&d), ("not_a_human_step", false), "{d:?}");
+        assert_eq!(
+            run.send(run.answer(EventKind::Result, 2, 1, None)),
+            Decision::Recorded,
+            "the step still waits for its real answer"
+        );
+        assert!(matches!(
+            run.send(run.answer(EventKind::Result, 1, 1, None)),
+            Decision::Routed { .. }
+        ));
+    }
+
+    /// Admits `event` (encoded as JSON, signed with `signature`) as the router does.
+    fn admit(run: &Run, event: &TaskEvent, signature: Option<&str>) -> Result<TaskEvent, Outcome> {
+        let bytes = serde_json::to_vec(event).unwrap();
+        let raw = crate::router::Raw {
+            size: bytes.len(),
+            value: Some(&bytes),
+            signature: signature.map(str::as_bytes),
+        };
+        run.engine
+            .admit(&run.state, raw, Ok(event.clone()))
+            .map_err(|r| r.outcome)
+    }
+
+    #[test]
+    fn events_over_max_event_bytes_are_refused_without_a_copy() {
+        let rules = format!("max_event_bytes: 2048\nmax_work_item_bytes: 4096\n{RULES}");
+        let run = Run::new(&rules, &["a", "b", "c", "h"]);
+        let raw = crate::router::Raw {
+            size: 3000,
+            ..Default::default()
+        };
+        let refused = run
+            .engine
+            .admit(&run.state, raw, Err(DecodeError::NotJson("unread".into())))
+            .unwrap_err();
+        assert_eq!(refused.event, None);
+        assert_eq!(reason(&refused.outcome.decision), ("too_large", false));
+        let mut big = TaskEvent::new("t1", EventKind::Submitted, "client");
+        big.payload = serde_json::json!({ "text": "x".repeat(1600) });
+        assert!(admit(&run, &big, None).is_ok(), "1.6 KB fits");
+        big.payload = serde_json::json!({ "text": "é".repeat(1100) });
+        let refused = run
+            .engine
+            .admit(
+                &run.state,
+                crate::router::Raw {
+                    size: 1500,
+                    ..Default::default()
+                },
+                Ok(big),
+            )
+            .unwrap_err();
+        assert_eq!(refused.event, None, "never copied into the state record");
+        let Decision::DeadLettered { message, .. } = &refused.outcome.decision else {
+            panic!()
+        };
+        assert!(message.contains("as recorded"), "{message}");
+    }
+
+    #[test]
+    fn a_work_item_over_max_work_item_bytes_dead_letters_the_task() {
+        let rules = format!("max_event_bytes: 2048\nmax_work_item_bytes: 4096\n{RULES}");
+        let mut run = Run::new(&rules, &["a", "b", "c", "h"]);
+        run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
+        let mut a = run.answer(EventKind::Result, 1, 1, None);
+        a.payload = serde_json::json!("x".repeat(2100));
+        assert_eq!(run.send(a), Decision::Recorded);
+        let mut b = run.answer(EventKind::Result, 2, 1, None);
+        b.payload = serde_json::json!("y".repeat(2100));
+        let d = run.send(b);
+        let Decision::DeadLettered {
+            reason, message, ..
+        } = &d
+        else {
+            panic!("{d:?}")
+        };
+        assert_eq!(reason, "too_large");
+        assert!(message.contains("work item for `c`"), "{message}");
+        assert!(run.state.tasks.is_empty(), "the task ends");
+    }
+
+    #[test]
+    fn answers_to_a_signing_card_need_its_signature_over_their_bytes() {
+        let mut run = Run::new(RULES, &["a", "b", "c", "h"]);
+        let secret = crate::signing::Secret::new("a-secret");
+        run.engine.secrets.insert("a", Some(secret.clone()));
+        run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
+        let answer = run.answer(EventKind::Result, 1, 1, None);
+        let bytes = serde_json::to_vec(&answer).unwrap();
+        let signed = secret.sign("t1", Some(1), Some(1), &bytes);
+        let other = crate::signing::Secret::new("b-secret").sign("t1", Some(1), Some(1), &bytes);
+        for (signature, why) in [
+            (None, "not signed"),
+            (Some(other.as_str()), "not made with"),
+        ] {
+            let outcome = admit(&run, &answer, signature).unwrap_err();
+            let Decision::DeadLettered {
+                reason, message, ..
+            } = &outcome.decision
+            else {
+                panic!()
+            };
+            assert_eq!(reason, "bad_signature");
+            assert!(message.contains(why), "{message}");
+        }
+        let mut changed = answer.clone();
+        changed.payload = serde_json::json!({ "changed": true });
+        assert!(
+            admit(&run, &changed, Some(&signed)).is_err(),
+            "changed after signing"
+        );
+        assert!(admit(&run, &answer, Some(&signed)).is_ok());
+        let b = run.answer(EventKind::Result, 2, 1, None);
+        assert!(admit(&run, &b, None).is_ok(), "card b signs nothing");
+        run.engine.secrets.insert("a", None);
+        assert!(run.engine.unverifiable(&run.state, &answer));
     }
 }

@@ -24,23 +24,26 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
     StreamConsumer,
 };
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::Producer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
-use super::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use super::engine::{work_item, Engine, Outcome};
+use super::guard::{Raw, Refused};
 use crate::codec::{Codec, Encoding};
+use crate::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
+use crate::dlq;
 use crate::envelope::{
-    dlq_headers, now_ms, Decision, DecodeError, InputRef, LlmRecord, StateEvent, TaskEvent,
-    WorkItem,
+    now_ms, Decision, DecodeError, InputRef, LlmRecord, Rejection, StateEvent, TaskEvent, WorkItem,
 };
 use crate::kafka::{self, set_default, KafkaConfig, Topics};
 use crate::llm::{LlmClient, LlmConfig};
 use crate::metrics::RouterMetrics;
 use crate::rules::Action;
-use crate::state::{PartitionState, Queued, Undo};
+use crate::signing::{sha256_hex, SIGNATURE_HEADER};
+use crate::state::{PartitionState, Queued, StepStatus, Undo};
 
 /// Errors that stop the router.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +88,21 @@ pub enum Error {
     /// The rule table asks the LLM but no endpoint is configured, or its configuration is bad.
     #[error("LLM decider: {0}")]
     Llm(String),
+    /// A card signs its answers but its secret is not in the environment.
+    #[error("{0}")]
+    Secrets(String),
+    /// The broker refused a state event. State events are bounded by the rule table's
+    /// `max_event_bytes` (plus a small envelope), so this means the state topic accepts less
+    /// than that; no input record can cause it.
+    #[error("the broker refused a state event of {bytes} bytes on `{topic}` ({source}); the state topic must accept records of `max_event_bytes` plus 64 KiB: raise its max.message.bytes, or lower `max_event_bytes` in the rule table")]
+    StateRefused {
+        /// The state topic.
+        topic: String,
+        /// The record's size.
+        bytes: usize,
+        /// The broker's answer.
+        source: KafkaError,
+    },
 }
 
 /// Result type of this module.
@@ -191,6 +209,9 @@ struct Gap {
 /// How many times the router fetches a hole again before it accepts it.
 const GAP_RETRIES: u32 = 20;
 
+/// librdkafka's default `message.max.bytes`: the largest record a producer writes.
+const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
 /// Decisions ready to be written, in this order: dead letters, state events, work items.
 #[derive(Default)]
 struct Decided {
@@ -217,6 +238,8 @@ enum Origin<'a> {
     Read(&'a OwnedMessage),
     /// Read earlier (an LLM answer, a queued event): the event is encoded again.
     Recorded(Option<InputRef>),
+    /// A record the broker refused (a work item): the dead letter keeps its bytes.
+    Refused(dlq::Source),
 }
 
 /// The decider's answer for a task of a partition owned at `epoch`.
@@ -243,6 +266,8 @@ pub struct Router {
     answers: mpsc::UnboundedSender<Answer>,
     answers_rx: Option<mpsc::UnboundedReceiver<Answer>>,
     asking: HashSet<(i32, String)>,
+    /// Largest record the producer writes (`message.max.bytes`): dead letters are cut to fit.
+    max_record: usize,
 }
 
 impl Router {
@@ -278,6 +303,24 @@ impl Router {
             }
             (None, false) => None,
         };
+        let missing = engine.secrets.missing();
+        if !missing.is_empty() {
+            let vars: Vec<String> = missing
+                .iter()
+                .filter_map(|c| engine.cards.get(c))
+                .map(|c| {
+                    format!(
+                        "`{}` (card `{}`)",
+                        c.secret_env.as_deref().unwrap_or_default(),
+                        c.name
+                    )
+                })
+                .collect();
+            return Err(Error::Secrets(format!(
+                "the signing secret of {} is not set; the router checks every signed card's answers, so set the variable (the secret never goes in a card)",
+                vars.join(", ")
+            )));
+        }
         let (answers, answers_rx) = mpsc::unbounded_channel();
         let transactional_id = format!("{}.{}", config.group_id, config.instance_id);
         let writer = Writer::new(&config.kafka, config.consistency, &transactional_id).await?;
@@ -300,6 +343,12 @@ impl Router {
             answers,
             answers_rx: Some(answers_rx),
             asking: HashSet::new(),
+            max_record: config
+                .kafka
+                .options
+                .get("message.max.bytes")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES),
             config,
         })
     }
@@ -456,14 +505,28 @@ impl Router {
         out: Decided,
         offsets: Option<(TopicPartitionList, ConsumerGroupMetadata)>,
     ) -> Result<Option<Vec<i32>>> {
-        let works = self.encode_works(&out.works).await?;
-        match self
-            .writer
-            .write(vec![out.dead, out.states, works], offsets)
-            .await?
-        {
+        let Decided {
+            dead,
+            states,
+            works: items,
+            undo,
+            asks,
+        } = out;
+        let works = self.encode_works(&items).await?;
+        let written = match self.writer.mode() {
+            ConsistencyMode::EffectivelyOnce => {
+                self.deliver(dead, states, works, items).await?;
+                Written::Committed(Vec::new())
+            }
+            ConsistencyMode::ExactlyOnce => {
+                self.writer
+                    .write(vec![dead, states, works], offsets)
+                    .await?
+            }
+        };
+        match written {
             Written::Committed(_) => {
-                for (p, id) in out.asks {
+                for (p, id) in asks {
                     self.ask(p, id);
                 }
                 Ok(None)
@@ -472,7 +535,7 @@ impl Router {
                 tracing::warn!(error = %cause, "transaction aborted; taking its decisions back");
                 self.metrics.aborted.inc();
                 let mut touched = Vec::new();
-                for (p, undo) in out.undo.into_iter().rev() {
+                for (p, undo) in undo.into_iter().rev() {
                     if let Some(state) = self.partitions.get_mut(&p) {
                         state.undo(undo);
                     }
@@ -483,6 +546,122 @@ impl Router {
                 Ok(Some(touched))
             }
         }
+    }
+
+    /// Effectively-once: writes dead letters, then state events, then work items, each phase
+    /// acknowledged before the next. A record the broker refuses for good (see
+    /// [`commit::refuses_record`]) stops nothing: a refused dead letter is written again without
+    /// its value; a refused work item's task is dead-lettered by a decision recorded after it
+    /// (carrying the refusal), whose own writes follow the same way. A refused state event stops
+    /// the router ([`Error::StateRefused`]): no input can make one too large.
+    async fn deliver(
+        &mut self,
+        mut dead: Vec<Outgoing>,
+        mut states: Vec<Outgoing>,
+        mut works: Vec<Outgoing>,
+        mut items: Vec<WorkItem>,
+    ) -> Result<()> {
+        loop {
+            self.deliver_dead_letters(dead).await?;
+            for (record, sent) in states.iter().zip(self.writer.send_each(&states).await?) {
+                if let Err(source) = sent {
+                    return Err(Error::StateRefused {
+                        topic: record.topic.clone(),
+                        bytes: record.size(),
+                        source,
+                    });
+                }
+            }
+            let sent = self.writer.send_each(&works).await?;
+            let mut follow = Decided::default();
+            for ((record, item), sent) in works.iter().zip(&items).zip(sent) {
+                if let Err(error) = sent {
+                    self.refuse_work(item, record, &error, &mut follow).await?;
+                }
+            }
+            if follow.dead.is_empty() && follow.states.is_empty() {
+                return Ok(());
+            }
+            (dead, states, works, items) = (follow.dead, follow.states, Vec::new(), Vec::new());
+        }
+    }
+
+    /// Writes dead letters; one the broker refuses is written again without its value (its
+    /// headers keep the reason, the source position, the original size and hash).
+    async fn deliver_dead_letters(&self, dead: Vec<Outgoing>) -> Result<()> {
+        let sent = self.writer.send_each(&dead).await?;
+        let mut stubs = Vec::new();
+        for (record, sent) in dead.iter().zip(sent) {
+            if let Err(error) = sent {
+                tracing::warn!(bytes = record.size(), %error, "the broker refused a dead letter; writing it again without its value");
+                self.metrics
+                    .rejected_records
+                    .with_label_values(&["dead_letter"])
+                    .inc();
+                stubs.push(dlq::stub(record));
+            }
+        }
+        for (stub, sent) in stubs.iter().zip(self.writer.send_each(&stubs).await?) {
+            if let Err(error) = sent {
+                tracing::error!(key_bytes = stub.key.len(), %error, "the broker refused a dead letter even without its value; its record stays at its source position");
+            }
+        }
+        Ok(())
+    }
+
+    /// Dead-letters the task whose work item `record` the broker refused (unless its step no
+    /// longer waits for that attempt), with a decision that carries the refusal.
+    async fn refuse_work(
+        &mut self,
+        item: &WorkItem,
+        record: &Outgoing,
+        error: &KafkaError,
+        out: &mut Decided,
+    ) -> Result<()> {
+        self.metrics
+            .rejected_records
+            .with_label_values(&["work_item"])
+            .inc();
+        tracing::warn!(task = %item.task_id, card = %item.card, step = item.step_id, bytes = record.size(), %error, "the broker refused a work item");
+        let p = item.reply_partition;
+        let waiting = self
+            .partitions
+            .get(&p)
+            .and_then(|s| s.tasks.get(&item.task_id))
+            .and_then(|t| t.steps.get(&item.step_id))
+            .is_some_and(|s| s.status == StepStatus::Pending && s.attempt == item.attempt);
+        if !waiting {
+            return Ok(());
+        }
+        let reason = if commit::too_large(error) {
+            "too_large"
+        } else {
+            "work_item_rejected"
+        };
+        let message = format!(
+            "the broker refused the work item for `{}` (step {}, {} bytes) on `{}`: {error}",
+            item.card,
+            item.step_id,
+            record.size(),
+            record.topic
+        );
+        let outcome = Outcome::dead_letter(reason, message, true);
+        let mut state = self.record(p, &item.task_id, None, None, outcome, false);
+        state.rejected = Some(Rejection {
+            topic: record.topic.clone(),
+            step_id: Some(item.step_id),
+            bytes: record.size() as u64,
+            error: error.to_string(),
+        });
+        let source = dlq::Source {
+            topic: record.topic.clone(),
+            partition: -1,
+            offset: -1,
+            key: record.key.clone(),
+            value: record.payload.clone(),
+            redrives: None,
+        };
+        self.emit(p, state, Origin::Refused(source), out).await
     }
 
     /// Seeks `partitions` to the first offset not yet decided.
@@ -545,6 +724,7 @@ impl Router {
             },
             llm: None,
             dequeued: false,
+            rejected: None,
             at: now_ms(),
         };
         let records = parts
@@ -573,10 +753,17 @@ impl Router {
             self.partitions.insert(*p, state);
             self.gaps.remove(p);
         }
-        let reemit = self.encode_works(&pending).await?;
-        let resent = reemit.len();
-        if let Written::Aborted(e) = self.writer.write(vec![reemit], None).await? {
-            return Err(Error::Client(e));
+        let resent = pending.len();
+        let reemit = Decided {
+            works: pending,
+            ..Decided::default()
+        };
+        if self.write(reemit, None).await?.is_some() {
+            return Err(Error::Restore {
+                topic: self.topics.state(),
+                partition: parts[0],
+                message: "the transaction re-sending pending work items aborted".into(),
+            });
         }
         // Decisions recorded as asked but never answered are asked again; tasks whose answer is
         // recorded but whose queued events are not yet decided are drained. Nothing recorded is
@@ -809,6 +996,7 @@ impl Router {
             decision: outcome.decision,
             llm: outcome.llm,
             dequeued,
+            rejected: None,
             at: now_ms(),
         }
     }
@@ -842,15 +1030,22 @@ impl Router {
                 reason, message, ..
             } => {
                 let source = match (origin, &record.event) {
-                    (Origin::Read(read), _) => Some(DeadSource::of_message(read)),
+                    (Origin::Read(read), _) => Some(dlq::Source::of_message(read)),
                     (Origin::Recorded(input), Some(event)) => {
                         Some(self.re_encoded(p, event, input).await?)
                     }
                     (Origin::Recorded(_), None) => None,
+                    (Origin::Refused(source), _) => Some(source),
                 };
                 if let Some(source) = source {
-                    out.dead
-                        .push(dead_letter(self.topics.dlq(), source, reason, message));
+                    let topic = self.topics.dlq();
+                    out.dead.push(dlq::record(
+                        topic,
+                        &source,
+                        reason,
+                        message,
+                        self.max_record,
+                    ));
                 }
             }
             _ => {}
@@ -871,15 +1066,15 @@ impl Router {
         p: i32,
         event: &TaskEvent,
         input: Option<InputRef>,
-    ) -> Result<DeadSource> {
+    ) -> Result<dlq::Source> {
         let tasks = self.topics.tasks();
         let payload = self.codec.encode_task_event(&tasks, event).await?;
-        Ok(DeadSource {
+        Ok(dlq::Source {
             partition: input.as_ref().map_or(p, |i| i.partition),
             offset: input.as_ref().map_or(-1, |i| i.offset),
             topic: input.map_or(tasks, |i| i.topic),
             key: event.task_id.as_bytes().to_vec(),
-            payload,
+            value: Some(payload),
             redrives: None,
         })
     }
@@ -899,15 +1094,16 @@ impl Router {
         Ok(out)
     }
 
-    /// Decodes every event of a batch (Avro may ask the registry for a schema).
+    /// Decodes every event of a batch (Avro may ask the registry for a schema); a record over
+    /// `max_event_bytes` is not decoded at all.
     async fn decode(&self, batch: &[OwnedMessage]) -> Vec<Result<TaskEvent, DecodeError>> {
         let mut out = Vec::with_capacity(batch.len());
         for message in batch {
-            out.push(
-                self.codec
-                    .decode_task_event(message.payload().unwrap_or_default())
-                    .await,
-            );
+            let value = message.payload().unwrap_or_default();
+            out.push(match self.engine.too_large(value.len()) {
+                Some(too_large) => Err(too_large),
+                None => self.codec.decode_task_event(value).await,
+            });
         }
         out
     }
@@ -960,12 +1156,17 @@ impl Router {
             }
             self.gaps.remove(&p);
             decided += 1;
-            let (event, outcome) = match decoded {
+            let raw = Raw {
+                size: message.payload().map_or(0, <[u8]>::len),
+                value: message.payload(),
+                signature: header(message, SIGNATURE_HEADER),
+            };
+            let (event, outcome) = match self.engine.admit(partition, raw, decoded) {
                 Ok(event) => {
                     let outcome = self.engine.decide(partition, &event);
                     (Some(event), outcome)
                 }
-                Err(e) => (None, Outcome::undecodable(&e)),
+                Err(Refused { event, outcome }) => (event, outcome),
             };
             let kind = event.as_ref().map_or("undecodable", |e| e.kind.as_str());
             self.metrics.events.with_label_values(&[kind]).inc();
@@ -973,11 +1174,14 @@ impl Router {
                 .as_ref()
                 .map(|e| e.task_id.clone())
                 .unwrap_or_default();
+            let value = message.payload().unwrap_or_default();
             let input = InputRef {
                 event_id: event.as_ref().map(|e| e.event_id.clone()),
                 topic: tasks_topic.clone(),
                 partition: p,
                 offset: message.offset(),
+                size: Some(value.len() as u64),
+                sha256: event.is_none().then(|| sha256_hex(value)),
             };
             let record = self.record(p, &task_id, Some(input), event, outcome, false);
             self.emit(p, record, Origin::Read(message), &mut out)
@@ -1050,84 +1254,11 @@ fn count_decision(metrics: &RouterMetrics, record: &StateEvent) {
     }
 }
 
-/// Where a dead letter's original record came from.
-struct DeadSource {
-    topic: String,
-    partition: i32,
-    offset: i64,
-    key: Vec<u8>,
-    payload: Vec<u8>,
-    redrives: Option<String>,
-}
-
-impl DeadSource {
-    /// The record as read.
-    fn of_message(message: &OwnedMessage) -> Self {
-        let redrives = message
-            .headers()
-            .and_then(|hs| {
-                hs.iter()
-                    .find(|h| h.key == dlq_headers::REDRIVES)
-                    .and_then(|h| h.value)
-            })
-            .map(|v| String::from_utf8_lossy(v).into_owned());
-        Self {
-            topic: message.topic().to_string(),
-            partition: message.partition(),
-            offset: message.offset(),
-            key: message.key().unwrap_or_default().to_vec(),
-            payload: message.payload().unwrap_or_default().to_vec(),
-            redrives,
-        }
-    }
-}
-
-/// The dead-letter record for `source`: its original key and bytes, with the reason in headers
-/// (and the redrive count it arrived with).
-fn dead_letter(topic: String, source: DeadSource, reason: &str, why: &str) -> Outgoing {
-    let partition = source.partition.to_string();
-    let offset = source.offset.to_string();
-    let time = now_ms().to_string();
-    let mut headers = OwnedHeaders::new()
-        .insert(Header {
-            key: dlq_headers::REASON,
-            value: Some(reason),
-        })
-        .insert(Header {
-            key: dlq_headers::MESSAGE,
-            value: Some(why),
-        })
-        .insert(Header {
-            key: dlq_headers::TOPIC,
-            value: Some(&source.topic),
-        })
-        .insert(Header {
-            key: dlq_headers::PARTITION,
-            value: Some(&partition),
-        })
-        .insert(Header {
-            key: dlq_headers::OFFSET,
-            value: Some(&offset),
-        })
-        .insert(Header {
-            key: dlq_headers::ROUTER_VERSION,
-            value: Some(env!("CARGO_PKG_VERSION")),
-        })
-        .insert(Header {
-            key: dlq_headers::TIME,
-            value: Some(&time),
-        });
-    if let Some(count) = &source.redrives {
-        headers = headers.insert(Header {
-            key: dlq_headers::REDRIVES,
-            value: Some(count),
-        });
-    }
-    Outgoing {
-        topic,
-        partition: None,
-        key: source.key,
-        payload: source.payload,
-        headers: Some(headers),
-    }
+/// The value of header `name` of `message`.
+fn header<'m>(message: &'m OwnedMessage, name: &str) -> Option<&'m [u8]> {
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
 }

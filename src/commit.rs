@@ -1,9 +1,15 @@
-//! The consistency seam: how a batch of decisions becomes durable.
+//! The delivery seam: how records become durable, for the router and the agents alike.
 //!
 //! [`ConsistencyMode::EffectivelyOnce`] writes dead letters, then state events, then work items,
 //! waiting for each phase to be acknowledged; no transactions are needed.
 //! [`ConsistencyMode::ExactlyOnce`] writes the whole batch and the consumed offsets in one Kafka
 //! transaction (`send_offsets_to_transaction` with the consumer's group metadata, KIP-447).
+//!
+//! Errors come in two kinds. Some belong to one record ([`refuses_record`]): the record is too
+//! large for the producer or the topic, invalid, or its topic does not exist or may not be
+//! written. [`Writer::send_each`] reports those per record, so that the caller turns that one
+//! record's decision into a dead letter and goes on. Every other error (the connection, the
+//! producer as a whole, a fenced transaction) stops the writer's user.
 
 use std::fmt;
 use std::str::FromStr;
@@ -93,8 +99,8 @@ pub struct Outgoing {
     pub partition: Option<i32>,
     /// Key.
     pub key: Vec<u8>,
-    /// Value.
-    pub payload: Vec<u8>,
+    /// Value (`None`: a tombstone).
+    pub payload: Option<Vec<u8>>,
     /// Headers.
     pub headers: Option<OwnedHeaders>,
 }
@@ -117,15 +123,21 @@ impl Outgoing {
             topic,
             partition,
             key: key.as_bytes().to_vec(),
-            payload,
+            payload: Some(payload),
             headers: None,
         }
     }
 
+    /// Key and value size in bytes.
+    pub fn size(&self) -> usize {
+        self.key.len() + self.payload.as_ref().map_or(0, Vec::len)
+    }
+
     fn record(&self) -> FutureRecord<'_, [u8], [u8]> {
-        let mut record = FutureRecord::to(&self.topic)
-            .key(self.key.as_slice())
-            .payload(self.payload.as_slice());
+        let mut record = FutureRecord::to(&self.topic).key(self.key.as_slice());
+        if let Some(payload) = &self.payload {
+            record = record.payload(payload.as_slice());
+        }
         if let Some(p) = self.partition {
             record = record.partition(p);
         }
@@ -212,6 +224,24 @@ impl Writer {
         }
     }
 
+    /// Writes `records` (effectively-once) and waits for each: its offset, or the error that
+    /// refused that one record. Any other error fails the whole call.
+    pub async fn send_each(&self, records: &[Outgoing]) -> Result<Vec<Result<i64, KafkaError>>> {
+        let sends = records.iter().map(|r| {
+            self.producer
+                .send(r.record(), Duration::from_secs(30))
+                .map(move |res| match res {
+                    Ok(d) => Ok(Ok(d.offset)),
+                    Err((source, _)) if refuses_record(&source) => Ok(Err(source)),
+                    Err((source, _)) => Err(Error::Produce {
+                        topic: r.topic.clone(),
+                        source,
+                    }),
+                })
+        });
+        try_join_all(sends).await
+    }
+
     async fn send(&self, records: &[Outgoing]) -> Result<Vec<i64>> {
         let sends = records.iter().map(|r| {
             self.producer
@@ -271,6 +301,43 @@ impl Writer {
             .map_err(Error::Fatal)?;
         Ok(Written::Aborted(cause))
     }
+}
+
+/// Whether a produce error belongs to one record rather than to the connection or the producer:
+/// the record is too large (for librdkafka's `message.max.bytes` or the topic's
+/// `max.message.bytes`), invalid or corrupt, has a bad timestamp, breaks a broker policy, or its
+/// topic does not exist, is not a valid name, or may not be written. Another record may well
+/// succeed, so the router dead-letters this one's decision and goes on.
+pub fn refuses_record(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        e,
+        KafkaError::MessageProduction(
+            Code::MessageSizeTooLarge
+                | Code::InvalidMessageSize
+                | Code::InvalidMessage
+                | Code::MessageBatchTooLarge
+                | Code::InvalidRecord
+                | Code::InvalidTimestamp
+                | Code::PolicyViolation
+                | Code::UnknownTopicOrPartition
+                | Code::UnknownTopic
+                | Code::UnknownPartition
+                | Code::InvalidTopic
+                | Code::TopicAuthorizationFailed
+        )
+    )
+}
+
+/// Whether a produce error says the record is too large.
+pub fn too_large(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    matches!(
+        e,
+        KafkaError::MessageProduction(
+            Code::MessageSizeTooLarge | Code::InvalidMessageSize | Code::MessageBatchTooLarge
+        )
+    )
 }
 
 fn is_fatal(e: &KafkaError) -> bool {

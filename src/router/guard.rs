@@ -1,0 +1,321 @@
+//! Guards on what the router reads and writes, pure like the engine they serve: the size of a
+//! task event (as read and as it would be recorded), the signature of an answer, and the size of
+//! the work item a decision would send. Live routing and replay admit every record through
+//! [`Engine::admit`], so both refuse the same records for the same reasons.
+
+use std::collections::BTreeMap;
+
+use serde::ser::SerializeMap;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::engine::{Engine, Outcome};
+use crate::envelope::{Decision, DecodeError, EventKind, Step, TaskEvent};
+use crate::state::{PartitionState, TaskState};
+
+/// What admission looks at in a task-event record besides the decoded event.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Raw<'a> {
+    /// The size of the record's value in bytes.
+    pub size: usize,
+    /// The record's value as read (needed to check a signature).
+    pub value: Option<&'a [u8]>,
+    /// The `switchyard.signature` header, if any.
+    pub signature: Option<&'a [u8]>,
+}
+
+/// A record that is not decided: the event, when it may be recorded, and the dead letter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    /// The decoded event, if it can be copied into the state record (not when it is too large).
+    pub event: Option<TaskEvent>,
+    /// The decision: a dead letter with the reason.
+    pub outcome: Outcome,
+}
+
+impl Engine {
+    /// The error for a record of `len` bytes, if it is over `max_event_bytes`; checked before
+    /// decoding, so that an oversized record costs no decoding.
+    pub fn too_large(&self, len: usize) -> Option<DecodeError> {
+        let limit = self.rules.max_event_bytes;
+        (len > limit).then_some(DecodeError::TooLarge {
+            size: len,
+            form: "as read",
+            limit,
+        })
+    }
+
+    /// Admits a task-event record before it is decided: its size as read and as it would be
+    /// recorded (`too_large`), its decoding, and, for an answer to a step of a card with a
+    /// secret, its signature (`bad_signature`).
+    pub fn admit(
+        &self,
+        state: &PartitionState,
+        raw: Raw<'_>,
+        decoded: Result<TaskEvent, DecodeError>,
+    ) -> Result<TaskEvent, Refused> {
+        match self.refusal(state, raw, decoded.as_ref()) {
+            None => decoded.map_err(|e| Refused {
+                event: None,
+                outcome: Outcome::undecodable(&e),
+            }),
+            Some((copy, outcome)) => Err(Refused {
+                event: decoded.ok().filter(|_| copy),
+                outcome,
+            }),
+        }
+    }
+
+    /// Why [`Engine::admit`] refuses a record, if it does: whether the event may be copied into
+    /// the state record, and the dead letter.
+    pub fn refusal(
+        &self,
+        state: &PartitionState,
+        raw: Raw<'_>,
+        decoded: Result<&TaskEvent, &DecodeError>,
+    ) -> Option<(bool, Outcome)> {
+        if let Some(error) = self.too_large(raw.size) {
+            return Some((false, Outcome::undecodable(&error)));
+        }
+        let event = match decoded {
+            Ok(event) => event,
+            Err(e) => return Some((false, Outcome::undecodable(e))),
+        };
+        let recorded = json_len(event);
+        if recorded > self.rules.max_event_bytes {
+            let error = DecodeError::TooLarge {
+                size: recorded,
+                form: "as recorded",
+                limit: self.rules.max_event_bytes,
+            };
+            return Some((false, Outcome::undecodable(&error)));
+        }
+        self.signature_problem(state, raw, event)
+            .map(|message| (true, Outcome::dead_letter("bad_signature", message, false)))
+    }
+
+    /// Whether `event` answers a step of a card whose secret this process does not have, so
+    /// that its signature cannot be checked (replay without the secrets).
+    pub fn unverifiable(&self, state: &PartitionState, event: &TaskEvent) -> bool {
+        self.signer(state, event)
+            .is_some_and(|(card, _)| matches!(self.secrets.get(card), Some(None)))
+    }
+
+    /// The card that must have signed `event` and the step it answers, if the event answers a
+    /// step of an active task.
+    fn signer<'s>(&self, state: &'s PartitionState, event: &TaskEvent) -> Option<(&'s str, u32)> {
+        if !matches!(
+            event.kind,
+            EventKind::Result | EventKind::Failed | EventKind::HumanDecision
+        ) {
+            return None;
+        }
+        let task = state.tasks.get(&event.task_id)?;
+        let step_id = self.answered_step(task, event)?;
+        task.steps.get(&step_id).map(|s| (s.card.as_str(), step_id))
+    }
+
+    fn signature_problem(
+        &self,
+        state: &PartitionState,
+        raw: Raw<'_>,
+        event: &TaskEvent,
+    ) -> Option<String> {
+        let (card, step_id) = self.signer(state, event)?;
+        let secret = self.secrets.get(card).flatten()?;
+        let Some(signature) = raw.signature else {
+            return Some(format!(
+                "the answer to step {step_id} is not signed; card `{card}` requires a `{}` header",
+                crate::signing::SIGNATURE_HEADER
+            ));
+        };
+        let value = raw.value.unwrap_or_default();
+        let valid = secret.verify(
+            &event.task_id,
+            event.step_id,
+            event.attempt,
+            value,
+            signature,
+        );
+        (!valid).then(|| {
+            format!("the signature of the answer to step {step_id} was not made with card `{card}`'s secret over these bytes")
+        })
+    }
+
+    /// `outcome`, or a dead letter `too_large` when a work item it sends would be over
+    /// `max_work_item_bytes`. `task` is the task before the decision (`None` for a new one) and
+    /// `answer` the event whose payload becomes its answered card's output.
+    pub(super) fn bounded(
+        &self,
+        task: Option<&TaskState>,
+        submitted: Option<&TaskEvent>,
+        answer: Option<&TaskEvent>,
+        outcome: Outcome,
+    ) -> Outcome {
+        let steps: &[Step] = match &outcome.decision {
+            Decision::Routed { steps, .. } => steps,
+            Decision::Escalated { step, .. } | Decision::RetryScheduled { step } => {
+                std::slice::from_ref(step)
+            }
+            _ => return outcome,
+        };
+        let answered = task
+            .zip(outcome.answers_step)
+            .and_then(|(t, id)| t.steps.get(&id))
+            .map(|s| s.card.as_str());
+        let output = answer
+            .filter(|e| e.kind != EventKind::Failed)
+            .map(|e| &e.payload);
+        let limit = self.rules.max_work_item_bytes;
+        for step in steps {
+            let size = work_item_len(task, submitted, answered.zip(output), step);
+            if size > limit {
+                return Outcome {
+                    answers_step: outcome.answers_step,
+                    decision: Decision::DeadLettered {
+                        reason: "too_large".into(),
+                        message: format!(
+                            "the work item for `{}` (step {}) would be {size} bytes, over the limit of {limit} (`max_work_item_bytes` of the rule table)",
+                            step.card, step.step_id
+                        ),
+                        ends_task: true,
+                    },
+                    llm: outcome.llm,
+                };
+            }
+        }
+        outcome
+    }
+}
+
+/// The length of `value` as JSON, without building it.
+pub fn json_len(value: &impl Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).expect("records serialize to JSON");
+    count.0
+}
+
+/// The JSON length of the work item for `step`, as `engine::work_item` would build it after the
+/// decision (with the widest reply partition, so the bound holds for every partition).
+fn work_item_len(
+    task: Option<&TaskState>,
+    submitted: Option<&TaskEvent>,
+    output: Option<(&str, &Value)>,
+    step: &Step,
+) -> usize {
+    /// `WorkItem`'s fields, borrowed, in its order.
+    #[derive(Serialize)]
+    struct View<'a> {
+        task_id: &'a str,
+        tenant: &'a str,
+        step_id: u32,
+        attempt: u32,
+        card: &'a str,
+        input: &'a Value,
+        context: Context<'a>,
+        labels: &'a BTreeMap<String, String>,
+        deadline: Option<i64>,
+        reply_partition: i32,
+    }
+    struct Context<'a> {
+        outputs: Option<&'a BTreeMap<String, Value>>,
+        output: Option<(&'a str, &'a Value)>,
+    }
+    impl Serialize for Context<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut map = s.serialize_map(None)?;
+            let replaced = self.output.map(|(card, _)| card);
+            for (card, value) in self.outputs.into_iter().flatten() {
+                if Some(card.as_str()) != replaced {
+                    map.serialize_entry(card, value)?;
+                }
+            }
+            if let Some((card, value)) = self.output {
+                map.serialize_entry(card, value)?;
+            }
+            map.end()
+        }
+    }
+    let (task_id, tenant, input, labels, deadline) = match (task, submitted) {
+        (Some(t), _) => (&t.task_id, &t.tenant, &t.input, &t.labels, t.deadline),
+        (None, Some(e)) => (&e.task_id, &e.tenant, &e.payload, &e.labels, e.deadline),
+        (None, None) => return 0,
+    };
+    json_len(&View {
+        task_id,
+        tenant,
+        step_id: step.step_id,
+        attempt: step.attempt,
+        card: &step.card,
+        input,
+        context: Context {
+            outputs: task.map(|t| &t.outputs),
+            output,
+        },
+        labels,
+        deadline,
+        reply_partition: i32::MAX,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{DecidedBy, StateEvent};
+
+    #[test]
+    fn the_work_item_bound_is_the_json_length_of_the_item() {
+        let mut submitted = TaskEvent::new("t", EventKind::Submitted, "client");
+        submitted.payload = serde_json::json!({ "q": "héllo \"x\"\n", "n": [1, 2.5, null] });
+        submitted.labels.insert("k".into(), "v".into());
+        submitted.deadline = Some(1_700_000_000_000);
+        let step = |id: u32, card: &str| Step {
+            step_id: id,
+            card: card.into(),
+            attempt: 1,
+        };
+        let mut state = PartitionState::default();
+        state.apply(&StateEvent {
+            task_id: "t".into(),
+            seq: 1,
+            epoch: 0,
+            instance: "i".into(),
+            input: None,
+            event: Some(submitted.clone()),
+            answers_step: None,
+            decision: Decision::Routed {
+                steps: vec![step(1, "a")],
+                decided_by: DecidedBy::Rule {
+                    rule_id: "r".into(),
+                },
+            },
+            llm: None,
+            dequeued: false,
+            rejected: None,
+            at: 0,
+        });
+        let first = super::super::engine::work_item(&state.tasks["t"], &step(1, "a"), i32::MAX);
+        assert_eq!(
+            work_item_len(None, Some(&submitted), None, &step(1, "a")),
+            json_len(&first)
+        );
+        let output = serde_json::json!({ "out": "ü", "z": {"y": 1} });
+        let next = step(2, "b");
+        let mut after = state.tasks["t"].clone();
+        after.outputs.insert("a".into(), output.clone());
+        let item = super::super::engine::work_item(&after, &next, i32::MAX);
+        let bound = work_item_len(Some(&state.tasks["t"]), None, Some(("a", &output)), &next);
+        assert_eq!(bound, json_len(&item));
+        assert_eq!(bound, serde_json::to_vec(&item).unwrap().len());
+    }
+}
