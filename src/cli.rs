@@ -1161,11 +1161,11 @@ async fn dlq(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> {
                         "refused  {}:{} ({}): redriven {} times already, the limit is {max}",
                         d.partition, d.offset, d.reason, d.redrives
                     ),
-                    crate::dlq::Redriven::Unavailable {
+                    crate::dlq::Redriven::NotSent {
                         dead_letter: d,
                         why,
                     } => println!(
-                        "skipped  {}:{} ({}): it holds only a prefix and {why}",
+                        "not sent {}:{} ({}): {why}",
                         d.partition, d.offset, d.reason
                     ),
                 }

@@ -13,7 +13,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde::Serialize;
 
-use crate::commit::Outgoing;
+use crate::commit::{refuses_record, Outgoing};
 use crate::envelope::now_ms;
 use crate::kafka::{self, read_at, read_topic, KafkaConfig};
 use crate::signing::sha256_hex;
@@ -353,9 +353,10 @@ pub enum Redriven {
         /// The limit.
         max: u32,
     },
-    /// Not sent: it carries only a prefix, and the original is no longer at its source position
-    /// (retention) or is not the record that was dead-lettered (its hash differs).
-    Unavailable {
+    /// Not sent: it carries only a prefix and the original is no longer at its source position
+    /// (retention) or is not the record that was dead-lettered (its hash differs), or the broker
+    /// refused the record.
+    NotSent {
         /// The dead letter.
         dead_letter: DeadLetter,
         /// Why.
@@ -391,9 +392,26 @@ pub async fn redrive(
     selection: &Selection,
     max_redrives: u32,
 ) -> Result<Vec<Redriven>> {
-    let producer = kafka.producer()?;
+    let letters = list(kafka, selection)?;
+    // An original may be larger than librdkafka's default record limit; the producer takes the
+    // largest one (the topic's own limit still applies).
+    let largest = letters
+        .iter()
+        .map(|d| {
+            let size = d
+                .headers
+                .get(headers::ORIGINAL_SIZE)
+                .and_then(|s| s.parse().ok());
+            size.unwrap_or(d.payload.as_ref().map_or(0, Vec::len)) + d.raw_key.len()
+        })
+        .max()
+        .unwrap_or_default();
+    let mut config = kafka.client_config();
+    let limit = (largest + HEADROOM).max(1_000_000).to_string();
+    kafka::set_default(&mut config, "message.max.bytes", &limit);
+    let producer = KafkaConfig::producer_from(config)?;
     let mut out = Vec::new();
-    for d in list(kafka, selection)? {
+    for d in letters {
         if d.redrives >= max_redrives || d.source_topic.is_empty() {
             out.push(Redriven::Refused {
                 dead_letter: d,
@@ -405,7 +423,8 @@ pub async fn redrive(
             match original(kafka, &d)? {
                 Ok(value) => value,
                 Err(why) => {
-                    out.push(Redriven::Unavailable {
+                    let why = format!("it holds only a prefix, and {why}");
+                    out.push(Redriven::NotSent {
                         dead_letter: d,
                         why,
                     });
@@ -426,11 +445,14 @@ pub async fn redrive(
         if let Some(value) = &value {
             record = record.payload(value);
         }
-        producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map_err(|(e, _)| e)?;
-        out.push(Redriven::Sent { dead_letter: d });
+        match producer.send(record, Duration::from_secs(30)).await {
+            Ok(_) => out.push(Redriven::Sent { dead_letter: d }),
+            Err((e, _)) if refuses_record(&e) => out.push(Redriven::NotSent {
+                dead_letter: d,
+                why: format!("the broker refused it: {e}"),
+            }),
+            Err((e, _)) => return Err(e.into()),
+        }
     }
     Ok(out)
 }

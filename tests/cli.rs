@@ -116,3 +116,55 @@ fn the_shipped_llm_workflow_loads() {
     assert!(wf.rules.uses_llm());
     assert_eq!(wf.cards.names().len(), 6);
 }
+
+#[test]
+fn every_command_says_in_one_line_within_10s_that_no_broker_answers() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let address = format!("127.0.0.1:{port}");
+    let commands: [&[&str]; 7] = [
+        &["submit", "--payload", "{}"],
+        &["tail", "t1"],
+        &["audit", "t1"],
+        &["replay", "--verify"],
+        &["dlq", "list"],
+        &["dlq", "redrive", "--reason", "x"],
+        &["topics", "apply"],
+    ];
+    let runs: Vec<_> = commands
+        .iter()
+        .map(|args| {
+            let address = address.clone();
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+                    .args(["--bootstrap-servers", &address])
+                    .args(&args)
+                    .current_dir(env!("CARGO_MANIFEST_DIR"))
+                    .env_remove("RUST_LOG")
+                    .output()
+                    .unwrap();
+                (args, started.elapsed(), out)
+            })
+        })
+        .collect();
+    for run in runs {
+        let (args, took, out) = run.join().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded without a broker");
+        assert!(took.as_secs_f64() < 10.0, "{args:?} took {took:?}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(
+            (1..=3).contains(&lines.len()),
+            "{args:?} printed {} lines:\n{stderr}",
+            lines.len()
+        );
+        assert!(
+            stderr.contains(&address) && stderr.contains("scripts/start-broker"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -14,35 +14,6 @@ use switchyard::kafka::KafkaConfig;
 
 const TASKS: usize = 2_000;
 const KILLS: usize = 3;
-
-fn spawn_router(kafka: &KafkaConfig, n: usize) -> Child {
-    let log = std::fs::File::create(
-        std::env::temp_dir().join(format!("{}-router-{n}.log", kafka.topic_prefix)),
-    )
-    .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "--bootstrap-servers",
-            &kafka.bootstrap_servers,
-            "--topic-prefix",
-            &kafka.topic_prefix,
-        ])
-        .args([
-            "router",
-            "--workflow",
-            "agents/customer-service",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--session-timeout",
-            "3s",
-        ])
-        .args(["--max-batch", "50"])
-        .current_dir(root())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("router binary starts")
-}
 
 fn finished(kafka: &KafkaConfig) -> usize {
     state_events(kafka)
@@ -60,7 +31,12 @@ async fn sigkilled_router_loses_and_duplicates_no_decision() {
         Human(kafka.clone())
     });
 
-    let mut router = spawn_router(&kafka, 0);
+    let mut router = spawn_router(
+        &kafka,
+        Path::new("agents/customer-service"),
+        0,
+        &["--max-batch", "50"],
+    );
     let submissions: Vec<TaskEvent> = (0..TASKS)
         .map(|i| {
             let message = if i % 10 == 0 {
@@ -82,7 +58,12 @@ async fn sigkilled_router_loses_and_duplicates_no_decision() {
         .await;
         router.kill().unwrap();
         router.wait().unwrap();
-        router = spawn_router(&kafka, kill);
+        router = spawn_router(
+            &kafka,
+            Path::new("agents/customer-service"),
+            kill,
+            &["--max-batch", "50"],
+        );
     }
     eventually(Duration::from_secs(300), "every task to finish", || async {
         (finished(&kafka) >= TASKS).then_some(())

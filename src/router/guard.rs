@@ -94,6 +94,23 @@ impl Engine {
             .map(|message| (true, Outcome::dead_letter("bad_signature", message, false)))
     }
 
+    /// Decides one record as read: admission ([`Engine::admit`]), then the decision. Returns the
+    /// event when the state record may copy it.
+    pub fn step(
+        &self,
+        state: &PartitionState,
+        raw: Raw<'_>,
+        decoded: Result<TaskEvent, DecodeError>,
+    ) -> (Option<TaskEvent>, Outcome) {
+        match self.admit(state, raw, decoded) {
+            Ok(event) => {
+                let outcome = self.decide(state, &event);
+                (Some(event), outcome)
+            }
+            Err(Refused { event, outcome }) => (event, outcome),
+        }
+    }
+
     /// Whether `event` answers a step of a card whose secret this process does not have, so
     /// that its signature cannot be checked (replay without the secrets).
     pub fn unverifiable(&self, state: &PartitionState, event: &TaskEvent) -> bool {

@@ -31,7 +31,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
 use super::engine::{work_item, Engine, Outcome};
-use super::guard::{Raw, Refused};
+use super::guard::Raw;
 use crate::codec::{Codec, Encoding};
 use crate::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use crate::dlq;
@@ -274,6 +274,24 @@ impl Router {
     /// Prepares a router: checks that the topics exist and are co-partitioned, and in
     /// exactly-once mode that the broker does transactions.
     pub async fn new(config: RouterConfig, engine: Engine, metrics: RouterMetrics) -> Result<Self> {
+        let missing = engine.secrets.missing();
+        if !missing.is_empty() {
+            let vars: Vec<String> = missing
+                .iter()
+                .filter_map(|c| engine.cards.get(c))
+                .map(|c| {
+                    format!(
+                        "`{}` (card `{}`)",
+                        c.secret_env.as_deref().unwrap_or_default(),
+                        c.name
+                    )
+                })
+                .collect();
+            return Err(Error::Secrets(format!(
+                "the signing secret of {} is not set; the router checks every signed card's answers, so set the variable (the secret never goes in a card)",
+                vars.join(", ")
+            )));
+        }
         let topics = config.kafka.topics();
         let (tasks, state) = (topics.tasks(), topics.state());
         let task_partitions = config.kafka.partition_count(&tasks)?;
@@ -303,24 +321,6 @@ impl Router {
             }
             (None, false) => None,
         };
-        let missing = engine.secrets.missing();
-        if !missing.is_empty() {
-            let vars: Vec<String> = missing
-                .iter()
-                .filter_map(|c| engine.cards.get(c))
-                .map(|c| {
-                    format!(
-                        "`{}` (card `{}`)",
-                        c.secret_env.as_deref().unwrap_or_default(),
-                        c.name
-                    )
-                })
-                .collect();
-            return Err(Error::Secrets(format!(
-                "the signing secret of {} is not set; the router checks every signed card's answers, so set the variable (the secret never goes in a card)",
-                vars.join(", ")
-            )));
-        }
         let (answers, answers_rx) = mpsc::unbounded_channel();
         let transactional_id = format!("{}.{}", config.group_id, config.instance_id);
         let writer = Writer::new(&config.kafka, config.consistency, &transactional_id).await?;
@@ -1161,13 +1161,7 @@ impl Router {
                 value: message.payload(),
                 signature: header(message, SIGNATURE_HEADER),
             };
-            let (event, outcome) = match self.engine.admit(partition, raw, decoded) {
-                Ok(event) => {
-                    let outcome = self.engine.decide(partition, &event);
-                    (Some(event), outcome)
-                }
-                Err(Refused { event, outcome }) => (event, outcome),
-            };
+            let (event, outcome) = self.engine.step(partition, raw, decoded);
             let kind = event.as_ref().map_or("undecodable", |e| e.kind.as_str());
             self.metrics.events.with_label_values(&[kind]).inc();
             let task_id = event

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -59,12 +60,54 @@ pub fn kafka(test: &str) -> KafkaConfig {
 
 /// Loads a workflow and creates its topics.
 pub async fn setup(kafka: &KafkaConfig, workflow_dir: &Path) -> Workflow {
+    setup_with(kafka, workflow_dir, |_| {}).await
+}
+
+/// Loads a workflow and creates its topics from the shipped specs changed by `edit`.
+pub async fn setup_with(
+    kafka: &KafkaConfig,
+    workflow_dir: &Path,
+    edit: impl FnOnce(&mut TopicSpecs),
+) -> Workflow {
     let workflow = Workflow::load(workflow_dir, None).expect("workflow loads");
-    let specs = TopicSpecs::load(&root().join("topics/switchyard.yaml")).unwrap();
+    let mut specs = TopicSpecs::load(&root().join("topics/switchyard.yaml")).unwrap();
+    edit(&mut specs);
     topics::apply(kafka, &specs, &workflow.cards)
         .await
         .expect("topics apply");
     workflow
+}
+
+/// A copy of the workflow in `agents/<name>` in a temporary directory, with `card_lines` added
+/// to the named cards and `rules_head` put before the rule table.
+pub fn workflow_copy(
+    name: &str,
+    card_lines: &[(&str, &str)],
+    rules_head: &str,
+) -> tempfile::TempDir {
+    let from = root().join("agents").join(name);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("cards")).unwrap();
+    for entry in std::fs::read_dir(from.join("cards")).unwrap() {
+        let path = entry.unwrap().path();
+        let card = path.file_stem().unwrap().to_str().unwrap().to_string();
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        for (_, line) in card_lines.iter().filter(|(c, _)| *c == card) {
+            text.push_str(&format!("\n{line}\n"));
+        }
+        std::fs::write(
+            dir.path().join("cards").join(path.file_name().unwrap()),
+            text,
+        )
+        .unwrap();
+    }
+    let rules = std::fs::read_to_string(from.join("rules.yaml")).unwrap();
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        format!("{rules_head}\n{rules}"),
+    )
+    .unwrap();
+    dir
 }
 
 /// librdkafka's in-process mock cluster (the only transactional broker here, see
@@ -134,12 +177,21 @@ impl RunningRouter {
         workflow: &Workflow,
         edit: impl FnOnce(&mut RouterConfig),
     ) -> Self {
+        Self::start_engine(kafka, workflow.engine(), edit).await
+    }
+
+    /// Starts a router deciding with `engine`, its config changed by `edit`.
+    pub async fn start_engine(
+        kafka: &KafkaConfig,
+        engine: Engine,
+        edit: impl FnOnce(&mut RouterConfig),
+    ) -> Self {
         logging();
         let mut config = RouterConfig::new(kafka.clone());
         config.session_timeout = Duration::from_secs(6);
         edit(&mut config);
         let metrics = RouterMetrics::new().unwrap();
-        let router = Router::new(config, workflow.engine(), metrics.clone())
+        let router = Router::new(config, engine, metrics.clone())
             .await
             .expect("router starts");
         let (stop, rx) = watch::channel(false);
@@ -156,6 +208,33 @@ impl RunningRouter {
         let _ = self.stop.send(true);
         self.handle.await.unwrap();
     }
+}
+
+/// Starts `switchyard router` as a process for the workflow in `workflow` (relative to the
+/// repository root, or absolute) with `extra` arguments; its log goes to
+/// `$TMPDIR/<prefix>-router-<n>.log`.
+pub fn spawn_router(kafka: &KafkaConfig, workflow: &Path, n: usize, extra: &[&str]) -> Child {
+    let log = std::fs::File::create(
+        std::env::temp_dir().join(format!("{}-router-{n}.log", kafka.topic_prefix)),
+    )
+    .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "--bootstrap-servers",
+            &kafka.bootstrap_servers,
+            "--topic-prefix",
+            &kafka.topic_prefix,
+        ])
+        .arg("router")
+        .arg("--workflow")
+        .arg(workflow)
+        .args(["--http-addr", "127.0.0.1:0", "--session-timeout", "3s"])
+        .args(extra)
+        .current_dir(root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("router binary starts")
 }
 
 /// Agents running in this process.
@@ -306,23 +385,49 @@ fn producer(kafka: &KafkaConfig) -> FutureProducer {
     let mut producers = PRODUCERS.get_or_init(Default::default).lock().unwrap();
     producers
         .entry(kafka.bootstrap_servers.clone())
-        .or_insert_with(|| kafka.producer().unwrap())
+        .or_insert_with(|| {
+            let mut config = kafka.client_config();
+            config.set("message.max.bytes", "16000000");
+            KafkaConfig::producer_from(config).unwrap()
+        })
         .clone()
 }
 
 /// Publishes raw bytes to the tasks topic with `key`.
 pub async fn publish_raw(kafka: &KafkaConfig, key: &str, bytes: &[u8]) {
+    publish_record(kafka, key.as_bytes(), Some(bytes), &[]).await;
+}
+
+/// Publishes a record to the tasks topic: any key, a value or a tombstone, headers; returns
+/// its partition and offset. The producer accepts records of up to 16 MB.
+pub async fn publish_record(
+    kafka: &KafkaConfig,
+    key: &[u8],
+    value: Option<&[u8]>,
+    headers: &[(&str, &[u8])],
+) -> (i32, i64) {
     let producer = producer(kafka);
-    producer
-        .send(
-            FutureRecord::to(&kafka.topics().tasks())
-                .key(key)
-                .payload(bytes),
-            Duration::from_secs(10),
-        )
+    let topic = kafka.topics().tasks();
+    let mut record = FutureRecord::to(&topic).key(key);
+    if let Some(value) = value {
+        record = record.payload(value);
+    }
+    if !headers.is_empty() {
+        let mut hs = rdkafka::message::OwnedHeaders::new();
+        for (key, value) in headers {
+            hs = hs.insert(rdkafka::message::Header {
+                key,
+                value: Some(*value),
+            });
+        }
+        record = record.headers(hs);
+    }
+    let delivered = producer
+        .send(record, Duration::from_secs(30))
         .await
         .map_err(|(e, _)| e)
         .expect("publish");
+    (delivered.partition, delivered.offset)
 }
 
 /// Publishes a task event.
