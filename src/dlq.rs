@@ -36,16 +36,22 @@ pub mod headers {
     pub const TIME: &str = "switchyard.error.time";
     /// How often the record has been redriven from the dead-letter topic.
     pub const REDRIVES: &str = "switchyard.redrive.count";
-    /// Present when the dead letter carries only a prefix of the original value: `value`.
+    /// Present when the dead letter carries only a prefix of the original: `value`, `key` or
+    /// `key,value`.
     pub const TRUNCATED: &str = "switchyard.error.truncated";
     /// Size of the original value in bytes (when truncated).
     pub const ORIGINAL_SIZE: &str = "switchyard.error.original.size";
     /// Hex SHA-256 of the original value (when truncated).
     pub const ORIGINAL_SHA256: &str = "switchyard.error.original.sha256";
+    /// Size of the original key in bytes (when truncated).
+    pub const ORIGINAL_KEY_SIZE: &str = "switchyard.error.original.key.size";
 }
 
 /// How many bytes of a value that cannot be written whole a dead letter keeps.
 pub const PREFIX_BYTES: usize = 64 * 1024;
+
+/// How many bytes of a key over a quarter of the record limit a dead letter keeps.
+pub const KEY_PREFIX_BYTES: usize = 1024;
 
 /// A dead letter's original record, as read.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,16 +106,30 @@ pub fn record(
     why: &str,
     max_record: usize,
 ) -> Outgoing {
-    let max_value = max_record.saturating_sub(source.key.len() + HEADROOM);
+    let mut key = source.key.clone();
+    let mut cut = Vec::new();
+    if key.len() > max_record / 4 {
+        key.truncate(KEY_PREFIX_BYTES);
+        cut.push("key");
+    }
+    let max_value = max_record.saturating_sub(key.len() + HEADROOM);
     let partition = source.partition.to_string();
     let offset = source.offset.to_string();
     let time = now_ms().to_string();
     let mut value = source.value.clone();
-    let mut truncated = None;
     if let Some(bytes) = value.as_mut().filter(|v| v.len() > max_value) {
-        truncated = Some((bytes.len().to_string(), sha256_hex(bytes)));
         bytes.truncate(max_value.min(PREFIX_BYTES));
+        cut.push("value");
     }
+    let original = source.value.as_deref().unwrap_or_default();
+    let truncated = (!cut.is_empty()).then(|| {
+        (
+            cut.join(","),
+            original.len().to_string(),
+            sha256_hex(original),
+            source.key.len().to_string(),
+        )
+    });
     let mut hs = OwnedHeaders::new();
     for (key, value) in [
         (headers::REASON, reason),
@@ -131,11 +151,12 @@ pub fn record(
             value: Some(count),
         });
     }
-    if let Some((size, sha256)) = &truncated {
+    if let Some((cut, size, sha256, key_size)) = &truncated {
         for (key, value) in [
-            (headers::TRUNCATED, "value"),
+            (headers::TRUNCATED, cut.as_str()),
             (headers::ORIGINAL_SIZE, size.as_str()),
             (headers::ORIGINAL_SHA256, sha256.as_str()),
+            (headers::ORIGINAL_KEY_SIZE, key_size.as_str()),
         ] {
             hs = hs.insert(Header {
                 key,
@@ -146,7 +167,7 @@ pub fn record(
     Outgoing {
         topic,
         partition: None,
-        key: source.key.clone(),
+        key,
         payload: value,
         headers: Some(hs),
     }
@@ -366,7 +387,7 @@ pub enum Redriven {
 
 /// The whole original value of a truncated dead letter, read back from its source position and
 /// checked against the recorded hash.
-fn original(kafka: &KafkaConfig, d: &DeadLetter) -> Result<Result<Option<Vec<u8>>, String>> {
+fn original(kafka: &KafkaConfig, d: &DeadLetter) -> Result<Result<Original, String>> {
     let at = format!(
         "{}[{}]@{}",
         d.source_topic, d.source_partition, d.source_offset
@@ -381,8 +402,12 @@ fn original(kafka: &KafkaConfig, d: &DeadLetter) -> Result<Result<Option<Vec<u8>
             "the record at {at} is not the one dead-lettered (its SHA-256 differs)"
         )));
     }
-    Ok(Ok(value))
+    let key = m.key().unwrap_or_default().to_vec();
+    Ok(Ok((key, value)))
 }
+
+/// A dead letter's original key and value.
+type Original = (Vec<u8>, Option<Vec<u8>>);
 
 /// Sends the selected dead letters back to their source topics (original key and bytes, with
 /// `switchyard.redrive.count` one higher), refusing those redriven `max_redrives` times already.
@@ -398,11 +423,9 @@ pub async fn redrive(
     let largest = letters
         .iter()
         .map(|d| {
-            let size = d
-                .headers
-                .get(headers::ORIGINAL_SIZE)
-                .and_then(|s| s.parse().ok());
-            size.unwrap_or(d.payload.as_ref().map_or(0, Vec::len)) + d.raw_key.len()
+            let original = |h: &str| d.headers.get(h).and_then(|s| s.parse::<usize>().ok());
+            original(headers::ORIGINAL_SIZE).unwrap_or(d.payload.as_ref().map_or(0, Vec::len))
+                + original(headers::ORIGINAL_KEY_SIZE).unwrap_or(d.raw_key.len())
         })
         .max()
         .unwrap_or_default();
@@ -419,9 +442,9 @@ pub async fn redrive(
             });
             continue;
         }
-        let value = if d.truncated() {
+        let (key, value) = if d.truncated() {
             match original(kafka, &d)? {
-                Ok(value) => value,
+                Ok(original) => original,
                 Err(why) => {
                     let why = format!("it holds only a prefix, and {why}");
                     out.push(Redriven::NotSent {
@@ -432,7 +455,7 @@ pub async fn redrive(
                 }
             }
         } else {
-            d.payload.clone()
+            (d.raw_key.clone(), d.payload.clone())
         };
         let count = (d.redrives + 1).to_string();
         let hs = OwnedHeaders::new().insert(Header {
@@ -440,7 +463,7 @@ pub async fn redrive(
             value: Some(&count),
         });
         let mut record = FutureRecord::to(&d.source_topic)
-            .key(d.raw_key.as_slice())
+            .key(key.as_slice())
             .headers(hs);
         if let Some(value) = &value {
             record = record.payload(value);
