@@ -162,7 +162,7 @@ pub async fn replay(
     mut progress: impl FnMut(u64),
 ) -> Result<Report> {
     let topics = kafka.topics();
-    let mut raw: Vec<((i32, i64), Option<Vec<u8>>, Option<Vec<u8>>)> = Vec::new();
+    let mut raw: Vec<RawRecord> = Vec::new();
     read_topic(kafka, &topics.tasks(), None, |m| {
         let signature = m.headers().and_then(|hs| {
             hs.iter()
@@ -302,6 +302,9 @@ fn check_llm(
         )),
     })
 }
+
+/// A tasks-topic record as read: position, value and signature header.
+type RawRecord = ((i32, i64), Option<Vec<u8>>, Option<Vec<u8>>);
 
 /// A tasks-topic record as replay keeps it.
 struct Input {

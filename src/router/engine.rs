@@ -933,8 +933,9 @@ rules:
         ));
     }
 
-    /// Admits `event` (encoded as JSON, signed with `signature`) as the router does.
-    fn admit(run: &Run, event: &TaskEvent, signature: Option<&str>) -> Result<TaskEvent, Outcome> {
+    /// The dead letter admission makes of `event` (encoded as JSON, signed with `signature`),
+    /// if it refuses it.
+    fn refusal(run: &Run, event: &TaskEvent, signature: Option<&str>) -> Option<Decision> {
         let bytes = serde_json::to_vec(event).unwrap();
         let raw = crate::router::Raw {
             size: bytes.len(),
@@ -942,8 +943,8 @@ rules:
             signature: signature.map(str::as_bytes),
         };
         run.engine
-            .admit(&run.state, raw, Ok(event.clone()))
-            .map_err(|r| r.outcome)
+            .refusal(&run.state, raw, Ok(event))
+            .map(|(_, o)| o.decision)
     }
 
     #[test]
@@ -954,29 +955,21 @@ rules:
             size: 3000,
             ..Default::default()
         };
-        let refused = run
-            .engine
-            .admit(&run.state, raw, Err(DecodeError::NotJson("unread".into())))
-            .unwrap_err();
-        assert_eq!(refused.event, None);
-        assert_eq!(reason(&refused.outcome.decision), ("too_large", false));
+        let unread = Err(DecodeError::NotJson("unread".into()));
+        let (event, outcome) = run.engine.step(&run.state, raw, unread);
+        assert_eq!(event, None);
+        assert_eq!(reason(&outcome.decision), ("too_large", false));
         let mut big = TaskEvent::new("t1", EventKind::Submitted, "client");
         big.payload = serde_json::json!({ "text": "x".repeat(1600) });
-        assert!(admit(&run, &big, None).is_ok(), "1.6 KB fits");
+        assert_eq!(refusal(&run, &big, None), None, "1.6 KB fits");
         big.payload = serde_json::json!({ "text": "é".repeat(1100) });
-        let refused = run
-            .engine
-            .admit(
-                &run.state,
-                crate::router::Raw {
-                    size: 1500,
-                    ..Default::default()
-                },
-                Ok(big),
-            )
-            .unwrap_err();
-        assert_eq!(refused.event, None, "never copied into the state record");
-        let Decision::DeadLettered { message, .. } = &refused.outcome.decision else {
+        let raw = crate::router::Raw {
+            size: 1500,
+            ..Default::default()
+        };
+        let (event, outcome) = run.engine.step(&run.state, raw, Ok(big));
+        assert_eq!(event, None, "never copied into the state record");
+        let Decision::DeadLettered { message, .. } = &outcome.decision else {
             panic!()
         };
         assert!(message.contains("as recorded"), "{message}");
@@ -1018,12 +1011,12 @@ rules:
             (None, "not signed"),
             (Some(other.as_str()), "not made with"),
         ] {
-            let outcome = admit(&run, &answer, signature).unwrap_err();
-            let Decision::DeadLettered {
+            let refused = refusal(&run, &answer, signature);
+            let Some(Decision::DeadLettered {
                 reason, message, ..
-            } = &outcome.decision
+            }) = &refused
             else {
-                panic!()
+                panic!("{refused:?}")
             };
             assert_eq!(reason, "bad_signature");
             assert!(message.contains(why), "{message}");
@@ -1031,13 +1024,99 @@ rules:
         let mut changed = answer.clone();
         changed.payload = serde_json::json!({ "changed": true });
         assert!(
-            admit(&run, &changed, Some(&signed)).is_err(),
+            refusal(&run, &changed, Some(&signed)).is_some(),
             "changed after signing"
         );
-        assert!(admit(&run, &answer, Some(&signed)).is_ok());
+        assert_eq!(refusal(&run, &answer, Some(&signed)), None);
         let b = run.answer(EventKind::Result, 2, 1, None);
-        assert!(admit(&run, &b, None).is_ok(), "card b signs nothing");
+        assert_eq!(refusal(&run, &b, None), None, "card b signs nothing");
         run.engine.secrets.insert("a", None);
         assert!(run.engine.unverifiable(&run.state, &answer));
+    }
+
+    #[test]
+    fn random_records_never_panic_the_per_record_step() {
+        let rules = format!("max_event_bytes: 2048\nmax_work_item_bytes: 4096\n{RULES}");
+        let mut run = Run::new(&rules, &["a", "b", "c", "h"]);
+        let secret = crate::signing::Secret::new("k");
+        run.engine.secrets.insert("c", Some(secret.clone()));
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let cards = ["a", "b", "c", "h", "client", ""];
+        let mut seen = std::collections::BTreeSet::new();
+        let kinds = [
+            EventKind::Submitted,
+            EventKind::Result,
+            EventKind::Failed,
+            EventKind::HumanDecision,
+            EventKind::Cancel,
+        ];
+        for _ in 0..20_000 {
+            let mut e = TaskEvent::new(
+                format!("t{}", next() % 8),
+                kinds[(next() % 5) as usize],
+                cards[(next() % 6) as usize],
+            );
+            e.step_id = (next() % 4 > 0).then(|| (next() % 6) as u32);
+            e.attempt = (next() % 3 > 0).then(|| (next() % 4) as u32);
+            let pending = run.state.tasks.get(&e.task_id).and_then(|t| {
+                let steps: Vec<_> = t.pending().collect();
+                (!steps.is_empty()).then(|| steps[(next() as usize) % steps.len()].clone())
+            });
+            if let Some(step) = pending.filter(|_| next() % 3 > 0) {
+                (e.step_id, e.attempt) = (Some(step.step_id), Some(step.attempt));
+                e.kind = match (step.card.as_str(), next() % 5) {
+                    ("h", _) => EventKind::HumanDecision,
+                    (_, 0) => EventKind::Failed,
+                    _ => EventKind::Result,
+                };
+                e.source = step.card;
+            }
+            e.confidence = Some((next() % 100) as f64 / 100.0);
+            let size = if next() % 10 == 0 { 2500 } else { 100 };
+            e.payload = serde_json::json!({ "text": "x".repeat((next() % size) as usize) });
+            let mut bytes = serde_json::to_vec(&e).unwrap();
+            for _ in 0..(next() % 6).saturating_sub(3) {
+                let at = (next() as usize) % bytes.len();
+                match next() % 3 {
+                    0 => bytes[at] = next() as u8,
+                    1 => bytes.truncate(at),
+                    _ => bytes.insert(at, b"{}[]\",:\\"[(next() % 8) as usize]),
+                }
+                if bytes.is_empty() {
+                    break;
+                }
+            }
+            let value = (next() % 50 > 0).then_some(bytes.as_slice());
+            let signed = secret.sign(&e.task_id, e.step_id, e.attempt, &bytes);
+            let signature = match next() % 3 {
+                0 => None,
+                1 => Some(b"00ff".as_slice()),
+                _ => Some(signed.as_bytes()),
+            };
+            let record = run.engine.decide_record(&mut run.state, value, signature);
+            seen.insert(crate::replay::summary(&record.decision));
+        }
+        for reached in [
+            "ROUTED a+b",
+            "RECORDED",
+            "COMPLETED",
+            "CANCELLED",
+            "RETRY a",
+            "DEAD_LETTERED too_large",
+            "DEAD_LETTERED source_mismatch",
+            "DEAD_LETTERED not_a_human_step",
+            "DEAD_LETTERED bad_signature",
+            "DEAD_LETTERED deserialization",
+            "DROPPED late_duplicate",
+            "ESCALATED h",
+        ] {
+            assert!(seen.contains(reached), "never reached {reached}: {seen:?}");
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Guards on what the router reads and writes, pure like the engine they serve: the size of a
 //! task event (as read and as it would be recorded), the signature of an answer, and the size of
 //! the work item a decision would send. Live routing and replay admit every record through
-//! [`Engine::admit`], so both refuse the same records for the same reasons.
+//! [`Engine::refusal`], so both refuse the same records for the same reasons.
 
 use std::collections::BTreeMap;
 
@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::engine::{Engine, Outcome};
-use crate::envelope::{Decision, DecodeError, EventKind, Step, TaskEvent};
+use crate::envelope::{Decision, DecodeError, EventKind, StateEvent, Step, TaskEvent};
 use crate::state::{PartitionState, TaskState};
 
 /// What admission looks at in a task-event record besides the decoded event.
@@ -22,15 +22,6 @@ pub struct Raw<'a> {
     pub value: Option<&'a [u8]>,
     /// The `switchyard.signature` header, if any.
     pub signature: Option<&'a [u8]>,
-}
-
-/// A record that is not decided: the event, when it may be recorded, and the dead letter.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Refused {
-    /// The decoded event, if it can be copied into the state record (not when it is too large).
-    pub event: Option<TaskEvent>,
-    /// The decision: a dead letter with the reason.
-    pub outcome: Outcome,
 }
 
 impl Engine {
@@ -45,29 +36,10 @@ impl Engine {
         })
     }
 
-    /// Admits a task-event record before it is decided: its size as read and as it would be
-    /// recorded (`too_large`), its decoding, and, for an answer to a step of a card with a
-    /// secret, its signature (`bad_signature`).
-    pub fn admit(
-        &self,
-        state: &PartitionState,
-        raw: Raw<'_>,
-        decoded: Result<TaskEvent, DecodeError>,
-    ) -> Result<TaskEvent, Refused> {
-        match self.refusal(state, raw, decoded.as_ref()) {
-            None => decoded.map_err(|e| Refused {
-                event: None,
-                outcome: Outcome::undecodable(&e),
-            }),
-            Some((copy, outcome)) => Err(Refused {
-                event: decoded.ok().filter(|_| copy),
-                outcome,
-            }),
-        }
-    }
-
-    /// Why [`Engine::admit`] refuses a record, if it does: whether the event may be copied into
-    /// the state record, and the dead letter.
+    /// Why a record is refused before it is decided, if it is: its size as read or as it would
+    /// be recorded (`too_large`), its decoding, or, for an answer to a step of a card with a
+    /// secret, its signature (`bad_signature`). Returns whether the event may still be copied
+    /// into the state record, and the dead letter.
     pub fn refusal(
         &self,
         state: &PartitionState,
@@ -94,21 +66,80 @@ impl Engine {
             .map(|message| (true, Outcome::dead_letter("bad_signature", message, false)))
     }
 
-    /// Decides one record as read: admission ([`Engine::admit`]), then the decision. Returns the
-    /// event when the state record may copy it.
+    /// Decides one record as read: admission ([`Engine::refusal`]), then the decision. Returns
+    /// the event when the state record may copy it.
     pub fn step(
         &self,
         state: &PartitionState,
         raw: Raw<'_>,
         decoded: Result<TaskEvent, DecodeError>,
     ) -> (Option<TaskEvent>, Outcome) {
-        match self.admit(state, raw, decoded) {
-            Ok(event) => {
+        match (self.refusal(state, raw, decoded.as_ref()), decoded) {
+            (Some((copy, outcome)), decoded) => (decoded.ok().filter(|_| copy), outcome),
+            (None, Ok(event)) => {
                 let outcome = self.decide(state, &event);
                 (Some(event), outcome)
             }
-            Err(Refused { event, outcome }) => (event, outcome),
+            (None, Err(e)) => (None, Outcome::undecodable(&e)),
         }
+    }
+
+    /// The router's whole per-record step without Kafka: decodes `value` (JSON), admits and
+    /// decides it against `state`, and folds the state record into `state`, which it returns.
+    /// The entry point of the fuzz target in `fuzz/`; it panics only when an invariant breaks (a
+    /// refused event copied, an oversized event recorded, a work item over the limit).
+    pub fn decide_record(
+        &self,
+        state: &mut PartitionState,
+        value: Option<&[u8]>,
+        signature: Option<&[u8]>,
+    ) -> StateEvent {
+        let bytes = value.unwrap_or_default();
+        let raw = Raw {
+            size: bytes.len(),
+            value,
+            signature,
+        };
+        let decoded = match self.too_large(bytes.len()) {
+            Some(e) => Err(e),
+            None => crate::envelope::decode_task_event(bytes),
+        };
+        let (event, outcome) = self.step(state, raw, decoded);
+        if let Some(event) = &event {
+            assert!(
+                json_len(event) <= self.rules.max_event_bytes,
+                "an oversized event is copied"
+            );
+        }
+        let task_id = event
+            .as_ref()
+            .map(|e| e.task_id.clone())
+            .unwrap_or_default();
+        let task = state.tasks.get(&task_id);
+        let record = StateEvent {
+            seq: task.map_or(1, |t| t.seq + 1),
+            task_id: task_id.clone(),
+            epoch: 0,
+            instance: "decide_record".into(),
+            input: None,
+            event,
+            answers_step: outcome.answers_step,
+            decision: outcome.decision,
+            llm: outcome.llm,
+            dequeued: false,
+            rejected: None,
+            at: 0,
+        };
+        state.apply(&record);
+        if let Some(task) = state.tasks.get(&task_id) {
+            for item in self.work_items(task, &record.decision, i32::MAX) {
+                assert!(
+                    json_len(&item) <= self.rules.max_work_item_bytes,
+                    "a work item over max_work_item_bytes"
+                );
+            }
+        }
+        record
     }
 
     /// Whether `event` answers a step of a card whose secret this process does not have, so
@@ -288,7 +319,7 @@ fn work_item_len(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::{DecidedBy, StateEvent};
+    use crate::envelope::DecidedBy;
 
     #[test]
     fn the_work_item_bound_is_the_json_length_of_the_item() {

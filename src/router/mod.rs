@@ -7,5 +7,5 @@ pub mod service;
 
 pub use crate::commit::ConsistencyMode;
 pub use engine::{Engine, Outcome};
-pub use guard::{Raw, Refused};
+pub use guard::Raw;
 pub use service::{Router, RouterConfig};
