@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -22,6 +23,7 @@ use crate::kafka::KafkaConfig;
 use crate::llm::{LlmClient, LlmConfig, LlmHandler};
 use crate::metrics::{AgentMetrics, RouterMetrics};
 use crate::router::{ConsistencyMode, Router, RouterConfig};
+use crate::signing::{Secret, SIGNATURE_HEADER};
 use crate::topics::{self, TopicSpecs};
 use crate::workflow::Workflow;
 
@@ -390,6 +392,10 @@ struct SubmitArgs {
     /// Event source (default `client`).
     #[arg(long, default_value = "client")]
     source: String,
+    /// Sign the event with the secret in this environment variable: answers to a step of a card
+    /// with `secret_env` must be signed with that card's secret.
+    #[arg(long, value_name = "VAR")]
+    sign_with_env: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -649,20 +655,43 @@ async fn submit(kafka: &KafkaConfig, codec: &Codec, args: SubmitArgs) -> Result<
     event.step_id = args.step_id;
     event.attempt = args.attempt;
     event.confidence = args.confidence;
-    publish(kafka, codec, &event).await?;
+    let secret = match &args.sign_with_env {
+        Some(var) => Some(Secret::from_env(var).with_context(|| {
+            format!(
+                "--sign-with-env {var}: the variable is not set; it must hold the card's secret"
+            )
+        })?),
+        None => None,
+    };
+    publish_signed(kafka, codec, &event, secret.as_ref()).await?;
     Ok(task_id)
 }
 
 /// Publishes a task event to the tasks topic, keyed by its task id.
 async fn publish(kafka: &KafkaConfig, codec: &Codec, event: &TaskEvent) -> Result<()> {
+    publish_signed(kafka, codec, event, None).await
+}
+
+/// Publishes a task event, signed with `secret` when given (see [`crate::signing`]).
+async fn publish_signed(
+    kafka: &KafkaConfig,
+    codec: &Codec,
+    event: &TaskEvent,
+    secret: Option<&Secret>,
+) -> Result<()> {
     let producer = kafka.producer()?;
     let topic = kafka.topics().tasks();
     let bytes = codec.encode_task_event(&topic, event).await?;
+    let mut record = FutureRecord::to(&topic).key(&event.task_id).payload(&bytes);
+    if let Some(secret) = secret {
+        let signature = secret.sign(&event.task_id, event.step_id, event.attempt, &bytes);
+        record = record.headers(OwnedHeaders::new().insert(Header {
+            key: SIGNATURE_HEADER,
+            value: Some(&signature),
+        }));
+    }
     producer
-        .send(
-            FutureRecord::to(&topic).key(&event.task_id).payload(&bytes),
-            Duration::from_secs(30),
-        )
+        .send(record, Duration::from_secs(30))
         .await
         .map_err(|(e, _)| e)
         .with_context(|| format!("publishing to `{topic}`"))?;

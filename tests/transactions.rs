@@ -12,7 +12,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
-use switchyard::envelope::{Decision, StateEvent};
+use switchyard::envelope::{Decision, EventKind, StateEvent};
 use switchyard::kafka::KafkaConfig;
 use switchyard::metrics::RouterMetrics;
 use switchyard::router::{ConsistencyMode, Router, RouterConfig};
@@ -250,11 +250,9 @@ async fn exactly_once_on_the_local_broker_fails_fast_naming_the_alternative() {
     assert!(started.elapsed() < Duration::from_secs(30), "fails fast");
 }
 
-/// An effectively-once agent whose result write fails for good (here a permanent Produce error,
-/// as nisshi's OutOfOrderSequenceNumber is for librdkafka's idempotent producer) replaces its
-/// producer and publishes the result again instead of stopping.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_agent_whose_producer_fails_publishes_its_result_with_a_new_one() {
+/// An effectively-once agent whose result is refused by an injected Produce error: `error`,
+/// then the agent's answer to the work item on the tasks topic.
+async fn answer_after_produce_error(error: RDKafkaRespErr) -> switchyard::envelope::TaskEvent {
     let (cluster, kafka, workflow) = mock_cluster();
     let item = switchyard::envelope::WorkItem {
         task_id: "w1".into(),
@@ -281,14 +279,11 @@ async fn an_agent_whose_producer_fails_publishes_its_result_with_a_new_one() {
         .await
         .map_err(|(e, _)| e)
         .unwrap();
-    cluster.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
-    );
+    cluster.request_errors(RDKafkaApiKey::Produce, &[error]);
     let agents = RunningAgents::start(&kafka, &workflow, &["sentiment_analyzer"], |n| {
         ExampleAgent(n.to_string())
     });
-    let result = eventually(WAIT, "the result on the tasks topic", || async {
+    let answer = eventually(WAIT, "the answer on the tasks topic", || async {
         let records = read_all(&kafka, &kafka.topics().tasks());
         records
             .iter()
@@ -299,13 +294,30 @@ async fn an_agent_whose_producer_fails_publishes_its_result_with_a_new_one() {
             .find(|e| e.task_id == "w1")
     })
     .await;
-    assert_eq!(
-        (result.kind, result.step_id, result.source.as_str()),
-        (
-            switchyard::envelope::EventKind::Result,
-            Some(1),
-            "sentiment_analyzer"
-        )
-    );
     agents.stop().await;
+    answer
+}
+
+/// An effectively-once agent whose producer fails for good (nisshi once answered an idempotent
+/// write with OutOfOrderSequenceNumber, which librdkafka's idempotent producer treats as fatal)
+/// replaces its producer and publishes the result again instead of stopping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_whose_producer_fails_publishes_its_result_with_a_new_one() {
+    let error = RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER;
+    let answer = answer_after_produce_error(error).await;
+    assert_eq!(
+        (answer.kind, answer.step_id, answer.source.as_str()),
+        (EventKind::Result, Some(1), "sentiment_analyzer")
+    );
+}
+
+/// A result the broker refuses as a record (too large) becomes a FAILED with the broker's error,
+/// so the card's retry policy decides; the agent goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_whose_result_is_refused_publishes_a_failure_instead() {
+    let error = RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE;
+    let answer = answer_after_produce_error(error).await;
+    assert_eq!((answer.kind, answer.step_id), (EventKind::Failed, Some(1)));
+    let message = answer.payload["error"].as_str().unwrap_or_default();
+    assert!(message.contains("refused the result"), "{message}");
 }
