@@ -332,3 +332,97 @@ async fn router_and_agent_refuse_to_start_without_a_cards_secret() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_work_item_the_broker_refuses_ends_its_task_and_routing_goes_on() {
+    let workflow =
+        switchyard::workflow::Workflow::load(&root().join("agents/customer-service"), None)
+            .unwrap();
+    let (cluster, kafka) = mock_cluster_with(&workflow, "refused");
+    let router = RunningRouter::start(&kafka, &workflow).await;
+    let machines = [
+        "sentiment_analyzer",
+        "intent_classifier",
+        "knowledge_retriever",
+        "response_generator",
+        "quality_controller",
+    ];
+    let agents = RunningAgents::start(&kafka, &workflow, &machines, |n| {
+        ExampleAgent(n.to_string())
+    });
+    // The broker refuses every record for message_sender's topic, as it does without a write ACL.
+    let sender = "refused.agent.message_sender";
+    cluster
+        .topic_error(
+            sender,
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .unwrap();
+    publish(&kafka, &submission("t1", "where is my parcel?")).await;
+    let ended = |d: &Decision| {
+        matches!(
+            d,
+            Decision::DeadLettered {
+                ends_task: true,
+                ..
+            }
+        )
+    };
+    let events = until(
+        &kafka,
+        "t1",
+        "t1 to end when its work item is refused",
+        ended,
+    )
+    .await;
+    let last = events.last().unwrap();
+    let rejection = last
+        .rejected
+        .as_ref()
+        .expect("the decision carries the refusal");
+    assert_eq!(rejection.topic, sender);
+    assert!(rejection.error.contains("authoriz"), "{}", rejection.error);
+    assert!(
+        matches!(&last.decision, Decision::DeadLettered { reason, .. } if reason == "work_item_rejected")
+    );
+    let letters = eventually(WAIT, "the work item in the dead-letter topic", || async {
+        let letters = dlq::list(&kafka, &Selection::default()).unwrap();
+        letters
+            .into_iter()
+            .find(|d| d.reason == "work_item_rejected")
+    })
+    .await;
+    assert_eq!(letters.source_topic, sender);
+    assert_eq!(
+        router
+            .metrics
+            .rejected_records
+            .with_label_values(&["work_item"])
+            .get(),
+        1
+    );
+
+    cluster
+        .topic_error(
+            sender,
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
+        )
+        .unwrap();
+    let sender = RunningAgents::start(&kafka, &workflow, &["message_sender"], |n| {
+        ExampleAgent(n.to_string())
+    });
+    publish(&kafka, &submission("t2", "where is my other parcel?")).await;
+    until(
+        &kafka,
+        "t2",
+        "t2 to complete once the topic accepts writes",
+        completed,
+    )
+    .await;
+    let report = replay_all(&kafka, &workflow.engine()).await;
+    assert!(report.divergences.is_empty(), "{:?}", report.divergences);
+    assert_eq!(report.refused_writes, 1);
+    sender.stop().await;
+    agents.stop().await;
+    router.stop().await;
+}
