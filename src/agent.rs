@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerGroupMetadata, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
@@ -325,9 +325,16 @@ pub async fn run<H: Handler>(
     let consumer: StreamConsumer = client.create()?;
     consumer.subscribe(&[&inbox])?;
     let transactional_id = format!("{}.{}", config.group_id, config.instance_id);
-    let mut writer = Writer::new(&config.kafka, config.consistency, &transactional_id).await?;
-    let codec = Codec::new(config.encoding, &config.registry_url);
-    let tasks_topic = topics.tasks();
+    let mut publisher = Publisher {
+        writer: Writer::new(&config.kafka, config.consistency, &transactional_id).await?,
+        kafka: &config.kafka,
+        transactional_id: &transactional_id,
+        codec: Codec::new(config.encoding, &config.registry_url),
+        tasks_topic: topics.tasks(),
+        card: &card.name,
+        secret: config.secret.as_ref(),
+        metrics: &metrics,
+    };
     tracing::info!(card = %card.name, %inbox, group = %config.group_id, "agent started");
 
     let mut offsets: BTreeMap<i32, PartitionOffsets> = BTreeMap::new();
@@ -349,30 +356,16 @@ pub async fn run<H: Handler>(
                 entry.inflight.remove(&offset);
                 entry.next = Some(entry.next.unwrap_or(0).max(offset + 1));
                 if let Some(outcome) = outcome {
-                    let item = outcome.item.clone();
-                    let record = result_record(&codec, &tasks_topic, &card.name, config.secret.as_ref(), outcome, &metrics).await?;
-                    let commit = match (writer.mode(), entry.committable(), consumer.group_metadata()) {
-                        (ConsistencyMode::ExactlyOnce, Some(next), Some(group)) => {
+                    let next = entry.committable();
+                    let commit = || match (next, consumer.group_metadata()) {
+                        (Some(next), Some(group)) => {
                             let mut tpl = TopicPartitionList::new();
-                            tpl.add_partition_offset(&inbox, partition, Offset::Offset(next))?;
+                            tpl.add_partition_offset(&inbox, partition, Offset::Offset(next)).ok()?;
                             Some((tpl, group))
                         }
                         _ => None,
                     };
-                    if writer.mode() == ConsistencyMode::EffectivelyOnce {
-                        let size = record.size();
-                        if let Some(refused) = publish_again_on_failure(&mut writer, &config.kafka, &transactional_id, record).await? {
-                            // The broker refused this one result (too large, invalid): the step
-                            // fails instead, so that the router's retry policy decides.
-                            let failed = Outcome { item, result: Err(format!("the broker refused the result ({size} bytes): {refused}")) };
-                            let record = result_record(&codec, &tasks_topic, &card.name, config.secret.as_ref(), failed, &metrics).await?;
-                            if let Some(refused) = publish_again_on_failure(&mut writer, &config.kafka, &transactional_id, record).await? {
-                                tracing::error!(error = %refused, "the broker refused the failure too; the router's timeout will decide");
-                            }
-                        }
-                    } else if let Written::Aborted(e) = writer.write(vec![vec![record]], commit).await? {
-                        return Err(Error::Aborted(e));
-                    }
+                    publisher.publish(outcome, commit).await?;
                 }
             }
             message = consumer.recv(), if room && !stopping => {
@@ -382,7 +375,7 @@ pub async fn run<H: Handler>(
                 };
                 let (partition, offset) = (message.partition(), message.offset());
                 offsets.entry(partition).or_default().inflight.insert(offset);
-                let item = match codec.decode_work_item(message.payload().unwrap_or_default()).await {
+                let item = match publisher.codec.decode_work_item(message.payload().unwrap_or_default()).await {
                     Ok(item) => Some(item),
                     Err(e) => {
                         tracing::warn!(partition, offset, error = %e, "skipping a record that is not a work item");
@@ -424,6 +417,79 @@ pub async fn run<H: Handler>(
 struct Outcome {
     item: WorkItem,
     result: Result<Reply, String>,
+}
+
+/// Publishes agents' answers.
+struct Publisher<'a> {
+    writer: Writer,
+    kafka: &'a KafkaConfig,
+    transactional_id: &'a str,
+    codec: Codec,
+    tasks_topic: String,
+    card: &'a str,
+    secret: Option<&'a Secret>,
+    metrics: &'a AgentMetrics,
+}
+
+impl Publisher<'_> {
+    /// Publishes the answer to a handled work item; in exactly-once mode with the offsets
+    /// `commit` gives, in one transaction. A result the broker refuses as a record (too large,
+    /// invalid) becomes a FAILED with the broker's error, so that the router's retry policy
+    /// decides.
+    async fn publish(
+        &mut self,
+        outcome: Outcome,
+        commit: impl Fn() -> Option<(TopicPartitionList, ConsumerGroupMetadata)>,
+    ) -> Result<()> {
+        let item = outcome.item.clone();
+        let record = self.record(outcome).await?;
+        let size = record.size();
+        let Some(refused) = self.send(record, commit()).await? else {
+            return Ok(());
+        };
+        let result = Err(format!(
+            "the broker refused the result ({size} bytes): {refused}"
+        ));
+        let record = self.record(Outcome { item, result }).await?;
+        if let Some(refused) = self.send(record, commit()).await? {
+            tracing::error!(error = %refused, "the broker refused the failure too; the work item waits for the router's timeout");
+        }
+        Ok(())
+    }
+
+    /// Sends one answer; returns the broker's error if it refused the record.
+    async fn send(
+        &mut self,
+        record: Outgoing,
+        commit: Option<(TopicPartitionList, ConsumerGroupMetadata)>,
+    ) -> Result<Option<rdkafka::error::KafkaError>> {
+        if self.writer.mode() == ConsistencyMode::EffectivelyOnce {
+            return publish_again_on_failure(
+                &mut self.writer,
+                self.kafka,
+                self.transactional_id,
+                record,
+            )
+            .await;
+        }
+        match self.writer.write(vec![vec![record]], commit).await? {
+            Written::Committed(_) => Ok(None),
+            Written::Aborted(e) => Err(Error::Aborted(e)),
+            Written::Refused(refused) => Ok(refused.into_iter().next().map(|(_, _, e)| e)),
+        }
+    }
+
+    async fn record(&self, outcome: Outcome) -> Result<Outgoing> {
+        result_record(
+            &self.codec,
+            &self.tasks_topic,
+            self.card,
+            self.secret,
+            outcome,
+            self.metrics,
+        )
+        .await
+    }
 }
 
 /// How often an effectively-once agent rebuilds its producer to publish one result.

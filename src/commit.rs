@@ -154,6 +154,10 @@ pub enum Written {
     Committed(Vec<i64>),
     /// The transaction was aborted: nothing of the batch is visible; restore and re-read.
     Aborted(KafkaError),
+    /// Exactly-once: the broker refused these records (see [`refuses_record`]), each with its
+    /// index over all phases in order and the error; the transaction was aborted, so nothing of
+    /// the batch is visible. The caller decides the batch again without them.
+    Refused(Vec<(usize, Outgoing, KafkaError)>),
 }
 
 /// Writes batches in the chosen mode.
@@ -266,11 +270,25 @@ impl Writer {
             .await
             .map_err(Error::Fatal)?;
         let records: Vec<Outgoing> = phases.into_iter().flatten().collect();
-        let sent = match self.send(&records).await {
-            Ok(offsets) => offsets,
+        let results = match self.send_each(&records).await {
+            Ok(results) => results,
             Err(Error::Produce { source, .. }) => return self.abort(source).await,
             Err(e) => return Err(e),
         };
+        let mut sent = Vec::with_capacity(results.len());
+        let mut refused = Vec::new();
+        for ((i, record), result) in records.into_iter().enumerate().zip(results) {
+            match result {
+                Ok(offset) => sent.push(offset),
+                Err(e) => refused.push((i, record, e)),
+            }
+        }
+        if let Some((_, _, cause)) = refused.first() {
+            return match self.abort(cause.clone()).await? {
+                Written::Aborted(_) => Ok(Written::Refused(refused)),
+                other => Ok(other),
+            };
+        }
         if let Some((tpl, group)) = offsets {
             let p = self.producer.clone();
             if let Err(e) =

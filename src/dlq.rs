@@ -278,6 +278,24 @@ impl DeadLetter {
     }
 }
 
+/// The source position (topic, partition, offset) a dead-letter record names in its headers.
+pub fn source_of(record: &Outgoing) -> Option<(String, i32, i64)> {
+    let header = |name: &str| {
+        record
+            .headers
+            .iter()
+            .flat_map(|hs| hs.iter())
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    Some((
+        header(headers::TOPIC)?,
+        header(headers::PARTITION)?.parse().ok()?,
+        header(headers::OFFSET)?.parse().ok()?,
+    ))
+}
+
 /// `record` (a dead letter the broker refused) without its value: the same key and headers,
 /// marked truncated, with the original size and hash unless they are there already.
 pub fn stub(record: &Outgoing) -> Outgoing {

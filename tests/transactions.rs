@@ -321,3 +321,62 @@ async fn an_agent_whose_result_is_refused_publishes_a_failure_instead() {
     let message = answer.payload["error"].as_str().unwrap_or_default();
     assert!(message.contains("refused the result"), "{message}");
 }
+
+/// In exactly-once mode a work item the broker refuses aborts its batch's transaction; the batch
+/// is decided again without it, as effectively-once does at once: the task ends with a decision
+/// that carries the refusal, and routing goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_work_item_refused_in_a_transaction_ends_its_task_and_routing_goes_on() {
+    let (cluster, kafka, workflow) = mock_cluster();
+    let router = RunningRouter::start_with(&kafka, &workflow, exactly_once).await;
+    let machines = [
+        "sentiment_analyzer",
+        "intent_classifier",
+        "knowledge_retriever",
+        "response_generator",
+        "quality_controller",
+    ];
+    let agents = RunningAgents::start(&kafka, &workflow, &machines, |n| {
+        ExampleAgent(n.to_string())
+    });
+    let sender = "eos.agent.message_sender";
+    cluster
+        .topic_error(
+            sender,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .unwrap();
+    publish(&kafka, &submission("t1", "where is my parcel?")).await;
+    let refusal = eventually(WAIT, "t1 to end with the refusal", || async {
+        state_with(&kafka, "read_committed")
+            .into_iter()
+            .find(|e| e.task_id == "t1" && e.rejected.is_some())
+    })
+    .await;
+    assert_eq!(refusal.rejected.unwrap().topic, sender);
+    assert!(
+        matches!(&refusal.decision, Decision::DeadLettered { ends_task: true, reason, .. } if reason == "work_item_rejected")
+    );
+    assert!(
+        router.metrics.aborted.get() >= 1,
+        "the first attempt aborted"
+    );
+
+    cluster
+        .topic_error(sender, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
+        .unwrap();
+    let sending = RunningAgents::start(&kafka, &workflow, &["message_sender"], |n| {
+        ExampleAgent(n.to_string())
+    });
+    publish(&kafka, &submission("t2", "where is my other parcel?")).await;
+    eventually(WAIT, "t2 to complete", || async {
+        state_with(&kafka, "read_committed")
+            .iter()
+            .any(|e| e.task_id == "t2" && matches!(e.decision, Decision::Completed { .. }))
+            .then_some(())
+    })
+    .await;
+    sending.stop().await;
+    agents.stop().await;
+    router.stop().await;
+}

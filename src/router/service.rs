@@ -268,6 +268,23 @@ pub struct Router {
     asking: HashSet<(i32, String)>,
     /// Largest record the producer writes (`message.max.bytes`): dead letters are cut to fit.
     max_record: usize,
+    /// Exactly-once: records the broker refused in aborted transactions, to decide again.
+    refused: Refusals,
+}
+
+/// Records the broker refused in an aborted transaction (exactly-once).
+#[derive(Default)]
+struct Refusals {
+    /// Work items by (task, step, attempt), with the record and the broker's error.
+    works: HashMap<(String, u32, u32), (Outgoing, KafkaError)>,
+    /// Dead letters by the source position they name.
+    dead: HashSet<(String, i32, i64)>,
+}
+
+impl Refusals {
+    fn is_empty(&self) -> bool {
+        self.works.is_empty() && self.dead.is_empty()
+    }
 }
 
 impl Router {
@@ -343,6 +360,7 @@ impl Router {
             answers,
             answers_rx: Some(answers_rx),
             asking: HashSet::new(),
+            refused: Refusals::default(),
             max_record: config
                 .kafka
                 .options
@@ -505,17 +523,23 @@ impl Router {
         out: Decided,
         offsets: Option<(TopicPartitionList, ConsumerGroupMetadata)>,
     ) -> Result<Option<Vec<i32>>> {
+        let mut out = out;
+        if !self.refused.is_empty() {
+            self.apply_refusals(&mut out).await?;
+        }
         let Decided {
             dead,
             states,
-            works: items,
+            works: mut items,
             undo,
             asks,
         } = out;
+        let (n_dead, n_states) = (dead.len(), states.len());
         let works = self.encode_works(&items).await?;
         let written = match self.writer.mode() {
             ConsistencyMode::EffectivelyOnce => {
-                self.deliver(dead, states, works, items).await?;
+                self.deliver(dead, states, works, std::mem::take(&mut items))
+                    .await?;
                 Written::Committed(Vec::new())
             }
             ConsistencyMode::ExactlyOnce => {
@@ -531,21 +555,61 @@ impl Router {
                 }
                 Ok(None)
             }
-            Written::Aborted(cause) => {
-                tracing::warn!(error = %cause, "transaction aborted; taking its decisions back");
-                self.metrics.aborted.inc();
-                let mut touched = Vec::new();
-                for (p, undo) in undo.into_iter().rev() {
-                    if let Some(state) = self.partitions.get_mut(&p) {
-                        state.undo(undo);
-                    }
-                    if !touched.contains(&p) {
-                        touched.push(p);
+            Written::Aborted(cause) => Ok(Some(self.take_back(undo, &cause))),
+            Written::Refused(refused) => {
+                let cause = refused[0].2.clone();
+                for (i, record, error) in refused {
+                    if i < n_dead {
+                        self.refused.dead.extend(dlq::source_of(&record));
+                    } else if i < n_dead + n_states {
+                        return Err(Error::StateRefused {
+                            topic: record.topic.clone(),
+                            bytes: record.size(),
+                            source: error,
+                        });
+                    } else if let Some(item) = items.get(i - n_dead - n_states) {
+                        let key = (item.task_id.clone(), item.step_id, item.attempt);
+                        self.refused.works.insert(key, (record, error));
                     }
                 }
-                Ok(Some(touched))
+                Ok(Some(self.take_back(undo, &cause)))
             }
         }
+    }
+
+    /// Takes the decisions of an aborted transaction back; returns the partitions they touched.
+    fn take_back(&mut self, undo: Vec<(i32, Undo)>, cause: &KafkaError) -> Vec<i32> {
+        tracing::warn!(error = %cause, "transaction aborted; taking its decisions back");
+        self.metrics.aborted.inc();
+        let mut touched = Vec::new();
+        for (p, undo) in undo.into_iter().rev() {
+            if let Some(state) = self.partitions.get_mut(&p) {
+                state.undo(undo);
+            }
+            if !touched.contains(&p) {
+                touched.push(p);
+            }
+        }
+        touched
+    }
+
+    /// Exactly-once: decides again what the broker refused in an aborted transaction, the same
+    /// way effectively-once does at once: a refused work item ends its task (a decision that
+    /// carries the refusal), a refused dead letter is written without its value.
+    async fn apply_refusals(&mut self, out: &mut Decided) -> Result<()> {
+        for item in std::mem::take(&mut out.works) {
+            let key = (item.task_id.clone(), item.step_id, item.attempt);
+            match self.refused.works.remove(&key) {
+                Some((record, error)) => self.refuse_work(&item, &record, &error, out).await?,
+                None => out.works.push(item),
+            }
+        }
+        for record in &mut out.dead {
+            if dlq::source_of(record).is_some_and(|at| self.refused.dead.remove(&at)) {
+                *record = dlq::stub(record);
+            }
+        }
+        Ok(())
     }
 
     /// Effectively-once: writes dead letters, then state events, then work items, each phase
@@ -734,6 +798,14 @@ impl Router {
         let epochs = match self.writer.write(vec![records], None).await? {
             Written::Committed(epochs) => epochs,
             Written::Aborted(e) => return Err(Error::Client(e)),
+            Written::Refused(refused) => {
+                let (_, record, source) = refused.into_iter().next().expect("one at least");
+                return Err(Error::StateRefused {
+                    bytes: record.size(),
+                    topic: record.topic,
+                    source,
+                });
+            }
         };
         let restored = futures::future::try_join_all(
             parts.iter().zip(&epochs).map(|(p, e)| self.restore(*p, *e)),
