@@ -177,12 +177,7 @@ pub fn read_topic(
     mut on: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
 ) -> Result<()> {
     use rdkafka::{Offset, TopicPartitionList};
-    let mut config = kafka.client_config();
-    config
-        .set("group.id", "switchyard-reader")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10");
-    let consumer: BaseConsumer = config.create()?;
+    let consumer = reader(kafka)?;
     let all: Vec<i32> = (0..kafka.partition_count(topic)?).collect();
     for &p in partitions.unwrap_or(&all) {
         let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
@@ -210,6 +205,16 @@ pub fn read_topic(
     Ok(())
 }
 
+/// A consumer that reads assigned partitions and commits nothing.
+fn reader(kafka: &KafkaConfig) -> Result<BaseConsumer> {
+    let mut config = kafka.client_config();
+    config
+        .set("group.id", "switchyard-reader")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10");
+    Ok(config.create()?)
+}
+
 /// The record of `topic` at `partition`/`offset`, or `None` when there is none there any more
 /// (retention removed it, or the offset is past the end).
 pub fn read_at(
@@ -219,12 +224,7 @@ pub fn read_at(
     offset: i64,
 ) -> Result<Option<rdkafka::message::OwnedMessage>> {
     use rdkafka::{Message, Offset, TopicPartitionList};
-    let mut config = kafka.client_config();
-    config
-        .set("group.id", "switchyard-reader")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10");
-    let consumer: BaseConsumer = config.create()?;
+    let consumer = reader(kafka)?;
     let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
     if offset < low || offset >= high {
         return Ok(None);

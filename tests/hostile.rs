@@ -340,16 +340,7 @@ async fn a_work_item_the_broker_refuses_ends_its_task_and_routing_goes_on() {
             .unwrap();
     let (cluster, kafka) = mock_cluster_with(&workflow, "refused");
     let router = RunningRouter::start(&kafka, &workflow).await;
-    let machines = [
-        "sentiment_analyzer",
-        "intent_classifier",
-        "knowledge_retriever",
-        "response_generator",
-        "quality_controller",
-    ];
-    let agents = RunningAgents::start(&kafka, &workflow, &machines, |n| {
-        ExampleAgent(n.to_string())
-    });
+    let agents = RunningAgents::example_except(&kafka, &workflow, &["message_sender"]);
     // The broker refuses every record for message_sender's topic, as it does without a write ACL.
     let sender = "refused.agent.message_sender";
     cluster

@@ -329,16 +329,7 @@ async fn an_agent_whose_result_is_refused_publishes_a_failure_instead() {
 async fn a_work_item_refused_in_a_transaction_ends_its_task_and_routing_goes_on() {
     let (cluster, kafka, workflow) = mock_cluster();
     let router = RunningRouter::start_with(&kafka, &workflow, exactly_once).await;
-    let machines = [
-        "sentiment_analyzer",
-        "intent_classifier",
-        "knowledge_retriever",
-        "response_generator",
-        "quality_controller",
-    ];
-    let agents = RunningAgents::start(&kafka, &workflow, &machines, |n| {
-        ExampleAgent(n.to_string())
-    });
+    let agents = RunningAgents::example_except(&kafka, &workflow, &["message_sender"]);
     let sender = "eos.agent.message_sender";
     cluster
         .topic_error(

@@ -292,10 +292,24 @@ impl RunningAgents {
         workflow: &Workflow,
         edit: impl Fn(&mut AgentConfig),
     ) -> Self {
+        Self::example_of(kafka, workflow, &[], edit)
+    }
+
+    /// Like [`RunningAgents::example`], without the cards in `except`.
+    pub fn example_except(kafka: &KafkaConfig, workflow: &Workflow, except: &[&str]) -> Self {
+        Self::example_of(kafka, workflow, except, |_| {})
+    }
+
+    fn example_of(
+        kafka: &KafkaConfig,
+        workflow: &Workflow,
+        except: &[&str],
+        edit: impl Fn(&mut AgentConfig),
+    ) -> Self {
         let machines: Vec<&str> = workflow
             .cards
             .iter()
-            .filter(|c| !c.is_human())
+            .filter(|c| !c.is_human() && !except.contains(&c.name.as_str()))
             .map(|c| c.name.as_str())
             .collect();
         Self::start_with(
