@@ -497,3 +497,85 @@ pub async fn redrive(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(key: &[u8], value: Option<Vec<u8>>) -> Source {
+        Source {
+            topic: "t".into(),
+            partition: 1,
+            offset: 7,
+            key: key.to_vec(),
+            value,
+            redrives: None,
+        }
+    }
+
+    fn header(record: &Outgoing, name: &str) -> Option<String> {
+        record
+            .headers
+            .iter()
+            .flat_map(|hs| hs.iter())
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_its_record_as_it_was_or_says_what_it_cut() {
+        let tombstone = record("dlq".into(), &source(b"k", None), "r", "why", 1_000_000);
+        assert_eq!(tombstone.payload, None, "a tombstone stays a tombstone");
+        assert_eq!(header(&tombstone, headers::TRUNCATED), None);
+        assert_eq!(source_of(&tombstone), Some(("t".into(), 1, 7)));
+
+        let value = vec![b'x'; 200_000];
+        let whole = record(
+            "dlq".into(),
+            &source(b"k", Some(value.clone())),
+            "r",
+            "w",
+            1_000_000,
+        );
+        assert_eq!(whole.payload.as_ref(), Some(&value));
+
+        let cut = record(
+            "dlq".into(),
+            &source(b"k", Some(value.clone())),
+            "r",
+            "w",
+            100_000,
+        );
+        assert_eq!(cut.payload.as_ref().map(Vec::len), Some(PREFIX_BYTES));
+        assert_eq!(header(&cut, headers::TRUNCATED).as_deref(), Some("value"));
+        assert_eq!(
+            header(&cut, headers::ORIGINAL_SIZE).as_deref(),
+            Some("200000")
+        );
+        assert_eq!(
+            header(&cut, headers::ORIGINAL_SHA256),
+            Some(sha256_hex(&value))
+        );
+
+        let key = vec![b'k'; 50_000];
+        let both = record("dlq".into(), &source(&key, Some(value)), "r", "w", 100_000);
+        assert_eq!(both.key.len(), KEY_PREFIX_BYTES);
+        assert_eq!(
+            header(&both, headers::TRUNCATED).as_deref(),
+            Some("key,value")
+        );
+        assert_eq!(
+            header(&both, headers::ORIGINAL_KEY_SIZE).as_deref(),
+            Some("50000")
+        );
+
+        let stub = stub(&whole);
+        assert_eq!(stub.payload.as_ref().map(Vec::len), Some(0));
+        assert_eq!(
+            header(&stub, headers::ORIGINAL_SIZE).as_deref(),
+            Some("200000")
+        );
+        assert_eq!(header(&stub, headers::REASON).as_deref(), Some("r"));
+    }
+}
