@@ -556,7 +556,7 @@ pub fn work_item(task: &TaskState, step: &Step, reply_partition: i32) -> WorkIte
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::StateEvent;
+    use crate::router::{Partition, Position};
     use std::path::PathBuf;
 
     fn engine(rules: &str, cards: &[&str]) -> Engine {
@@ -594,7 +594,7 @@ rules:
     struct Run {
         engine: Engine,
         state: PartitionState,
-        seq: u64,
+        offset: i64,
     }
 
     impl Run {
@@ -602,41 +602,42 @@ rules:
             Self {
                 engine: engine(rules, cards),
                 state: PartitionState::default(),
-                seq: 0,
+                offset: 0,
             }
         }
 
+        /// The partition's per-event step, as the router drives it.
+        fn partition(&mut self) -> Partition<'_> {
+            Partition {
+                engine: &self.engine,
+                state: &mut self.state,
+                instance: "test",
+                now: 0,
+                keep_undo: false,
+            }
+        }
+
+        /// Reads `event` as the next record of the partition and decides it.
         fn send(&mut self, event: TaskEvent) -> Decision {
-            let outcome = self.engine.decide(&self.state, &event);
-            let decision = outcome.decision.clone();
-            self.apply(event, outcome, false);
-            decision
+            let bytes = serde_json::to_vec(&event).unwrap();
+            let raw = crate::router::Raw {
+                size: bytes.len(),
+                value: Some(&bytes),
+                signature: None,
+            };
+            self.offset += 1;
+            let at = Position {
+                topic: "tasks",
+                partition: 0,
+                offset: self.offset,
+            };
+            self.partition().decide(at, raw, Ok(event)).record.decision
         }
 
         /// Records the LLM's answer for `t1` and decides its queued events, as the router does.
         fn llm_answers(&mut self, call: LlmRecord) -> Vec<Decision> {
-            let task = &self.state.tasks["t1"];
-            let event = task.awaiting.as_ref().unwrap().event.clone();
-            let outcome = self.engine.resolve(task, &call);
-            let mut out = vec![outcome.decision.clone()];
-            self.apply(event, outcome, false);
-            let queued: Vec<_> = self.state.tasks.get("t1").map_or(vec![], |t| {
-                t.queue.iter().map(|q| q.event.clone()).collect()
-            });
-            for event in queued {
-                if self
-                    .state
-                    .tasks
-                    .get("t1")
-                    .is_some_and(|t| t.awaiting.is_some())
-                {
-                    break;
-                }
-                let outcome = self.engine.decide_dequeued(&self.state, &event);
-                out.push(outcome.decision.clone());
-                self.apply(event, outcome, true);
-            }
-            out
+            let steps = self.partition().resolve("t1", &call);
+            steps.into_iter().map(|s| s.record.decision).collect()
         }
 
         /// An answer to `step` of task `t1` from the card that owns it (`agent` if none does).
@@ -658,25 +659,6 @@ rules:
             e.attempt = Some(attempt);
             e.confidence = confidence;
             e
-        }
-
-        /// Folds `outcome` about `event` into the state, as a recorded decision.
-        fn apply(&mut self, event: TaskEvent, outcome: Outcome, dequeued: bool) {
-            self.seq += 1;
-            self.state.apply(&StateEvent {
-                task_id: event.task_id.clone(),
-                seq: self.seq,
-                epoch: 0,
-                instance: "test".into(),
-                input: None,
-                event: Some(event),
-                answers_step: outcome.answers_step,
-                decision: outcome.decision,
-                llm: outcome.llm,
-                dequeued,
-                rejected: None,
-                at: 0,
-            });
         }
     }
 
@@ -977,7 +959,7 @@ rules:
 
     #[test]
     fn a_work_item_over_max_work_item_bytes_dead_letters_the_task() {
-        let rules = format!("max_event_bytes: 2048\nmax_work_item_bytes: 4096\n{RULES}");
+        let rules = format!("max_event_bytes: 2500\nmax_work_item_bytes: 4096\n{RULES}");
         let mut run = Run::new(&rules, &["a", "b", "c", "h"]);
         run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
         let mut a = run.answer(EventKind::Result, 1, 1, None);

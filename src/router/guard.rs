@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::engine::{Engine, Outcome};
+use super::partition::{Partition, Position};
 use crate::envelope::{Decision, DecodeError, EventKind, StateEvent, Step, TaskEvent};
 use crate::state::{PartitionState, TaskState};
 
@@ -104,34 +105,27 @@ impl Engine {
             Some(e) => Err(e),
             None => crate::envelope::decode_task_event(bytes),
         };
-        let (event, outcome) = self.step(state, raw, decoded);
-        if let Some(event) = &event {
+        let mut partition = Partition {
+            engine: self,
+            state,
+            instance: "decide_record",
+            now: 0,
+            keep_undo: false,
+        };
+        let at = Position {
+            topic: "tasks",
+            partition: 0,
+            offset: 0,
+        };
+        let record = partition.decide(at, raw, decoded).record;
+        if let Some(event) = &record.event {
             assert!(
                 json_len(event) <= self.rules.max_event_bytes,
                 "an oversized event is copied"
             );
         }
-        let task_id = event
-            .as_ref()
-            .map(|e| e.task_id.clone())
-            .unwrap_or_default();
-        let task = state.tasks.get(&task_id);
-        let record = StateEvent {
-            seq: task.map_or(1, |t| t.seq + 1),
-            task_id: task_id.clone(),
-            epoch: 0,
-            instance: "decide_record".into(),
-            input: None,
-            event,
-            answers_step: outcome.answers_step,
-            decision: outcome.decision,
-            llm: outcome.llm,
-            dequeued: false,
-            rejected: None,
-            at: 0,
-        };
-        state.apply(&record);
-        if let Some(task) = state.tasks.get(&task_id) {
+        let task_id = &record.task_id;
+        if let Some(task) = state.tasks.get(task_id) {
             for item in self.work_items(task, &record.decision, i32::MAX) {
                 assert!(
                     json_len(&item) <= self.rules.max_work_item_bytes,

@@ -3,9 +3,11 @@
 
 pub mod engine;
 pub mod guard;
+pub mod partition;
 pub mod service;
 
 pub use crate::commit::ConsistencyMode;
 pub use engine::{Engine, Outcome};
 pub use guard::Raw;
+pub use partition::{Partition, Position, Step};
 pub use service::{Router, RouterConfig};

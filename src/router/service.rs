@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::engine::{work_item, Engine, Outcome};
 use super::guard::Raw;
+use super::partition::{Partition, Position, Step};
 use crate::codec::{Codec, Encoding};
 use crate::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use crate::dlq;
@@ -42,8 +43,8 @@ use crate::kafka::{self, set_default, KafkaConfig, Topics};
 use crate::llm::{LlmClient, LlmConfig};
 use crate::metrics::RouterMetrics;
 use crate::rules::Action;
-use crate::signing::{sha256_hex, SIGNATURE_HEADER};
-use crate::state::{PartitionState, Queued, StepStatus, Undo};
+use crate::signing::SIGNATURE_HEADER;
+use crate::state::{PartitionState, StepStatus, Undo};
 
 /// Errors that stop the router.
 #[derive(Debug, thiserror::Error)]
@@ -710,13 +711,16 @@ impl Router {
             record.topic
         );
         let outcome = Outcome::dead_letter(reason, message, true);
-        let mut state = self.record(p, &item.task_id, None, None, outcome, false);
-        state.rejected = Some(Rejection {
+        let rejection = Rejection {
             topic: record.topic.clone(),
             step_id: Some(item.step_id),
             bytes: record.size() as u64,
             error: error.to_string(),
-        });
+        };
+        let Some(mut partition) = self.partition(p) else {
+            return Ok(());
+        };
+        let step = partition.refuse(&item.task_id, rejection, outcome);
         let source = dlq::Source {
             topic: record.topic.clone(),
             partition: -1,
@@ -725,7 +729,7 @@ impl Router {
             value: record.payload.clone(),
             redrives: None,
         };
-        self.emit(p, state, Origin::Refused(source), out).await
+        self.emit(p, step, Origin::Refused(source), out).await
     }
 
     /// Seeks `partitions` to the first offset not yet decided.
@@ -855,7 +859,11 @@ impl Router {
         }
         let mut drained = Decided::default();
         for (p, id) in drains {
-            self.drain(p, &id, &mut drained).await?;
+            let Some(mut partition) = self.partition(p) else {
+                continue;
+            };
+            let steps = partition.drain(&id);
+            self.emit_all(p, steps, None, &mut drained).await?;
         }
         if !drained.states.is_empty() && self.write(drained, None).await?.is_some() {
             return Err(Error::Restore {
@@ -988,18 +996,19 @@ impl Router {
                 continue;
             }
             self.asking.remove(&(p, answer.task_id.clone()));
-            let Some(task) = state.tasks.get(&answer.task_id) else {
+            let asked_at = state
+                .tasks
+                .get(&answer.task_id)
+                .and_then(|t| t.awaiting.as_ref())
+                .and_then(|a| a.input.clone());
+            let Some(mut partition) = self.partition(p) else {
                 continue;
             };
-            let Some(awaiting) = &task.awaiting else {
+            let steps = partition.resolve(&answer.task_id, &answer.call);
+            if steps.is_empty() {
                 continue;
-            };
-            let outcome = self.engine.resolve(task, &answer.call);
-            let (event, origin) = (awaiting.event.clone(), awaiting.input.clone());
-            let record = self.record(p, &answer.task_id, None, Some(event), outcome, false);
-            self.emit(p, record, Origin::Recorded(origin), &mut out)
-                .await?;
-            self.drain(p, &answer.task_id, &mut out).await?;
+            }
+            self.emit_all(p, steps, asked_at, &mut out).await?;
             taken.push(answer);
         }
         self.metrics.llm_pending.set(self.asking.len() as i64);
@@ -1016,80 +1025,53 @@ impl Router {
         Ok(())
     }
 
-    /// Decides, in order, the events queued behind `task_id`'s LLM decision, until the queue is
-    /// empty or one of them waits for the LLM again.
-    async fn drain(&mut self, p: i32, task_id: &str, out: &mut Decided) -> Result<()> {
-        let queue: Vec<Queued> = match self.partitions.get(&p).and_then(|s| s.tasks.get(task_id)) {
-            Some(task) => task.queue.iter().cloned().collect(),
-            None => return Ok(()),
-        };
-        for queued in queue {
-            let Some(state) = self.partitions.get(&p) else {
-                break;
+    /// The per-event step of owned partition `p`, stamping records with the time now.
+    fn partition(&mut self, p: i32) -> Option<Partition<'_>> {
+        Some(Partition {
+            engine: &self.engine,
+            state: self.partitions.get_mut(&p)?,
+            instance: &self.config.instance_id,
+            now: now_ms(),
+            keep_undo: self.config.consistency == ConsistencyMode::ExactlyOnce,
+        })
+    }
+
+    /// Emits decisions about events read earlier (an LLM answer, queued events): their dead
+    /// letters hold the event encoded again, with the position it was read at (for an LLM
+    /// answer, `asked_at`: where the event that asked was read).
+    async fn emit_all(
+        &mut self,
+        p: i32,
+        steps: Vec<Step>,
+        asked_at: Option<InputRef>,
+        out: &mut Decided,
+    ) -> Result<()> {
+        for step in steps {
+            let input = match step.record.resolves_llm() {
+                true => asked_at.clone(),
+                false => step.record.input.clone(),
             };
-            if state
-                .tasks
-                .get(task_id)
-                .is_some_and(|t| t.awaiting.is_some())
-            {
-                break;
-            }
-            let outcome = self.engine.decide_dequeued(state, &queued.event);
-            let input = queued.input.clone();
-            let record = self.record(p, task_id, input, Some(queued.event), outcome, true);
-            self.emit(p, record, Origin::Recorded(queued.input), out)
-                .await?;
+            self.emit(p, step, Origin::Recorded(input), out).await?;
         }
         Ok(())
     }
 
-    /// The state event for `outcome` about `task_id` in partition `p`, numbered after the task's
-    /// last one.
-    fn record(
-        &self,
-        p: i32,
-        task_id: &str,
-        input: Option<InputRef>,
-        event: Option<TaskEvent>,
-        outcome: Outcome,
-        dequeued: bool,
-    ) -> StateEvent {
-        let state = self.partitions.get(&p);
-        StateEvent {
-            task_id: task_id.to_string(),
-            seq: state
-                .and_then(|s| s.tasks.get(task_id))
-                .map_or(1, |t| t.seq + 1),
-            epoch: state.and_then(|s| s.epoch).unwrap_or(-1),
-            instance: self.config.instance_id.clone(),
-            input,
-            event,
-            answers_step: outcome.answers_step,
-            decision: outcome.decision,
-            llm: outcome.llm,
-            dequeued,
-            rejected: None,
-            at: now_ms(),
-        }
-    }
-
-    /// Applies a decision to its partition's state and adds what it writes to `out`: its state
-    /// event, its work items, its dead letter, the LLM question it starts waiting for.
+    /// Adds what a folded decision writes to `out`: its state event, its work items, its dead
+    /// letter, the LLM question it starts waiting for (and, in exactly-once mode, its undo).
     async fn emit(
         &mut self,
         p: i32,
-        record: StateEvent,
+        step: Step,
         origin: Origin<'_>,
         out: &mut Decided,
     ) -> Result<()> {
-        let exactly_once = self.config.consistency == ConsistencyMode::ExactlyOnce;
-        let Some(state) = self.partitions.get_mut(&p) else {
+        let Step { record, undo } = step;
+        let Some(state) = self.partitions.get(&p) else {
             return Ok(());
         };
-        if exactly_once {
-            out.undo.push((p, state.undo_point(&record.task_id)));
+        if let Some(undo) = undo {
+            out.undo.push((p, undo));
         }
-        state.apply(&record);
         count_decision(&self.metrics, &record);
         if let Some(task) = state.tasks.get(&record.task_id) {
             out.works
@@ -1233,25 +1215,22 @@ impl Router {
                 value: message.payload(),
                 signature: header(message, SIGNATURE_HEADER),
             };
-            let (event, outcome) = self.engine.step(partition, raw, decoded);
-            let kind = event.as_ref().map_or("undecodable", |e| e.kind.as_str());
-            self.metrics.events.with_label_values(&[kind]).inc();
-            let task_id = event
-                .as_ref()
-                .map(|e| e.task_id.clone())
-                .unwrap_or_default();
-            let value = message.payload().unwrap_or_default();
-            let input = InputRef {
-                event_id: event.as_ref().map(|e| e.event_id.clone()),
-                topic: tasks_topic.clone(),
+            let at = Position {
+                topic: &tasks_topic,
                 partition: p,
                 offset: message.offset(),
-                size: Some(value.len() as u64),
-                sha256: event.is_none().then(|| sha256_hex(value)),
             };
-            let record = self.record(p, &task_id, Some(input), event, outcome, false);
-            self.emit(p, record, Origin::Read(message), &mut out)
-                .await?;
+            let Some(mut partition) = self.partition(p) else {
+                continue;
+            };
+            let step = partition.decide(at, raw, decoded);
+            let kind = step
+                .record
+                .event
+                .as_ref()
+                .map_or("undecodable", |e| e.kind.as_str());
+            self.metrics.events.with_label_values(&[kind]).inc();
+            self.emit(p, step, Origin::Read(message), &mut out).await?;
         }
         Ok(Batch {
             out,
