@@ -36,6 +36,34 @@ pub enum ConsistencyMode {
     ExactlyOnce,
 }
 
+impl ConsistencyMode {
+    /// Whether the consumed offsets commit inside each batch's transaction (exactly-once);
+    /// otherwise the state topic holds the input position and the group's offsets are only
+    /// informational.
+    pub fn offsets_in_transaction(self) -> bool {
+        self == ConsistencyMode::ExactlyOnce
+    }
+
+    /// How long a batch waits for more events after its first: a transaction per batch is worth
+    /// the commit interval (exactly-once); without one, a batch is what is already fetched.
+    pub fn gather_window(self, commit_interval: Duration) -> Option<Duration> {
+        self.offsets_in_transaction().then_some(commit_interval)
+    }
+
+    /// Whether a decision keeps what undoes it until its batch is durable: only a transaction
+    /// can be aborted after its decisions were folded.
+    pub fn keeps_undo(self) -> bool {
+        self == ConsistencyMode::ExactlyOnce
+    }
+
+    /// Whether the router fetches a hole in a tasks partition again before accepting it. A
+    /// broker without transactions may show a record before a lower one it has not stored yet
+    /// (nisshi's memory engine); with transactions, commit markers leave holes everywhere.
+    pub fn refetches_holes(self) -> bool {
+        self == ConsistencyMode::EffectivelyOnce
+    }
+}
+
 impl fmt::Display for ConsistencyMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -440,9 +440,7 @@ impl Router {
                 }
             }
         }
-        if self.config.consistency == ConsistencyMode::EffectivelyOnce {
-            self.commit_positions(&consumer);
-        }
+        self.commit_positions(&consumer);
         tracing::info!("router stopped");
         Ok(())
     }
@@ -451,11 +449,15 @@ impl Router {
     /// commit interval (exactly-once, where each batch costs a transaction).
     async fn gather(&self, consumer: &TasksConsumer, first: OwnedMessage) -> Vec<OwnedMessage> {
         let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + self.config.commit_interval;
+        let window = self
+            .config
+            .consistency
+            .gather_window(self.config.commit_interval);
+        let deadline = tokio::time::Instant::now() + window.unwrap_or_default();
         while batch.len() < self.config.max_batch {
-            let next = match self.config.consistency {
-                ConsistencyMode::EffectivelyOnce => consumer.recv().now_or_never(),
-                ConsistencyMode::ExactlyOnce => tokio::time::timeout_at(deadline, consumer.recv())
+            let next = match window {
+                None => consumer.recv().now_or_never(),
+                Some(_) => tokio::time::timeout_at(deadline, consumer.recv())
                     .await
                     .ok(),
             };
@@ -479,9 +481,12 @@ impl Router {
         tpl
     }
 
-    /// Commits the consumer group's offsets (effectively-once: informational, the state topic is
-    /// authoritative).
+    /// Commits the consumer group's offsets where no transaction does (informational: the state
+    /// topic is authoritative).
     fn commit_positions(&self, consumer: &TasksConsumer) {
+        if self.config.consistency.offsets_in_transaction() {
+            return;
+        }
         let tpl = self.positions();
         if tpl.count() > 0 {
             if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
@@ -494,11 +499,9 @@ impl Router {
     async fn commit(&mut self, batch: Batch, consumer: &TasksConsumer) -> Result<()> {
         let started = Instant::now();
         if batch.decided > 0 {
-            let offsets = match self.config.consistency {
-                ConsistencyMode::ExactlyOnce => {
-                    consumer.group_metadata().map(|g| (self.positions(), g))
-                }
-                ConsistencyMode::EffectivelyOnce => None,
+            let offsets = match self.config.consistency.offsets_in_transaction() {
+                true => consumer.group_metadata().map(|g| (self.positions(), g)),
+                false => None,
             };
             if let Some(touched) = self.write(batch.out, offsets).await? {
                 return self.seek(consumer, &touched);
@@ -510,9 +513,7 @@ impl Router {
             }
         }
         self.seek(consumer, &batch.refetch)?;
-        if self.config.consistency == ConsistencyMode::EffectivelyOnce {
-            self.commit_positions(consumer);
-        }
+        self.commit_positions(consumer);
         Ok(())
     }
 
@@ -1032,7 +1033,7 @@ impl Router {
             state: self.partitions.get_mut(&p)?,
             instance: &self.config.instance_id,
             now: now_ms(),
-            keep_undo: self.config.consistency == ConsistencyMode::ExactlyOnce,
+            keep_undo: self.config.consistency.keeps_undo(),
         })
     }
 
@@ -1169,7 +1170,7 @@ impl Router {
         decoded: Vec<Result<TaskEvent, DecodeError>>,
     ) -> Result<Batch> {
         let tasks_topic = self.topics.tasks();
-        let guard_gaps = self.config.consistency == ConsistencyMode::EffectivelyOnce;
+        let guard_gaps = self.config.consistency.refetches_holes();
         let mut out = Decided::default();
         let mut decided = 0u64;
         let mut refetch = Vec::new();
