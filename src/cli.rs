@@ -1114,15 +1114,22 @@ async fn replay(kafka: &KafkaConfig, codec: &Codec, args: ReplayArgs) -> Result<
         }
     }
     eprintln!(
-        "replayed {} state records in {seconds:.2}s ({:.0}/s): {} decisions checked ({} from recorded LLM answers, no LLM called), {} divergences, {} fenced records ignored, {} inputs missing",
+        "replayed {} state records in {seconds:.2}s ({:.0}/s): {} decisions checked ({} from recorded LLM answers, no LLM called; {} following refused writes), {} divergences, {} fenced records ignored, {} inputs missing",
         report.records,
         report.records as f64 / seconds.max(1e-9),
         report.checked,
         report.llm_recorded,
+        report.refused_writes,
         report.divergences.len(),
         report.fenced,
         report.inputs_missing
     );
+    if report.signatures_unchecked > 0 {
+        eprintln!(
+            "{} signed answers were not checked: set the cards' `secret_env` variables to check them",
+            report.signatures_unchecked
+        );
+    }
     if args.verify && !report.divergences.is_empty() {
         bail!(
             "{} recorded decisions do not follow from the recorded events and rules",
