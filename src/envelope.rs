@@ -271,6 +271,33 @@ pub struct InputRef {
     pub sha256: Option<String>,
 }
 
+/// What kind of timer fell due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimerKind {
+    /// The task's `deadline` passed.
+    Deadline,
+}
+
+impl TimerKind {
+    /// The kind as written on the wire and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimerKind::Deadline => "deadline",
+        }
+    }
+}
+
+/// A timer that fell due, recorded as the input of the decision that follows from it: restore
+/// and replay read the firing, never the clock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Firing {
+    /// What fell due.
+    pub kind: TimerKind,
+    /// When it was due, milliseconds since the Unix epoch (the record's `at` is when it fired).
+    pub due: i64,
+}
+
 /// A record the broker refused for good (too large for the topic, invalid, no such topic),
 /// recorded with the decision that follows from it, so that restore and replay know that the
 /// earlier decision's writes did not all happen.
@@ -437,6 +464,10 @@ pub struct StateEvent {
     /// no input of its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejected: Option<Rejection>,
+    /// The timer that fell due, when this record decides what follows from that (it has no
+    /// input of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timer: Option<Firing>,
     /// When, milliseconds since the Unix epoch.
     pub at: i64,
 }
@@ -556,6 +587,7 @@ mod tests {
             llm: None,
             dequeued: false,
             rejected: None,
+            timer: None,
             at: 0,
         };
         let bytes = serde_json::to_vec(&s).unwrap();

@@ -46,16 +46,21 @@ pub fn describe(record: &StateEvent) -> String {
                 format!("{:<15} {from}{confidence}", e.kind.as_str())
             }
         }
-        None => match (&record.rejected, &record.input) {
-            (Some(r), _) => format!("WRITE REFUSED   {} bytes for `{}`", r.bytes, r.topic),
-            (None, Some(i)) => format!(
+        None => match (&record.timer, &record.rejected, &record.input) {
+            (Some(firing), _, _) => format!(
+                "TIMER           {} due, fired {} ms later",
+                firing.kind.as_str().to_uppercase(),
+                (record.at - firing.due).max(0)
+            ),
+            (None, Some(r), _) => format!("WRITE REFUSED   {} bytes for `{}`", r.bytes, r.topic),
+            (None, None, Some(i)) => format!(
                 "NOT COPIED      {}[{}]@{}, {} bytes",
                 i.topic,
                 i.partition,
                 i.offset,
                 i.size.unwrap_or_default()
             ),
-            (None, None) => "UNDECODABLE".to_string(),
+            (None, None, None) => "UNDECODABLE".to_string(),
         },
     };
     let decision = match &record.decision {

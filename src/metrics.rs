@@ -149,6 +149,10 @@ pub struct RouterMetrics {
     pub aborted: IntCounter,
     /// Records the broker refused for good, by what they were (`dead_letter`, `work_item`).
     pub rejected_records: IntCounterVec,
+    /// Timers that fell due and were recorded, by kind (`deadline`).
+    pub timers_fired: IntCounterVec,
+    /// Timers pending in this instance's partitions.
+    pub timers_pending: IntGauge,
     /// LLM decider calls.
     pub llm: LlmMetrics,
     /// LLM decisions waiting for an answer.
@@ -240,6 +244,17 @@ impl RouterMetrics {
                 "switchyard_rejected_records_total",
                 "Records the broker refused for good (too large, invalid, no topic)",
                 &["record"],
+            )?,
+            timers_fired: counter(
+                &r,
+                "switchyard_timers_fired_total",
+                "Timers that fell due and were recorded",
+                &["kind"],
+            )?,
+            timers_pending: gauge(
+                &r,
+                "switchyard_timers_pending",
+                "Timers pending in the owned partitions",
             )?,
             llm: LlmMetrics::new(&r)?,
             llm_pending: gauge(

@@ -104,6 +104,9 @@ pub struct Report {
     pub refused_writes: u64,
     /// Answers whose signature could not be checked: their card's secret is not set here.
     pub signatures_unchecked: u64,
+    /// Decisions that follow from a recorded timer firing (decided again from the firing,
+    /// never from the clock).
+    pub timers_fired: u64,
     /// Every divergence.
     pub divergences: Vec<Divergence>,
 }
@@ -228,6 +231,10 @@ pub async fn replay(
                     report.refused_writes += 1;
                     None
                 }
+                _ if record.timer.is_some() => {
+                    report.timers_fired += 1;
+                    check_timer(engine, state, &record, partition, offset)
+                }
                 (None, Some(call)) => {
                     report.llm_recorded += 1;
                     check_llm(engine, state, &record, call, partition, offset)
@@ -259,6 +266,39 @@ pub async fn replay(
         Some(e) => Err(e),
         None => Ok(report),
     }
+}
+
+/// Checks a decision that follows from a timer: the recorded firing, decided again against the
+/// task as it was, must lead to the recorded decision.
+fn check_timer(
+    engine: &Engine,
+    state: &PartitionState,
+    record: &StateEvent,
+    partition: i32,
+    offset: i64,
+) -> Option<Divergence> {
+    let firing = record.timer.as_ref()?;
+    let replayed = match state.tasks.get(&record.task_id) {
+        Some(task) => engine.fire(task, firing).decision,
+        None => Decision::DeadLettered {
+            reason: "not_active".into(),
+            message: "the recorded timer belongs to no active task".into(),
+            ends_task: false,
+        },
+    };
+    (replayed != record.decision).then(|| Divergence {
+        task_id: record.task_id.clone(),
+        partition,
+        offset,
+        change: (summary(&record.decision), summary(&replayed)),
+        recorded: record.decision.clone(),
+        replayed,
+        note: Some(format!(
+            "recorded firing: {} due at {}",
+            firing.kind.as_str(),
+            firing.due
+        )),
+    })
 }
 
 /// Why the state record's copy of its input does not match the input as read, if it does not.

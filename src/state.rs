@@ -259,13 +259,13 @@ impl PartitionState {
     }
 
     /// Applies a decision to the state. A record without an event changes no task unless it
-    /// decides what follows from a refused write (`rejected`).
+    /// decides what follows from a refused write (`rejected`) or a timer (`timer`).
     pub fn apply(&mut self, record: &StateEvent) {
         if let Some(input) = &record.input {
             self.next_offset = Some(self.next_offset.unwrap_or(0).max(input.offset + 1));
         }
         let event = record.event.as_ref();
-        if event.is_none() && record.rejected.is_none() {
+        if event.is_none() && record.rejected.is_none() && record.timer.is_none() {
             return;
         }
         let id = &record.task_id;

@@ -298,6 +298,7 @@ mod tests {
             llm: None,
             dequeued: false,
             rejected: None,
+            timer: None,
             at: 0,
         });
         let prompt = user_prompt(&task.tasks["t"], &event.payload, 8, 2000);

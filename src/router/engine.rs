@@ -5,7 +5,8 @@
 
 use crate::cards::Cards;
 use crate::envelope::{
-    DecidedBy, Decision, DecodeError, EventKind, LlmRecord, Step, TaskEvent, Usage, WorkItem,
+    DecidedBy, Decision, DecodeError, EventKind, Firing, LlmRecord, Step, TaskEvent, TimerKind,
+    Usage, WorkItem,
 };
 use crate::rules::{Action, Facts, LlmRoute, Rule, RuleTable, COMPLETE, HUMAN};
 use crate::signing::Secrets;
@@ -390,6 +391,22 @@ impl Engine {
             llm: Some(call.clone()),
         };
         self.bounded(Some(task), None, None, outcome)
+    }
+
+    /// What a timer that fell due does to its task: a passed deadline ends it in the dead-letter
+    /// topic (`deadline_exceeded`); results of its pending steps that come later are dropped.
+    pub fn fire(&self, task: &TaskState, firing: &Firing) -> Outcome {
+        match firing.kind {
+            TimerKind::Deadline => Outcome::dead_letter(
+                "deadline_exceeded",
+                format!(
+                    "the task's deadline ({} ms since the epoch) passed with {} step(s) pending",
+                    firing.due,
+                    task.pending_except(None)
+                ),
+                true,
+            ),
+        }
     }
 
     /// Why a task that has spent `spent` is over the budget, if it is.
@@ -1100,5 +1117,59 @@ rules:
         ] {
             assert!(seen.contains(reached), "never reached {reached}: {seen:?}");
         }
+    }
+
+    #[test]
+    fn a_passed_deadline_fires_once_and_ends_the_task() {
+        let mut run = Run::new(RULES, &["a", "b", "c", "h"]);
+        let mut submitted = TaskEvent::new("t1", EventKind::Submitted, "client");
+        submitted.deadline = Some(1_000);
+        run.send(submitted);
+        let mut at = |now: i64| {
+            Partition {
+                engine: &run.engine,
+                state: &mut run.state,
+                instance: "test",
+                now,
+                keep_undo: false,
+            }
+            .due()
+        };
+        assert!(at(999).is_empty(), "nothing fires before its due time");
+        let due = at(1_000);
+        assert_eq!(due.len(), 1);
+        let (task, firing) = due[0].clone();
+        let step = Partition {
+            engine: &run.engine,
+            state: &mut run.state,
+            instance: "test",
+            now: 1_250,
+            keep_undo: false,
+        }
+        .fire(&task, firing)
+        .unwrap();
+        assert_eq!(step.record.timer.as_ref().map(|f| f.due), Some(1_000));
+        assert_eq!(step.record.at, 1_250);
+        assert_eq!(reason(&step.record.decision), ("deadline_exceeded", true));
+        assert!(run.state.tasks.is_empty(), "the task ended");
+        let mut at = |now: i64| {
+            Partition {
+                engine: &run.engine,
+                state: &mut run.state,
+                instance: "test",
+                now,
+                keep_undo: false,
+            }
+            .due()
+        };
+        assert!(at(5_000).is_empty(), "a timer fires once");
+        let late = run.send(run.answer(EventKind::Result, 1, 1, None));
+        assert_eq!(
+            late,
+            Decision::Dropped {
+                reason: "late_duplicate".into()
+            },
+            "a late result of an abandoned step is dropped"
+        );
     }
 }

@@ -344,6 +344,7 @@ mod tests {
             llm: None,
             dequeued: false,
             rejected: None,
+            timer: None,
             at: 0,
         });
         let first = super::super::engine::work_item(&state.tasks["t"], &step(1, "a"), i32::MAX);

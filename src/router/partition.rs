@@ -6,7 +6,9 @@
 
 use super::engine::{Engine, Outcome};
 use super::guard::Raw;
-use crate::envelope::{DecodeError, InputRef, LlmRecord, Rejection, StateEvent, TaskEvent};
+use crate::envelope::{
+    DecodeError, Firing, InputRef, LlmRecord, Rejection, StateEvent, TaskEvent, TimerKind,
+};
 use crate::signing::sha256_hex;
 use crate::state::{PartitionState, Undo};
 
@@ -110,6 +112,36 @@ impl Partition<'_> {
         steps
     }
 
+    /// The timers of this partition that are due at `now`, oldest first: the deadlines that
+    /// have passed of the tasks still active.
+    pub fn due(&self) -> Vec<(String, Firing)> {
+        let mut due: Vec<(String, Firing)> = self
+            .state
+            .tasks
+            .values()
+            .filter_map(|t| {
+                let deadline = t.deadline.filter(|d| *d <= self.now)?;
+                let firing = Firing {
+                    kind: TimerKind::Deadline,
+                    due: deadline,
+                };
+                Some((t.task_id.clone(), firing))
+            })
+            .collect();
+        due.sort_by_key(|(task, f)| (f.due, task.clone()));
+        due
+    }
+
+    /// Fires a due timer of `task_id`: the decision that follows from it, recorded with the
+    /// firing, numbered and folded. `None` when the task is no longer active.
+    pub fn fire(&mut self, task_id: &str, firing: Firing) -> Option<Step> {
+        let task = self.state.tasks.get(task_id)?;
+        let outcome = self.engine.fire(task, &firing);
+        let mut record = self.numbered(task_id, None, None, outcome, false);
+        record.timer = Some(firing);
+        Some(self.fold_record(record))
+    }
+
     /// Ends `task_id` because the broker refused a write of an earlier decision: `outcome` (a
     /// dead letter), recorded with the refusal.
     pub fn refuse(&mut self, task_id: &str, rejection: Rejection, outcome: Outcome) -> Step {
@@ -151,6 +183,7 @@ impl Partition<'_> {
             llm: outcome.llm,
             dequeued,
             rejected: None,
+            timer: None,
             at: self.now,
         }
     }

@@ -37,14 +37,15 @@ use crate::codec::{Codec, Encoding};
 use crate::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use crate::dlq;
 use crate::envelope::{
-    now_ms, Decision, DecodeError, InputRef, LlmRecord, Rejection, StateEvent, TaskEvent, WorkItem,
+    now_ms, Decision, DecodeError, EventKind, InputRef, LlmRecord, Rejection, StateEvent,
+    TaskEvent, WorkItem,
 };
 use crate::kafka::{self, set_default, KafkaConfig, Topics};
 use crate::llm::{LlmClient, LlmConfig};
 use crate::metrics::RouterMetrics;
 use crate::rules::Action;
 use crate::signing::SIGNATURE_HEADER;
-use crate::state::{PartitionState, StepStatus, Undo};
+use crate::state::{PartitionState, StepStatus, TaskState, Undo};
 
 /// Errors that stop the router.
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +242,9 @@ enum Origin<'a> {
     Recorded(Option<InputRef>),
     /// A record the broker refused (a work item): the dead letter keeps its bytes.
     Refused(dlq::Source),
+    /// A timer that ended a task: the dead letter holds the task's submission as the router
+    /// knows it (id, tenant, labels, input, deadline), encoded again.
+    Task(TaskEvent),
 }
 
 /// The decider's answer for a task of a partition owned at `epoch`.
@@ -411,10 +415,7 @@ impl Router {
             tokio::select! {
                 _ = shutdown.changed() => break,
                 Some(event) = rebalances.recv() => self.rebalance(event, &consumer).await?,
-                _ = ticker.tick() => {
-                    let active = self.partitions.values().map(|p| p.tasks.len() as i64).sum();
-                    self.metrics.inflight_tasks.set(active);
-                }
+                _ = ticker.tick() => self.tick().await?,
                 Some(first) = answers.recv() => {
                     let mut batch = vec![first];
                     while batch.len() < self.config.max_batch {
@@ -794,6 +795,7 @@ impl Router {
             llm: None,
             dequeued: false,
             rejected: None,
+            timer: None,
             at: now_ms(),
         };
         let records = parts
@@ -1026,6 +1028,57 @@ impl Router {
         Ok(())
     }
 
+    /// Once a second: the gauges, and the timers that fell due.
+    async fn tick(&mut self) -> Result<()> {
+        let active = self.partitions.values().map(|p| p.tasks.len() as i64).sum();
+        self.metrics.inflight_tasks.set(active);
+        let pending = self
+            .partitions
+            .values()
+            .flat_map(|p| p.tasks.values())
+            .filter(|t| t.deadline.is_some())
+            .count();
+        self.metrics.timers_pending.set(pending as i64);
+        self.fire_due().await
+    }
+
+    /// Fires the timers of the owned partitions that are due now. Each firing is recorded (the
+    /// firing is an input, not a side effect) and decided like any other event; a firing whose
+    /// write is lost is fired again after a restore, since its task is still active then.
+    async fn fire_due(&mut self) -> Result<()> {
+        let mut out = Decided::default();
+        let owned: Vec<i32> = self.partitions.keys().copied().collect();
+        for p in owned {
+            let Some(mut partition) = self.partition(p) else {
+                continue;
+            };
+            let mut fired = Vec::new();
+            for (task_id, firing) in partition.due() {
+                let submission = partition.state.tasks.get(&task_id).map(submission);
+                if let (Some(step), Some(submission)) =
+                    (partition.fire(&task_id, firing), submission)
+                {
+                    fired.push((step, submission));
+                }
+            }
+            for (step, submission) in fired {
+                if let Some(firing) = &step.record.timer {
+                    self.metrics
+                        .timers_fired
+                        .with_label_values(&[firing.kind.as_str()])
+                        .inc();
+                }
+                self.emit(p, step, Origin::Task(submission), &mut out)
+                    .await?;
+            }
+        }
+        if !out.states.is_empty() {
+            // An aborted transaction takes the firings back; they fall due again next tick.
+            self.write(out, None).await?;
+        }
+        Ok(())
+    }
+
     /// The per-event step of owned partition `p`, stamping records with the time now.
     fn partition(&mut self, p: i32) -> Option<Partition<'_>> {
         Some(Partition {
@@ -1091,6 +1144,7 @@ impl Router {
                     }
                     (Origin::Recorded(_), None) => None,
                     (Origin::Refused(source), _) => Some(source),
+                    (Origin::Task(event), _) => Some(self.re_encoded(p, &event, None).await?),
                 };
                 if let Some(source) = source {
                     let topic = self.topics.dlq();
@@ -1298,6 +1352,17 @@ fn count_decision(metrics: &RouterMetrics, record: &StateEvent) {
             .with_label_values(&[name, "router", ""])
             .inc(),
     }
+}
+
+/// A task's submission as the router knows it, for the dead letter of a task a timer ended.
+fn submission(task: &TaskState) -> TaskEvent {
+    let mut event = TaskEvent::new(&task.task_id, EventKind::Submitted, "client");
+    event.event_id = task.submitted_event_id.clone();
+    event.tenant = task.tenant.clone();
+    event.labels = task.labels.clone();
+    event.payload = task.input.clone();
+    event.deadline = task.deadline;
+    event
 }
 
 /// The value of header `name` of `message`.
