@@ -286,6 +286,24 @@ fn check_timer(
             ends_task: false,
         },
     };
+    let note = || {
+        format!(
+            "recorded firing: {} due at {}",
+            firing.kind.as_str(),
+            firing.due
+        )
+    };
+    diverges(record, replayed, (partition, offset), note)
+}
+
+/// The divergence of `replayed` from `record`'s decision at `at` (state partition, offset), with
+/// `note` saying what the replay decided from; `None` when they agree.
+fn diverges(
+    record: &StateEvent,
+    replayed: Decision,
+    (partition, offset): (i32, i64),
+    note: impl FnOnce() -> String,
+) -> Option<Divergence> {
     (replayed != record.decision).then(|| Divergence {
         task_id: record.task_id.clone(),
         partition,
@@ -293,11 +311,7 @@ fn check_timer(
         change: (summary(&record.decision), summary(&replayed)),
         recorded: record.decision.clone(),
         replayed,
-        note: Some(format!(
-            "recorded firing: {} due at {}",
-            firing.kind.as_str(),
-            firing.due
-        )),
+        note: Some(note()),
     })
 }
 
@@ -326,21 +340,11 @@ fn check_llm(
             ends_task: false,
         },
     };
-    (replayed != record.decision).then(|| Divergence {
-        task_id: record.task_id.clone(),
-        partition,
-        offset,
-        change: (summary(&record.decision), summary(&replayed)),
-        recorded: record.decision.clone(),
-        replayed,
-        note: Some(format!(
-            "recorded LLM answer: {}",
-            call.agent
-                .as_deref()
-                .or(call.error.as_deref())
-                .unwrap_or("none")
-        )),
-    })
+    let note = || {
+        let answer = call.agent.as_deref().or(call.error.as_deref());
+        format!("recorded LLM answer: {}", answer.unwrap_or("none"))
+    };
+    diverges(record, replayed, (partition, offset), note)
 }
 
 /// A tasks-topic record as read: position, value and signature header.

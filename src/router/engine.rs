@@ -625,11 +625,16 @@ rules:
 
         /// The partition's per-event step, as the router drives it.
         fn partition(&mut self) -> Partition<'_> {
+            self.partition_at(0)
+        }
+
+        /// The partition's per-event step at time `now`.
+        fn partition_at(&mut self, now: i64) -> Partition<'_> {
             Partition {
                 engine: &self.engine,
                 state: &mut self.state,
                 instance: "test",
-                now: 0,
+                now,
                 keep_undo: false,
             }
         }
@@ -1125,44 +1130,22 @@ rules:
         let mut submitted = TaskEvent::new("t1", EventKind::Submitted, "client");
         submitted.deadline = Some(1_000);
         run.send(submitted);
-        let mut at = |now: i64| {
-            Partition {
-                engine: &run.engine,
-                state: &mut run.state,
-                instance: "test",
-                now,
-                keep_undo: false,
-            }
-            .due()
-        };
-        assert!(at(999).is_empty(), "nothing fires before its due time");
-        let due = at(1_000);
+        assert!(
+            run.partition_at(999).due().is_empty(),
+            "nothing fires before its due time"
+        );
+        let due = run.partition_at(1_000).due();
         assert_eq!(due.len(), 1);
         let (task, firing) = due[0].clone();
-        let step = Partition {
-            engine: &run.engine,
-            state: &mut run.state,
-            instance: "test",
-            now: 1_250,
-            keep_undo: false,
-        }
-        .fire(&task, firing)
-        .unwrap();
+        let step = run.partition_at(1_250).fire(&task, firing).unwrap();
         assert_eq!(step.record.timer.as_ref().map(|f| f.due), Some(1_000));
         assert_eq!(step.record.at, 1_250);
         assert_eq!(reason(&step.record.decision), ("deadline_exceeded", true));
         assert!(run.state.tasks.is_empty(), "the task ended");
-        let mut at = |now: i64| {
-            Partition {
-                engine: &run.engine,
-                state: &mut run.state,
-                instance: "test",
-                now,
-                keep_undo: false,
-            }
-            .due()
-        };
-        assert!(at(5_000).is_empty(), "a timer fires once");
+        assert!(
+            run.partition_at(5_000).due().is_empty(),
+            "a timer fires once"
+        );
         let late = run.send(run.answer(EventKind::Result, 1, 1, None));
         assert_eq!(
             late,
