@@ -277,6 +277,8 @@ pub struct InputRef {
 pub enum TimerKind {
     /// The task's `deadline` passed.
     Deadline,
+    /// A step's attempt got no answer within its card's `timeout`.
+    StepTimeout,
 }
 
 impl TimerKind {
@@ -284,6 +286,7 @@ impl TimerKind {
     pub fn as_str(self) -> &'static str {
         match self {
             TimerKind::Deadline => "deadline",
+            TimerKind::StepTimeout => "step_timeout",
         }
     }
 }
@@ -296,6 +299,12 @@ pub struct Firing {
     pub kind: TimerKind,
     /// When it was due, milliseconds since the Unix epoch (the record's `at` is when it fired).
     pub due: i64,
+    /// The step that timed out, for a step timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_id: Option<u32>,
+    /// The attempt that timed out, for a step timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 /// A record the broker refused for good (too large for the topic, invalid, no such topic),

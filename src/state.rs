@@ -27,6 +27,9 @@ pub struct StepState {
     pub attempt: u32,
     /// Where it stands.
     pub status: StepStatus,
+    /// When its current attempt was sent (the `at` of the decision), ms since the Unix epoch:
+    /// its timeout counts from here.
+    pub since: i64,
 }
 
 /// The state of one active task.
@@ -325,12 +328,12 @@ impl PartitionState {
             (Decision::AwaitingLlm { .. } | Decision::Queued, None) => false,
             (Decision::Routed { steps, .. }, _) => {
                 task.answer(record.answers_step, event);
-                add_steps(task, steps);
+                add_steps(task, steps, record.at);
                 false
             }
             (Decision::Escalated { step, .. }, _) => {
                 task.answer(record.answers_step, event);
-                add_steps(task, std::slice::from_ref(step));
+                add_steps(task, std::slice::from_ref(step), record.at);
                 false
             }
             (Decision::Recorded, _) => {
@@ -341,6 +344,7 @@ impl PartitionState {
                 if let Some(s) = task.steps.get_mut(&step.step_id) {
                     s.attempt = step.attempt;
                     s.status = StepStatus::Pending;
+                    s.since = record.at;
                 }
                 false
             }
@@ -376,7 +380,7 @@ impl PartitionState {
     }
 }
 
-fn add_steps(task: &mut TaskState, steps: &[Step]) {
+fn add_steps(task: &mut TaskState, steps: &[Step], since: i64) {
     for step in steps {
         task.steps.insert(
             step.step_id,
@@ -384,6 +388,7 @@ fn add_steps(task: &mut TaskState, steps: &[Step]) {
                 card: step.card.clone(),
                 attempt: step.attempt,
                 status: StepStatus::Pending,
+                since,
             },
         );
     }

@@ -145,3 +145,80 @@ async fn a_deadline_that_passes_while_no_router_runs_fires_once_after_the_restor
     assert_eq!(firings, 1);
     router.stop().await;
 }
+
+/// A workflow whose `slow` card never answers within its 2 s timeout (2 attempts, then the
+/// `backup` card) and whose `lonely` card has no fallback.
+fn timeouts_workflow() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("cards")).unwrap();
+    let cards = [
+        (
+            "slow",
+            "timeout: 2s\nretry: {max_attempts: 2}\nfallback: backup\n",
+        ),
+        ("backup", ""),
+        ("lonely", "timeout: 2s\nretry: {max_attempts: 1}\n"),
+    ];
+    for (name, extra) in cards {
+        let card = format!("name: {name}\nruntime: {{kind: handler}}\n{extra}");
+        std::fs::write(dir.path().join(format!("cards/{name}.yaml")), card).unwrap();
+    }
+    let rules = "rules:\n  - { id: lonely, when: { kind: SUBMITTED, labels: { route: lonely } }, then: { route: [lonely] } }\n  - { id: start, when: { kind: SUBMITTED }, then: { route: [slow] } }\n  - { id: done, when: { source: [slow, backup, lonely] }, then: complete }\n";
+    std::fs::write(dir.path().join("rules.yaml"), rules).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_that_never_answers_times_out_is_retried_then_goes_to_its_fallback() {
+    let kafka = kafka("timeouts");
+    let dir = timeouts_workflow();
+    let workflow = setup(&kafka, dir.path()).await;
+    let router = RunningRouter::start(&kafka, &workflow).await;
+    let backup = RunningAgents::start(&kafka, &workflow, &["backup"], |n| {
+        ExampleAgent(n.to_string())
+    });
+    publish(&kafka, &submission("t1", "hello")).await;
+    let mut lonely = submission("t2", "hello");
+    lonely.labels.insert("route".into(), "lonely".into());
+    publish(&kafka, &lonely).await;
+
+    let events = eventually(WAIT, "t1 to complete through the fallback", || async {
+        let events = task_events(&kafka, "t1");
+        events
+            .iter()
+            .any(|e| matches!(e.decision, Decision::Completed { .. }))
+            .then_some(events)
+    })
+    .await;
+    let summary: Vec<String> = events
+        .iter()
+        .map(|e| switchyard::replay::summary(&e.decision))
+        .collect();
+    assert_eq!(
+        summary,
+        ["ROUTED slow", "RETRY slow", "ROUTED backup", "COMPLETED"],
+        "{events:#?}"
+    );
+    // Each attempt's timer is due 2 s after the decision that sent it, and fires no earlier.
+    for (sent, fired) in [(&events[0], &events[1]), (&events[1], &events[2])] {
+        let firing = fired.timer.as_ref().expect("a recorded firing");
+        assert_eq!(firing.due, sent.at + 2_000);
+        assert!(fired.at >= firing.due);
+    }
+    let t2 = eventually(WAIT, "t2 to be dead-lettered step_timeout", || async {
+        task_events(&kafka, "t2")
+            .into_iter()
+            .find(|e| e.timer.is_some())
+    })
+    .await;
+    assert!(
+        matches!(&t2.decision, Decision::DeadLettered { reason, ends_task: true, .. } if reason == "step_timeout"),
+        "{:?}",
+        t2.decision
+    );
+    let report = replay_all(&kafka, &workflow.engine()).await;
+    assert!(report.divergences.is_empty(), "{:?}", report.divergences);
+    assert_eq!(report.timers_fired, 3);
+    backup.stop().await;
+    router.stop().await;
+}

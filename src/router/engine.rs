@@ -231,29 +231,8 @@ impl Engine {
         }
         let answered = Some(step_id);
         if event.kind == EventKind::Failed {
-            if let Some(card) = self.cards.get(&step.card) {
-                if step.attempt < card.retry.max_attempts {
-                    let step = Step {
-                        step_id,
-                        card: step.card.clone(),
-                        attempt: step.attempt + 1,
-                    };
-                    return Outcome::new(answered, Decision::RetryScheduled { step });
-                }
-                if let Some(fallback) = &card.fallback {
-                    let decided_by = DecidedBy::Fallback {
-                        failed_card: card.name.clone(),
-                    };
-                    return Outcome::new(
-                        answered,
-                        self.route(
-                            task.hops(),
-                            task.next_step(),
-                            std::slice::from_ref(fallback),
-                            decided_by,
-                        ),
-                    );
-                }
+            if let Some(outcome) = self.retry_or_fallback(task, step_id) {
+                return outcome;
             }
         }
         let mut spent = task.spent.clone();
@@ -393,8 +372,34 @@ impl Engine {
         self.bounded(Some(task), None, None, outcome)
     }
 
-    /// What a timer that fell due does to its task: a passed deadline ends it in the dead-letter
-    /// topic (`deadline_exceeded`); results of its pending steps that come later are dropped.
+    /// What the card's failure policy does with a step that failed or timed out: another
+    /// attempt while its card allows one, then its card's fallback; `None` when it has neither.
+    fn retry_or_fallback(&self, task: &TaskState, step_id: u32) -> Option<Outcome> {
+        let step = task.steps.get(&step_id)?;
+        let card = self.cards.get(&step.card)?;
+        let answered = Some(step_id);
+        if step.attempt < card.retry.max_attempts {
+            let step = Step {
+                step_id,
+                card: step.card.clone(),
+                attempt: step.attempt + 1,
+            };
+            return Some(Outcome::new(answered, Decision::RetryScheduled { step }));
+        }
+        let fallback = card.fallback.as_ref()?;
+        let decided_by = DecidedBy::Fallback {
+            failed_card: card.name.clone(),
+        };
+        let (hops, next) = (task.hops(), task.next_step());
+        let decision = self.route(hops, next, std::slice::from_ref(fallback), decided_by);
+        Some(Outcome::new(answered, decision))
+    }
+
+    /// What a timer that fell due does to its task. A passed deadline ends it in the dead-letter
+    /// topic (`deadline_exceeded`); results of its pending steps that come later are dropped. A
+    /// step that timed out is tried again while its card allows, then goes to its card's
+    /// fallback, else the task is dead-lettered `step_timeout`; the late result of the old
+    /// attempt is dropped as stale. A timer whose step has moved on fires nothing.
     pub fn fire(&self, task: &TaskState, firing: &Firing) -> Outcome {
         match firing.kind {
             TimerKind::Deadline => Outcome::dead_letter(
@@ -406,6 +411,25 @@ impl Engine {
                 ),
                 true,
             ),
+            TimerKind::StepTimeout => {
+                let step_id = firing.step_id.unwrap_or_default();
+                let waiting = task.steps.get(&step_id).filter(|s| {
+                    s.status == StepStatus::Pending && Some(s.attempt) == firing.attempt
+                });
+                let Some(step) = waiting else {
+                    return Outcome::dropped(Some(step_id), "stale_timer");
+                };
+                let message = format!(
+                    "card `{}` did not answer step {step_id} (attempt {}) in time",
+                    step.card, step.attempt
+                );
+                let gave_up = Outcome::dead_letter("step_timeout", message, true);
+                let outcome = self.retry_or_fallback(task, step_id).unwrap_or(Outcome {
+                    answers_step: Some(step_id),
+                    ..gave_up
+                });
+                self.bounded(Some(task), None, None, outcome)
+            }
         }
     }
 
@@ -1154,5 +1178,39 @@ rules:
             },
             "a late result of an abandoned step is dropped"
         );
+    }
+
+    #[test]
+    fn a_step_without_an_answer_times_out_is_retried_then_ends_the_task() {
+        let mut run = Run::new(RULES, &["a", "b", "c", "h"]);
+        run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
+        assert!(run.partition_at(29_999).due().is_empty());
+        let due = run.partition_at(30_000).due();
+        let steps: Vec<_> = due.iter().map(|(_, f)| (f.step_id, f.attempt)).collect();
+        assert_eq!(steps, [(Some(1), Some(1)), (Some(2), Some(1))]);
+        let (task, firing) = due[0].clone();
+        let retried = run.partition_at(30_500).fire(&task, firing).unwrap();
+        assert!(
+            matches!(&retried.record.decision, Decision::RetryScheduled { step } if step.attempt == 2),
+            "{:?}",
+            retried.record.decision
+        );
+        let stale = run.send(run.answer(EventKind::Result, 1, 1, None));
+        assert_eq!(
+            stale,
+            Decision::Dropped {
+                reason: "stale_attempt".into()
+            },
+            "the late answer of the timed-out attempt"
+        );
+        let (task, firing) = run.partition_at(30_500).due().remove(0);
+        assert_eq!(firing.step_id, Some(2), "step 1 counts from its retry");
+        run.partition_at(30_500).fire(&task, firing).unwrap();
+        let due = run.partition_at(60_500).due();
+        let (task, firing) = due[0].clone();
+        assert_eq!((firing.step_id, firing.attempt), (Some(1), Some(2)));
+        let gave_up = run.partition_at(60_500).fire(&task, firing).unwrap();
+        assert_eq!(reason(&gave_up.record.decision), ("step_timeout", true));
+        assert!(run.state.tasks.is_empty());
     }
 }

@@ -10,7 +10,7 @@ use crate::envelope::{
     DecodeError, Firing, InputRef, LlmRecord, Rejection, StateEvent, TaskEvent, TimerKind,
 };
 use crate::signing::sha256_hex;
-use crate::state::{PartitionState, Undo};
+use crate::state::{PartitionState, StepStatus, Undo};
 
 /// One folded decision: its state event and, when asked for, what undoes it.
 #[derive(Debug)]
@@ -112,23 +112,39 @@ impl Partition<'_> {
         steps
     }
 
-    /// The timers of this partition that are due at `now`, oldest first: the deadlines that
-    /// have passed of the tasks still active.
+    /// The timers of this partition that are due at `now`, oldest first: the passed deadlines
+    /// of active tasks, and the pending attempts of steps whose card's `timeout` has run out
+    /// (a human card's steps wait without one). A task whose deadline passed fires nothing else.
     pub fn due(&self) -> Vec<(String, Firing)> {
-        let mut due: Vec<(String, Firing)> = self
-            .state
-            .tasks
-            .values()
-            .filter_map(|t| {
-                let deadline = t.deadline.filter(|d| *d <= self.now)?;
+        let mut due = Vec::new();
+        for task in self.state.tasks.values() {
+            if let Some(deadline) = task.deadline.filter(|d| *d <= self.now) {
                 let firing = Firing {
                     kind: TimerKind::Deadline,
                     due: deadline,
+                    step_id: None,
+                    attempt: None,
                 };
-                Some((t.task_id.clone(), firing))
-            })
-            .collect();
-        due.sort_by_key(|(task, f)| (f.due, task.clone()));
+                due.push((task.task_id.clone(), firing));
+                continue;
+            }
+            for (id, step) in &task.steps {
+                let Some(card) = self.engine.cards.get(&step.card) else {
+                    continue;
+                };
+                let at = step.since + card.timeout.as_millis() as i64;
+                if step.status == StepStatus::Pending && !card.is_human() && at <= self.now {
+                    let firing = Firing {
+                        kind: TimerKind::StepTimeout,
+                        due: at,
+                        step_id: Some(*id),
+                        attempt: Some(step.attempt),
+                    };
+                    due.push((task.task_id.clone(), firing));
+                }
+            }
+        }
+        due.sort_by_key(|(task, f)| (f.due, task.clone(), f.step_id));
         due
     }
 
