@@ -153,6 +153,8 @@ pub struct RouterMetrics {
     pub timers_fired: IntCounterVec,
     /// Timers pending in this instance's partitions.
     pub timers_pending: IntGauge,
+    /// Steps that timed out, by card.
+    pub step_timeouts: IntCounterVec,
     /// LLM decider calls.
     pub llm: LlmMetrics,
     /// LLM decisions waiting for an answer.
@@ -255,6 +257,12 @@ impl RouterMetrics {
                 &r,
                 "switchyard_timers_pending",
                 "Timers pending in the owned partitions",
+            )?,
+            step_timeouts: counter(
+                &r,
+                "switchyard_step_timeouts_total",
+                "Steps that timed out",
+                &["card"],
             )?,
             llm: LlmMetrics::new(&r)?,
             llm_pending: gauge(

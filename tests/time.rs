@@ -216,6 +216,14 @@ async fn a_step_that_never_answers_times_out_is_retried_then_goes_to_its_fallbac
         "{:?}",
         t2.decision
     );
+    let timeouts = |card: &str| {
+        router
+            .metrics
+            .step_timeouts
+            .with_label_values(&[card])
+            .get()
+    };
+    assert_eq!((timeouts("slow"), timeouts("lonely")), (2, 1));
     let report = replay_all(&kafka, &workflow.engine()).await;
     assert!(report.divergences.is_empty(), "{:?}", report.divergences);
     assert_eq!(report.timers_fired, 3);

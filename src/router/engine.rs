@@ -10,7 +10,7 @@ use crate::envelope::{
 };
 use crate::rules::{Action, Facts, LlmRoute, Rule, RuleTable, COMPLETE, HUMAN};
 use crate::signing::Secrets;
-use crate::state::{PartitionState, StepStatus, TaskState};
+use crate::state::{PartitionState, StepState, StepStatus, TaskState};
 
 /// A decision with the step the event answered.
 #[derive(Debug, Clone, PartialEq)]
@@ -370,6 +370,20 @@ impl Engine {
             llm: Some(call.clone()),
         };
         self.bounded(Some(task), None, None, outcome)
+    }
+
+    /// The time a step's current attempt has before it times out: its card's `timeout` while
+    /// it is pending; `None` for a human card's step, which waits without one.
+    pub fn timeout(&self, step: &StepState) -> Option<i64> {
+        let card = self.cards.get(&step.card)?;
+        (step.status == StepStatus::Pending && !card.is_human())
+            .then_some(card.timeout.as_millis() as i64)
+    }
+
+    /// The timers a task holds: its deadline, and a timeout per pending step of a non-human card.
+    pub fn timers(&self, task: &TaskState) -> usize {
+        let steps = task.steps.values().filter(|s| self.timeout(s).is_some());
+        usize::from(task.deadline.is_some()) + steps.count()
     }
 
     /// What the card's failure policy does with a step that failed or timed out: another
@@ -1212,5 +1226,21 @@ rules:
         let gave_up = run.partition_at(60_500).fire(&task, firing).unwrap();
         assert_eq!(reason(&gave_up.record.decision), ("step_timeout", true));
         assert!(run.state.tasks.is_empty());
+    }
+
+    #[test]
+    fn a_cancelled_task_holds_no_timer_and_fires_nothing() {
+        let mut run = Run::new(RULES, &["a", "b", "c", "h"]);
+        let mut submitted = TaskEvent::new("t1", EventKind::Submitted, "client");
+        submitted.deadline = Some(10_000);
+        run.send(submitted);
+        assert_eq!(
+            run.engine.timers(&run.state.tasks["t1"]),
+            3,
+            "the deadline and two step timeouts"
+        );
+        let cancel = run.send(TaskEvent::new("t1", EventKind::Cancel, "client"));
+        assert_eq!(cancel, Decision::Cancelled);
+        assert!(run.partition_at(60_000).due().is_empty());
     }
 }

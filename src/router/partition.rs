@@ -10,7 +10,7 @@ use crate::envelope::{
     DecodeError, Firing, InputRef, LlmRecord, Rejection, StateEvent, TaskEvent, TimerKind,
 };
 use crate::signing::sha256_hex;
-use crate::state::{PartitionState, StepStatus, Undo};
+use crate::state::{PartitionState, Undo};
 
 /// One folded decision: its state event and, when asked for, what undoes it.
 #[derive(Debug)]
@@ -129,11 +129,11 @@ impl Partition<'_> {
                 continue;
             }
             for (id, step) in &task.steps {
-                let Some(card) = self.engine.cards.get(&step.card) else {
+                let Some(timeout) = self.engine.timeout(step) else {
                     continue;
                 };
-                let at = step.since + card.timeout.as_millis() as i64;
-                if step.status == StepStatus::Pending && !card.is_human() && at <= self.now {
+                let at = step.since + timeout;
+                if at <= self.now {
                     let firing = Firing {
                         kind: TimerKind::StepTimeout,
                         due: at,

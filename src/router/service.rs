@@ -1032,12 +1032,12 @@ impl Router {
     async fn tick(&mut self) -> Result<()> {
         let active = self.partitions.values().map(|p| p.tasks.len() as i64).sum();
         self.metrics.inflight_tasks.set(active);
-        let pending = self
+        let pending: usize = self
             .partitions
             .values()
             .flat_map(|p| p.tasks.values())
-            .filter(|t| t.deadline.is_some())
-            .count();
+            .map(|t| self.engine.timers(t))
+            .sum();
         self.metrics.timers_pending.set(pending as i64);
         self.fire_due().await
     }
@@ -1054,19 +1054,27 @@ impl Router {
             };
             let mut fired = Vec::new();
             for (task_id, firing) in partition.due() {
-                let submission = partition.state.tasks.get(&task_id).map(submission);
+                let task = partition.state.tasks.get(&task_id);
+                let submission = task.map(submission);
+                let card = task
+                    .zip(firing.step_id)
+                    .and_then(|(t, s)| t.steps.get(&s))
+                    .map(|s| s.card.clone());
                 if let (Some(step), Some(submission)) =
                     (partition.fire(&task_id, firing), submission)
                 {
-                    fired.push((step, submission));
+                    fired.push((step, submission, card));
                 }
             }
-            for (step, submission) in fired {
+            for (step, submission, card) in fired {
                 if let Some(firing) = &step.record.timer {
                     self.metrics
                         .timers_fired
                         .with_label_values(&[firing.kind.as_str()])
                         .inc();
+                }
+                if let Some(card) = card {
+                    self.metrics.step_timeouts.with_label_values(&[&card]).inc();
                 }
                 self.emit(p, step, Origin::Task(submission), &mut out)
                     .await?;
