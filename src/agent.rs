@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerGroupMetadata, StreamConsumer};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -28,7 +28,7 @@ use crate::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use crate::envelope::{EventKind, TaskEvent, Usage, WorkItem};
 use crate::kafka::{self, set_default, KafkaConfig};
 use crate::metrics::AgentMetrics;
-use crate::signing::{Secret, SIGNATURE_HEADER};
+use crate::signing::Secret;
 
 /// Errors that stop an agent.
 #[derive(Debug, thiserror::Error)]
@@ -556,19 +556,14 @@ async fn result_record(
     }
     metrics.work_items.with_label_values(&[card, label]).inc();
     let payload = codec.encode_task_event(tasks_topic, &event).await?;
-    let signature = secret.map(|s| s.sign(&event.task_id, event.step_id, event.attempt, &payload));
+    let headers = secret.map(|s| s.headers(&event.task_id, event.step_id, event.attempt, &payload));
     let mut record = Outgoing::bytes(
         tasks_topic.to_string(),
         Some(item.reply_partition),
         &item.task_id,
         payload,
     );
-    if let Some(signature) = &signature {
-        record.headers = Some(OwnedHeaders::new().insert(Header {
-            key: SIGNATURE_HEADER,
-            value: Some(signature),
-        }));
-    }
+    record.headers = headers;
     Ok(record)
 }
 

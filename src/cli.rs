@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -23,7 +22,7 @@ use crate::kafka::KafkaConfig;
 use crate::llm::{LlmClient, LlmConfig, LlmHandler};
 use crate::metrics::{AgentMetrics, RouterMetrics};
 use crate::router::{ConsistencyMode, Router, RouterConfig};
-use crate::signing::{Secret, SIGNATURE_HEADER};
+use crate::signing::Secret;
 use crate::topics::{self, TopicSpecs};
 use crate::workflow::Workflow;
 
@@ -684,11 +683,8 @@ async fn publish_signed(
     let bytes = codec.encode_task_event(&topic, event).await?;
     let mut record = FutureRecord::to(&topic).key(&event.task_id).payload(&bytes);
     if let Some(secret) = secret {
-        let signature = secret.sign(&event.task_id, event.step_id, event.attempt, &bytes);
-        record = record.headers(OwnedHeaders::new().insert(Header {
-            key: SIGNATURE_HEADER,
-            value: Some(&signature),
-        }));
+        record =
+            record.headers(secret.headers(&event.task_id, event.step_id, event.attempt, &bytes));
     }
     producer
         .send(record, Duration::from_secs(30))

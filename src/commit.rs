@@ -156,6 +156,16 @@ impl Outgoing {
         }
     }
 
+    /// The value of header `name`, if the record has one.
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        use rdkafka::message::Headers;
+        self.headers
+            .as_ref()?
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+    }
+
     /// Key and value size in bytes.
     pub fn size(&self) -> usize {
         self.key.len() + self.payload.as_ref().map_or(0, Vec::len)
@@ -275,17 +285,14 @@ impl Writer {
     }
 
     async fn send(&self, records: &[Outgoing]) -> Result<Vec<i64>> {
-        let sends = records.iter().map(|r| {
-            self.producer
-                .send(r.record(), Duration::from_secs(30))
-                .map(move |res| {
-                    res.map(|d| d.offset).map_err(|(source, _)| Error::Produce {
-                        topic: r.topic.clone(),
-                        source,
-                    })
-                })
-        });
-        try_join_all(sends).await
+        let sent = self.send_each(records).await?;
+        let produced = |(r, sent): (&Outgoing, Result<i64, KafkaError>)| {
+            sent.map_err(|source| Error::Produce {
+                topic: r.topic.clone(),
+                source,
+            })
+        };
+        records.iter().zip(sent).map(produced).collect()
     }
 
     async fn transaction(

@@ -73,13 +73,7 @@ pub struct Source {
 impl Source {
     /// The record as read.
     pub fn of_message(message: &impl Message) -> Self {
-        let redrives = message
-            .headers()
-            .and_then(|hs| {
-                hs.iter()
-                    .find(|h| h.key == headers::REDRIVES)
-                    .and_then(|h| h.value)
-            })
+        let redrives = kafka::header(message, headers::REDRIVES)
             .map(|v| String::from_utf8_lossy(v).into_owned());
         Self {
             topic: message.topic().to_string(),
@@ -130,39 +124,31 @@ pub fn record(
             source.key.len().to_string(),
         )
     });
-    let mut hs = OwnedHeaders::new();
-    for (key, value) in [
-        (headers::REASON, reason),
-        (headers::MESSAGE, why),
-        (headers::TOPIC, &source.topic),
-        (headers::PARTITION, &partition),
-        (headers::OFFSET, &offset),
-        (headers::ROUTER_VERSION, env!("CARGO_PKG_VERSION")),
-        (headers::TIME, &time),
-    ] {
-        hs = hs.insert(Header {
-            key,
-            value: Some(value),
-        });
-    }
+    let mut hs = with_headers(
+        OwnedHeaders::new(),
+        &[
+            (headers::REASON, reason),
+            (headers::MESSAGE, why),
+            (headers::TOPIC, &source.topic),
+            (headers::PARTITION, &partition),
+            (headers::OFFSET, &offset),
+            (headers::ROUTER_VERSION, env!("CARGO_PKG_VERSION")),
+            (headers::TIME, &time),
+        ],
+    );
     if let Some(count) = &source.redrives {
-        hs = hs.insert(Header {
-            key: headers::REDRIVES,
-            value: Some(count),
-        });
+        hs = with_headers(hs, &[(headers::REDRIVES, count)]);
     }
     if let Some((cut, size, sha256, key_size)) = &truncated {
-        for (key, value) in [
-            (headers::TRUNCATED, cut.as_str()),
-            (headers::ORIGINAL_SIZE, size.as_str()),
-            (headers::ORIGINAL_SHA256, sha256.as_str()),
-            (headers::ORIGINAL_KEY_SIZE, key_size.as_str()),
-        ] {
-            hs = hs.insert(Header {
-                key,
-                value: Some(value),
-            });
-        }
+        hs = with_headers(
+            hs,
+            &[
+                (headers::TRUNCATED, cut),
+                (headers::ORIGINAL_SIZE, size),
+                (headers::ORIGINAL_SHA256, sha256),
+                (headers::ORIGINAL_KEY_SIZE, key_size),
+            ],
+        );
     }
     Outgoing {
         topic,
@@ -278,17 +264,19 @@ impl DeadLetter {
     }
 }
 
+/// `hs` with the text headers `pairs` added.
+fn with_headers(hs: OwnedHeaders, pairs: &[(&str, &str)]) -> OwnedHeaders {
+    pairs.iter().fold(hs, |hs, (key, value)| {
+        hs.insert(Header {
+            key,
+            value: Some(*value),
+        })
+    })
+}
+
 /// The source position (topic, partition, offset) a dead-letter record names in its headers.
 pub fn source_of(record: &Outgoing) -> Option<(String, i32, i64)> {
-    let header = |name: &str| {
-        record
-            .headers
-            .iter()
-            .flat_map(|hs| hs.iter())
-            .find(|h| h.key == name)
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-    };
+    let header = |name| Some(String::from_utf8_lossy(record.header(name)?).into_owned());
     Some((
         header(headers::TOPIC)?,
         header(headers::PARTITION)?.parse().ok()?,
@@ -299,28 +287,18 @@ pub fn source_of(record: &Outgoing) -> Option<(String, i32, i64)> {
 /// `record` (a dead letter the broker refused) without its value: the same key and headers,
 /// marked truncated, with the original size and hash unless they are there already.
 pub fn stub(record: &Outgoing) -> Outgoing {
-    let mut hs = OwnedHeaders::new();
-    let mut has_original = false;
-    for h in record.headers.iter().flat_map(|hs| hs.iter()) {
-        has_original |= h.key == headers::ORIGINAL_SIZE;
-        hs = hs.insert(Header {
-            key: h.key,
-            value: h.value,
-        });
-    }
-    if !has_original {
+    let mut hs = record.headers.clone().unwrap_or_default();
+    if record.header(headers::ORIGINAL_SIZE).is_none() {
         let value = record.payload.as_deref().unwrap_or_default();
         let (size, sha256) = (value.len().to_string(), sha256_hex(value));
-        for (key, value) in [
-            (headers::TRUNCATED, "value"),
-            (headers::ORIGINAL_SIZE, size.as_str()),
-            (headers::ORIGINAL_SHA256, sha256.as_str()),
-        ] {
-            hs = hs.insert(Header {
-                key,
-                value: Some(value),
-            });
-        }
+        hs = with_headers(
+            hs,
+            &[
+                (headers::TRUNCATED, "value"),
+                (headers::ORIGINAL_SIZE, &size),
+                (headers::ORIGINAL_SHA256, &sha256),
+            ],
+        );
     }
     Outgoing {
         topic: record.topic.clone(),
@@ -476,10 +454,7 @@ pub async fn redrive(
             (d.raw_key.clone(), d.payload.clone())
         };
         let count = (d.redrives + 1).to_string();
-        let hs = OwnedHeaders::new().insert(Header {
-            key: headers::REDRIVES,
-            value: Some(&count),
-        });
+        let hs = with_headers(OwnedHeaders::new(), &[(headers::REDRIVES, &count)]);
         let mut record = FutureRecord::to(&d.source_topic)
             .key(key.as_slice())
             .headers(hs);
@@ -514,13 +489,7 @@ mod tests {
     }
 
     fn header(record: &Outgoing, name: &str) -> Option<String> {
-        record
-            .headers
-            .iter()
-            .flat_map(|hs| hs.iter())
-            .find(|h| h.key == name)
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
+        Some(String::from_utf8_lossy(record.header(name)?).into_owned())
     }
 
     #[test]

@@ -205,6 +205,16 @@ pub fn read_topic(
     Ok(())
 }
 
+/// The value of header `name` of `message`, if it has one.
+pub fn header<'m, M: rdkafka::Message>(message: &'m M, name: &str) -> Option<&'m [u8]> {
+    use rdkafka::message::Headers;
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+}
+
 /// A consumer that reads assigned partitions and commits nothing.
 fn reader(kafka: &KafkaConfig) -> Result<BaseConsumer> {
     let mut config = kafka.client_config();

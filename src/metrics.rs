@@ -149,7 +149,7 @@ pub struct RouterMetrics {
     pub aborted: IntCounter,
     /// Records the broker refused for good, by what they were (`dead_letter`, `work_item`).
     pub rejected_records: IntCounterVec,
-    /// Timers that fell due and were recorded, by kind (`deadline`).
+    /// Timers that fell due and were recorded, by kind (`deadline`, `step_timeout`).
     pub timers_fired: IntCounterVec,
     /// Timers pending in this instance's partitions.
     pub timers_pending: IntGauge,

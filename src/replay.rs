@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use serde::Serialize;
 
 use crate::codec::Codec;
@@ -167,11 +167,7 @@ pub async fn replay(
     let topics = kafka.topics();
     let mut raw: Vec<RawRecord> = Vec::new();
     read_topic(kafka, &topics.tasks(), None, |m| {
-        let signature = m.headers().and_then(|hs| {
-            hs.iter()
-                .find(|h| h.key == SIGNATURE_HEADER)
-                .and_then(|h| h.value.map(<[u8]>::to_vec))
-        });
+        let signature = kafka::header(m, SIGNATURE_HEADER).map(<[u8]>::to_vec);
         raw.push((
             (m.partition(), m.offset()),
             m.payload().map(<[u8]>::to_vec),

@@ -19,6 +19,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use hmac::{Hmac, Mac};
+use rdkafka::message::{Header, OwnedHeaders};
 use sha2::{Digest, Sha256};
 
 /// The header that carries a result's signature.
@@ -81,6 +82,21 @@ impl Secret {
                 .finalize()
                 .into_bytes(),
         )
+    }
+
+    /// The headers that sign an answer: [`SIGNATURE_HEADER`] with [`Secret::sign`]'s signature.
+    pub fn headers(
+        &self,
+        task_id: &str,
+        step_id: Option<u32>,
+        attempt: Option<u32>,
+        value: &[u8],
+    ) -> OwnedHeaders {
+        let signature = self.sign(task_id, step_id, attempt, value);
+        OwnedHeaders::new().insert(Header {
+            key: SIGNATURE_HEADER,
+            value: Some(&signature),
+        })
     }
 
     /// Whether `signature` (hex) is this secret's signature of the answer (compared in constant

@@ -133,6 +133,13 @@ impl TaskState {
             .count()
     }
 
+    /// Whether step `step_id` still waits for an answer to `attempt`.
+    pub fn waits_for(&self, step_id: u32, attempt: u32) -> bool {
+        self.steps
+            .get(&step_id)
+            .is_some_and(|s| s.status == StepStatus::Pending && s.attempt == attempt)
+    }
+
     /// Pending steps with their ids.
     pub fn pending(&self) -> impl Iterator<Item = Step> + '_ {
         self.steps

@@ -427,10 +427,8 @@ impl Engine {
             ),
             TimerKind::StepTimeout => {
                 let step_id = firing.step_id.unwrap_or_default();
-                let waiting = task.steps.get(&step_id).filter(|s| {
-                    s.status == StepStatus::Pending && Some(s.attempt) == firing.attempt
-                });
-                let Some(step) = waiting else {
+                let waiting = firing.attempt.is_some_and(|a| task.waits_for(step_id, a));
+                let Some(step) = task.steps.get(&step_id).filter(|_| waiting) else {
                     return Outcome::dropped(Some(step_id), "stale_timer");
                 };
                 let message = format!(
@@ -680,11 +678,7 @@ rules:
         /// Reads `event` as the next record of the partition and decides it.
         fn send(&mut self, event: TaskEvent) -> Decision {
             let bytes = serde_json::to_vec(&event).unwrap();
-            let raw = crate::router::Raw {
-                size: bytes.len(),
-                value: Some(&bytes),
-                signature: None,
-            };
+            let raw = crate::router::Raw::new(Some(&bytes), None);
             self.offset += 1;
             let at = Position {
                 topic: "tasks",
@@ -979,11 +973,7 @@ rules:
     /// if it refuses it.
     fn refusal(run: &Run, event: &TaskEvent, signature: Option<&str>) -> Option<Decision> {
         let bytes = serde_json::to_vec(event).unwrap();
-        let raw = crate::router::Raw {
-            size: bytes.len(),
-            value: Some(&bytes),
-            signature: signature.map(str::as_bytes),
-        };
+        let raw = crate::router::Raw::new(Some(&bytes), signature.map(str::as_bytes));
         run.engine
             .refusal(&run.state, raw, Ok(event))
             .map(|(_, o)| o.decision)

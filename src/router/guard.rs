@@ -25,6 +25,17 @@ pub struct Raw<'a> {
     pub signature: Option<&'a [u8]>,
 }
 
+impl<'a> Raw<'a> {
+    /// A record as read: its value (`None` for a tombstone) and its signature header.
+    pub fn new(value: Option<&'a [u8]>, signature: Option<&'a [u8]>) -> Self {
+        Self {
+            size: value.map_or(0, <[u8]>::len),
+            value,
+            signature,
+        }
+    }
+}
+
 impl Engine {
     /// The error for a record of `len` bytes, if it is over `max_event_bytes`; checked before
     /// decoding, so that an oversized record costs no decoding.
@@ -96,11 +107,7 @@ impl Engine {
         signature: Option<&[u8]>,
     ) -> StateEvent {
         let bytes = value.unwrap_or_default();
-        let raw = Raw {
-            size: bytes.len(),
-            value,
-            signature,
-        };
+        let raw = Raw::new(value, signature);
         let decoded = match self.too_large(bytes.len()) {
             Some(e) => Err(e),
             None => crate::envelope::decode_task_event(bytes),

@@ -25,7 +25,7 @@ use rdkafka::consumer::{
     StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::Producer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
@@ -45,7 +45,7 @@ use crate::llm::{LlmClient, LlmConfig};
 use crate::metrics::RouterMetrics;
 use crate::rules::Action;
 use crate::signing::SIGNATURE_HEADER;
-use crate::state::{PartitionState, StepStatus, TaskState, Undo};
+use crate::state::{PartitionState, TaskState, Undo};
 
 /// Errors that stop the router.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +105,17 @@ pub enum Error {
         /// The broker's answer.
         source: KafkaError,
     },
+}
+
+impl Error {
+    /// The error for a state event the broker refused.
+    fn state_refused(record: &Outgoing, source: KafkaError) -> Self {
+        Error::StateRefused {
+            topic: record.topic.clone(),
+            bytes: record.size(),
+            source,
+        }
+    }
 }
 
 /// Result type of this module.
@@ -565,11 +576,7 @@ impl Router {
                     if i < n_dead {
                         self.refused.dead.extend(dlq::source_of(&record));
                     } else if i < n_dead + n_states {
-                        return Err(Error::StateRefused {
-                            topic: record.topic.clone(),
-                            bytes: record.size(),
-                            source: error,
-                        });
+                        return Err(Error::state_refused(&record, error));
                     } else if let Some(item) = items.get(i - n_dead - n_states) {
                         let key = (item.task_id.clone(), item.step_id, item.attempt);
                         self.refused.works.insert(key, (record, error));
@@ -632,11 +639,7 @@ impl Router {
             self.deliver_dead_letters(dead).await?;
             for (record, sent) in states.iter().zip(self.writer.send_each(&states).await?) {
                 if let Err(source) = sent {
-                    return Err(Error::StateRefused {
-                        topic: record.topic.clone(),
-                        bytes: record.size(),
-                        source,
-                    });
+                    return Err(Error::state_refused(record, source));
                 }
             }
             let sent = self.writer.send_each(&works).await?;
@@ -695,8 +698,7 @@ impl Router {
             .partitions
             .get(&p)
             .and_then(|s| s.tasks.get(&item.task_id))
-            .and_then(|t| t.steps.get(&item.step_id))
-            .is_some_and(|s| s.status == StepStatus::Pending && s.attempt == item.attempt);
+            .is_some_and(|t| t.waits_for(item.step_id, item.attempt));
         if !waiting {
             return Ok(());
         }
@@ -807,11 +809,7 @@ impl Router {
             Written::Aborted(e) => return Err(Error::Client(e)),
             Written::Refused(refused) => {
                 let (_, record, source) = refused.into_iter().next().expect("one at least");
-                return Err(Error::StateRefused {
-                    bytes: record.size(),
-                    topic: record.topic,
-                    source,
-                });
+                return Err(Error::state_refused(&record, source));
             }
         };
         let restored = futures::future::try_join_all(
@@ -1273,11 +1271,7 @@ impl Router {
             }
             self.gaps.remove(&p);
             decided += 1;
-            let raw = Raw {
-                size: message.payload().map_or(0, <[u8]>::len),
-                value: message.payload(),
-                signature: header(message, SIGNATURE_HEADER),
-            };
+            let raw = Raw::new(message.payload(), kafka::header(message, SIGNATURE_HEADER));
             let at = Position {
                 topic: &tasks_topic,
                 partition: p,
@@ -1371,13 +1365,4 @@ fn submission(task: &TaskState) -> TaskEvent {
     event.payload = task.input.clone();
     event.deadline = task.deadline;
     event
-}
-
-/// The value of header `name` of `message`.
-fn header<'m>(message: &'m OwnedMessage, name: &str) -> Option<&'m [u8]> {
-    message
-        .headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
 }
