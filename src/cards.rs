@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::signing::{Secret, Secrets};
 
@@ -90,13 +91,16 @@ pub enum Runtime {
     },
 }
 
-/// Retry policy of a card.
+/// Retry policy of a card: what happens when an attempt fails (`FAILED`) or times out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Attempts in all, including the first (1 = no retry).
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
+    /// How long the router waits before it sends the next attempt.
+    #[serde(default)]
+    pub backoff: Backoff,
 }
 
 fn default_attempts() -> u32 {
@@ -107,8 +111,112 @@ impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
             max_attempts: default_attempts(),
+            backoff: Backoff::default(),
         }
     }
+}
+
+/// The wait before a retry: `initial` before the second attempt, multiplied by `multiplier` for
+/// each later one, at most `max`. The wait is a durable timer, recorded on the state topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    /// The wait before the second attempt, e.g. `1s`; `0s` retries at once.
+    #[serde(default = "default_initial", with = "humantime_serde")]
+    pub initial: Duration,
+    /// What each later wait is multiplied by (at least 1).
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+    /// The longest wait.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max: Duration,
+    /// Shortens each wait by up to this fraction (0 to 1), so that many retries of one card do
+    /// not arrive together. The amount is derived from the task, step and attempt, never drawn
+    /// at random, so that replay computes the same due time.
+    #[serde(default)]
+    pub jitter: f64,
+}
+
+fn default_initial() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_multiplier() -> f64 {
+    2.0
+}
+
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: default_initial(),
+            multiplier: default_multiplier(),
+            max: default_max_backoff(),
+            jitter: 0.0,
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before `attempt` (2 or more) of `step_id` of `task_id`, in ms.
+    pub fn delay_ms(&self, task_id: &str, step_id: u32, attempt: u32) -> i64 {
+        let exponent = attempt.saturating_sub(2).min(64) as i32;
+        let base = self.initial.as_millis() as f64 * self.multiplier.powi(exponent);
+        let capped = base.min(self.max.as_millis() as f64);
+        let key = format!("{task_id}/{step_id}/{attempt}");
+        let digest = Sha256::digest(key.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        let unit = u64::from_be_bytes(first) as f64 / u64::MAX as f64;
+        (capped * (1.0 - self.jitter * unit)).round() as i64
+    }
+}
+
+/// What a card's open circuit breaker does with new work for the card.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenOpen {
+    /// Send it to the card's `fallback` card.
+    #[default]
+    Fallback,
+    /// Hold it until the breaker lets work through again.
+    Wait,
+}
+
+/// A card's circuit breaker: after `failures` failures or timeouts in a row, each within
+/// `window` of the last, new work for the card goes to its fallback (or waits) for `open_for`;
+/// then one probe step is let through, and its answer closes the breaker (or opens it again).
+/// Each router partition keeps its own breakers, recorded on its state topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerPolicy {
+    /// Consecutive failures that open the breaker (1 to 100).
+    #[serde(default = "default_breaker_failures")]
+    pub failures: u32,
+    /// How recent the failures must be, e.g. `1m`.
+    #[serde(default = "default_breaker_window", with = "humantime_serde")]
+    pub window: Duration,
+    /// How long the breaker stays open before a probe, e.g. `30s`.
+    #[serde(default = "default_open_for", with = "humantime_serde")]
+    pub open_for: Duration,
+    /// `fallback` (the card's `fallback` card takes the work) or `wait`.
+    #[serde(default)]
+    pub when_open: WhenOpen,
+}
+
+fn default_breaker_failures() -> u32 {
+    5
+}
+
+fn default_breaker_window() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_open_for() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// An agent card.
@@ -146,9 +254,13 @@ pub struct Card {
     /// What happens when an attempt fails.
     #[serde(default)]
     pub retry: RetryPolicy,
-    /// Card that takes over when this card's attempts are exhausted.
+    /// Card that takes over when this card's attempts are exhausted (and, with a `breaker`,
+    /// while the breaker is open).
     #[serde(default)]
     pub fallback: Option<String>,
+    /// A circuit breaker for this card (none when absent).
+    #[serde(default)]
+    pub breaker: Option<BreakerPolicy>,
     /// Cost of one call, in the operator's currency.
     #[serde(default)]
     pub cost_per_call: f64,
@@ -241,6 +353,34 @@ impl Card {
         }
         if self.fallback.as_deref() == Some(self.name.as_str()) {
             return Err("field `fallback`: a card cannot be its own fallback".into());
+        }
+        let backoff = &self.retry.backoff;
+        if !(backoff.multiplier.is_finite() && backoff.multiplier >= 1.0) {
+            return Err("field `retry.backoff.multiplier`: must be a number >= 1".into());
+        }
+        if !(0.0..=1.0).contains(&backoff.jitter) {
+            return Err("field `retry.backoff.jitter`: must be a fraction from 0 to 1".into());
+        }
+        if backoff.max < backoff.initial {
+            return Err(format!(
+                "field `retry.backoff.max`: {} is shorter than `initial` ({})",
+                humantime::format_duration(backoff.max),
+                humantime::format_duration(backoff.initial)
+            ));
+        }
+        if let Some(breaker) = &self.breaker {
+            if self.is_human() {
+                return Err("field `breaker`: a human card has no breaker; give its escalation a `timeout` instead".into());
+            }
+            if !(1..=100).contains(&breaker.failures) {
+                return Err("field `breaker.failures`: must be from 1 to 100".into());
+            }
+            if breaker.window.is_zero() || breaker.open_for.is_zero() {
+                return Err("field `breaker`: `window` and `open_for` must be more than 0s".into());
+            }
+            if breaker.when_open == WhenOpen::Fallback && self.fallback.is_none() {
+                return Err("field `breaker.when_open`: `fallback` needs the card's `fallback` field; name a fallback card or use `when_open: wait`".into());
+            }
         }
         Ok(())
     }

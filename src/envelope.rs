@@ -279,6 +279,12 @@ pub enum TimerKind {
     Deadline,
     /// A step's attempt got no answer within its card's `timeout`.
     StepTimeout,
+    /// A step waiting to be sent (a retry's backoff, or its card's open breaker) may go now.
+    Dispatch,
+    /// A human card's step got no answer within its escalation's `timeout`.
+    HumanTimeout,
+    /// A human card's step waits longer than its escalation's `remind_every`: notify again.
+    Reminder,
 }
 
 impl TimerKind {
@@ -287,6 +293,9 @@ impl TimerKind {
         match self {
             TimerKind::Deadline => "deadline",
             TimerKind::StepTimeout => "step_timeout",
+            TimerKind::Dispatch => "dispatch",
+            TimerKind::HumanTimeout => "human_timeout",
+            TimerKind::Reminder => "reminder",
         }
     }
 }
@@ -299,12 +308,18 @@ pub struct Firing {
     pub kind: TimerKind,
     /// When it was due, milliseconds since the Unix epoch (the record's `at` is when it fired).
     pub due: i64,
-    /// The step that timed out, for a step timeout.
+    /// The step the timer belongs to (every kind but a deadline).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_id: Option<u32>,
-    /// The attempt that timed out, for a step timeout.
+    /// The step's attempt the timer belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
+    /// How long the step had to answer, ms (a step or human timeout), for the audit trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<i64>,
+    /// The attempts the step's card allows in all (a step timeout), for the audit trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
 }
 
 /// A record the broker refused for good (too large for the topic, invalid, no such topic),
@@ -331,6 +346,26 @@ pub struct Step {
     pub card: String,
     /// Attempt number, from 1.
     pub attempt: u32,
+    /// When set, the work item is sent this many ms after the decision, not at once: a retry's
+    /// backoff, or the open circuit breaker of the step's card.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<i64>,
+    /// The card whose open circuit breaker sent this step to `card`, its fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instead_of: Option<String>,
+}
+
+impl Step {
+    /// A step whose work item is sent at once.
+    pub fn new(step_id: u32, card: impl Into<String>, attempt: u32) -> Self {
+        Self {
+            step_id,
+            card: card.into(),
+            attempt,
+            delay_ms: None,
+            instead_of: None,
+        }
+    }
 }
 
 /// Who made a routing decision.
@@ -400,9 +435,21 @@ pub enum Decision {
         /// The rule that escalated.
         rule_id: String,
     },
-    /// A failed step is tried again.
+    /// A failed or timed-out step is tried again: at once, or after the step's `delay_ms` (its
+    /// card's backoff).
     RetryScheduled {
         /// The step with its new attempt number.
+        step: Step,
+    },
+    /// A step that waited (backoff, open breaker) was sent, or, with `delay_ms` set again,
+    /// waits longer because its card's breaker is still open.
+    Dispatched {
+        /// The step.
+        step: Step,
+    },
+    /// A human card's step still has no answer: its work item is sent again as a reminder.
+    Reminded {
+        /// The step.
         step: Step,
     },
     /// The input went to the dead-letter topic.
@@ -424,6 +471,18 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// The steps this decision creates, tries again or sends again.
+    pub fn steps(&self) -> &[Step] {
+        match self {
+            Decision::Routed { steps, .. } => steps,
+            Decision::Escalated { step, .. }
+            | Decision::RetryScheduled { step }
+            | Decision::Dispatched { step }
+            | Decision::Reminded { step } => std::slice::from_ref(step),
+            _ => &[],
+        }
+    }
+
     /// The decision's type as written on the wire.
     pub fn name(&self) -> &'static str {
         match self {
@@ -435,6 +494,8 @@ impl Decision {
             Decision::Completed { .. } => "COMPLETED",
             Decision::Escalated { .. } => "ESCALATED",
             Decision::RetryScheduled { .. } => "RETRY_SCHEDULED",
+            Decision::Dispatched { .. } => "DISPATCHED",
+            Decision::Reminded { .. } => "REMINDED",
             Decision::DeadLettered { .. } => "DEAD_LETTERED",
             Decision::Dropped { .. } => "DROPPED",
             Decision::Cancelled => "CANCELLED",
@@ -477,8 +538,39 @@ pub struct StateEvent {
     /// input of its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timer: Option<Firing>,
+    /// Circuit breakers this decision opened or closed (see [`BreakerChange`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub breakers: Vec<BreakerChange>,
     /// When, milliseconds since the Unix epoch.
     pub at: i64,
+}
+
+/// Where a card's circuit breaker stands after a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum BreakerPhase {
+    /// Work goes to the card.
+    Closed,
+    /// Work goes to the card's fallback, or waits, until `until`.
+    Open,
+    /// One probe step was let through; other work is held back as while open.
+    HalfOpen,
+}
+
+/// A change of one card's circuit breaker in this partition, recorded with the decision that
+/// made it, so that restore and replay hold the same breakers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerChange {
+    /// The card.
+    pub card: String,
+    /// Where the breaker stands now.
+    pub phase: BreakerPhase,
+    /// Until when an open breaker stays open, ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<i64>,
+    /// The probe step of a half-open breaker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<u32>,
 }
 
 impl StateEvent {
@@ -584,11 +676,7 @@ mod tests {
             event: None,
             answers_step: Some(2),
             decision: Decision::Routed {
-                steps: vec![Step {
-                    step_id: 3,
-                    card: "a".into(),
-                    attempt: 1,
-                }],
+                steps: vec![Step::new(3, "a", 1)],
                 decided_by: DecidedBy::Rule {
                     rule_id: "r".into(),
                 },
@@ -597,6 +685,7 @@ mod tests {
             dequeued: false,
             rejected: None,
             timer: None,
+            breakers: Vec::new(),
             at: 0,
         };
         let bytes = serde_json::to_vec(&s).unwrap();

@@ -6,7 +6,9 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::envelope::{DecidedBy, Decision, EventKind, StateEvent};
+use crate::envelope::{
+    BreakerPhase, DecidedBy, Decision, EventKind, Firing, StateEvent, TimerKind,
+};
 use crate::kafka::{self, partition_for_key, KafkaConfig};
 
 /// Whether a decision ends the task.
@@ -47,11 +49,7 @@ pub fn describe(record: &StateEvent) -> String {
             }
         }
         None => match (&record.timer, &record.rejected, &record.input) {
-            (Some(firing), _, _) => format!(
-                "TIMER           {} due, fired {} ms later",
-                firing.kind.as_str().to_uppercase(),
-                (record.at - firing.due).max(0)
-            ),
+            (Some(firing), _, _) => timer(firing),
             (None, Some(r), _) => format!("WRITE REFUSED   {} bytes for `{}`", r.bytes, r.topic),
             (None, None, Some(i)) => format!(
                 "NOT COPIED      {}[{}]@{}, {} bytes",
@@ -67,7 +65,13 @@ pub fn describe(record: &StateEvent) -> String {
         Decision::Routed { steps, decided_by } => {
             let to: Vec<String> = steps
                 .iter()
-                .map(|s| format!("{} (step {})", s.card, s.step_id))
+                .map(|s| match &s.instead_of {
+                    Some(card) => format!(
+                        "{} (step {}; BREAKER OPEN {card} ⇒ fallback)",
+                        s.card, s.step_id
+                    ),
+                    None => format!("{} (step {})", s.card, s.step_id),
+                })
                 .collect();
             let by = match decided_by {
                 DecidedBy::Rule { rule_id } => format!("rule {rule_id}"),
@@ -85,9 +89,27 @@ pub fn describe(record: &StateEvent) -> String {
         ),
         Decision::Completed { rule_id } => format!("COMPLETED   [rule {rule_id}]"),
         Decision::RetryScheduled { step } => format!(
-            "RETRY → {} (step {} attempt {})",
-            step.card, step.step_id, step.attempt
+            "RETRY{} → {} (step {} attempt {})",
+            in_(step.delay_ms),
+            step.card,
+            step.step_id,
+            step.attempt
         ),
+        Decision::Dispatched { step } => match step.delay_ms {
+            Some(wait) => format!(
+                "WAIT {} more: BREAKER OPEN {} (step {})",
+                seconds(wait),
+                step.card,
+                step.step_id
+            ),
+            None => format!(
+                "SENT → {} (step {} attempt {})",
+                step.card, step.step_id, step.attempt
+            ),
+        },
+        Decision::Reminded { step } => {
+            format!("REMINDED → {} (step {})", step.card, step.step_id)
+        }
         Decision::DeadLettered {
             reason, message, ..
         } => format!("DEAD_LETTERED {reason}: {message}"),
@@ -122,7 +144,62 @@ pub fn describe(record: &StateEvent) -> String {
             c.usage.tokens()
         )
     });
-    format!("{input:<50} ⇒ {decision}{llm}")
+    let breakers: String = record
+        .breakers
+        .iter()
+        .map(|b| {
+            let phase = match b.phase {
+                BreakerPhase::Open => "OPEN",
+                BreakerPhase::HalfOpen => "HALF-OPEN (probe)",
+                BreakerPhase::Closed => "CLOSED",
+            };
+            let until = b
+                .until
+                .map(|u| format!(" for {}", seconds(u - record.at)))
+                .unwrap_or_default();
+            format!("\n{:<50}   BREAKER {phase} {}{until}", "", b.card)
+        })
+        .collect();
+    format!("{input:<50} ⇒ {decision}{llm}{breakers}")
+}
+
+/// How a timer that fell due reads in a timeline.
+fn timer(firing: &Firing) -> String {
+    let late = firing
+        .waited_ms
+        .map(|w| format!(" after {}", seconds(w)))
+        .unwrap_or_default();
+    let step = firing.step_id.unwrap_or_default();
+    match firing.kind {
+        TimerKind::Deadline => "DEADLINE EXCEEDED".to_string(),
+        TimerKind::StepTimeout => {
+            let of = firing
+                .max_attempts
+                .map(|m| format!("/{m}"))
+                .unwrap_or_default();
+            let attempt = firing.attempt.unwrap_or(1);
+            format!("TIMED OUT{late} (step {step} attempt {attempt}{of})")
+        }
+        TimerKind::Dispatch => format!("WAIT OVER (step {step})"),
+        TimerKind::HumanTimeout => format!("NO HUMAN ANSWER{late} (step {step})"),
+        TimerKind::Reminder => format!("STILL WAITING (step {step})"),
+    }
+}
+
+/// ` in 4s` for a delay, nothing without one.
+fn in_(delay_ms: Option<i64>) -> String {
+    delay_ms
+        .map(|d| format!(" in {}", seconds(d)))
+        .unwrap_or_default()
+}
+
+/// A duration in ms as people read it: `4s`, `1.5s`, `2m 30s`.
+fn seconds(ms: i64) -> String {
+    let ms = ms.max(0) as u64;
+    if ms % 1000 != 0 && ms < 10_000 {
+        return format!("{:.1}s", ms as f64 / 1000.0);
+    }
+    humantime::format_duration(std::time::Duration::from_secs(ms.div_ceil(1000))).to_string()
 }
 
 /// Reads the state events of `task_id` from the start of its partition and calls `on` for each,

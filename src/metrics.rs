@@ -8,8 +8,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Errors of this module.
@@ -39,6 +39,12 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Resu
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge> {
     let g = IntGauge::new(name, help)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn gauges(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(g.clone()))?;
     Ok(g)
 }
@@ -149,12 +155,16 @@ pub struct RouterMetrics {
     pub aborted: IntCounter,
     /// Records the broker refused for good, by what they were (`dead_letter`, `work_item`).
     pub rejected_records: IntCounterVec,
-    /// Timers that fell due and were recorded, by kind (`deadline`, `step_timeout`).
+    /// Timers that fell due and were recorded, by kind (`deadline`, `step_timeout`,
+    /// `dispatch`, `human_timeout`, `reminder`).
     pub timers_fired: IntCounterVec,
     /// Timers pending in this instance's partitions.
     pub timers_pending: IntGauge,
     /// Steps that timed out, by card.
     pub step_timeouts: IntCounterVec,
+    /// Owned partitions in which a card's circuit breaker holds work back (open or half-open),
+    /// by card.
+    pub breaker_open: IntGaugeVec,
     /// LLM decider calls.
     pub llm: LlmMetrics,
     /// LLM decisions waiting for an answer.
@@ -262,6 +272,12 @@ impl RouterMetrics {
                 &r,
                 "switchyard_step_timeouts_total",
                 "Steps that timed out",
+                &["card"],
+            )?,
+            breaker_open: gauges(
+                &r,
+                "switchyard_card_breaker_open",
+                "Owned partitions in which the card's circuit breaker is open or half-open",
                 &["card"],
             )?,
             llm: LlmMetrics::new(&r)?,

@@ -229,11 +229,11 @@ pub async fn replay(
                 }
                 _ if record.timer.is_some() => {
                     report.timers_fired += 1;
-                    check_timer(engine, state, &record, partition, offset)
+                    check_timer(engine, state, &record, (partition, offset))
                 }
                 (None, Some(call)) => {
                     report.llm_recorded += 1;
-                    check_llm(engine, state, &record, call, partition, offset)
+                    check_llm(engine, state, &record, call, (partition, offset))
                 }
                 _ => {
                     let input = record
@@ -270,51 +270,23 @@ fn check_timer(
     engine: &Engine,
     state: &PartitionState,
     record: &StateEvent,
-    partition: i32,
-    offset: i64,
+    at: (i32, i64),
 ) -> Option<Divergence> {
     let firing = record.timer.as_ref()?;
-    let replayed = match state.tasks.get(&record.task_id) {
-        Some(task) => engine.fire(task, firing).decision,
-        None => Decision::DeadLettered {
-            reason: "not_active".into(),
-            message: "the recorded timer belongs to no active task".into(),
-            ends_task: false,
-        },
+    let outcome = match state.tasks.get(&record.task_id) {
+        Some(task) => engine.fire(task, firing),
+        None => Outcome::dead_letter(
+            "not_active",
+            "the recorded timer belongs to no active task",
+            false,
+        ),
     };
-    let note = || {
-        format!(
-            "recorded firing: {} due at {}",
-            firing.kind.as_str(),
-            firing.due
-        )
-    };
-    diverges(record, replayed, (partition, offset), note)
-}
-
-/// The divergence of `replayed` from `record`'s decision at `at` (state partition, offset), with
-/// `note` saying what the replay decided from; `None` when they agree.
-fn diverges(
-    record: &StateEvent,
-    replayed: Decision,
-    (partition, offset): (i32, i64),
-    note: impl FnOnce() -> String,
-) -> Option<Divergence> {
-    (replayed != record.decision).then(|| Divergence {
-        task_id: record.task_id.clone(),
-        partition,
-        offset,
-        change: (summary(&record.decision), summary(&replayed)),
-        recorded: record.decision.clone(),
-        replayed,
-        note: Some(note()),
-    })
-}
-
-/// Why the state record's copy of its input does not match the input as read, if it does not.
-fn copy_note(record: &StateEvent, event: &TaskEvent) -> Option<String> {
-    (record.event.as_ref() != Some(event))
-        .then(|| "the input copy in the state record differs from the tasks topic".to_string())
+    let note = format!(
+        "recorded firing: {} due at {}",
+        firing.kind.as_str(),
+        firing.due
+    );
+    judge(engine, state, record, outcome, (Some(note), None), at)
 }
 
 /// Checks a decision resolved by the LLM: the recorded answer, validated against the rule as it
@@ -324,23 +296,79 @@ fn check_llm(
     state: &PartitionState,
     record: &StateEvent,
     call: &LlmRecord,
-    partition: i32,
-    offset: i64,
+    at: (i32, i64),
 ) -> Option<Divergence> {
     let task = state.tasks.get(&record.task_id);
-    let replayed = match task.filter(|t| t.awaiting.is_some()) {
-        Some(task) => engine.resolve(task, call).decision,
-        None => Decision::DeadLettered {
-            reason: "not_awaiting_llm".into(),
-            message: "the recorded LLM answer belongs to no pending LLM decision".into(),
-            ends_task: false,
-        },
+    let outcome = match task.filter(|t| t.awaiting.is_some()) {
+        Some(task) => engine.resolve(task, call),
+        None => Outcome::dead_letter(
+            "not_awaiting_llm",
+            "the recorded LLM answer belongs to no pending LLM decision",
+            false,
+        ),
     };
-    let note = || {
-        let answer = call.agent.as_deref().or(call.error.as_deref());
-        format!("recorded LLM answer: {}", answer.unwrap_or("none"))
-    };
-    diverges(record, replayed, (partition, offset), note)
+    let answer = call.agent.as_deref().or(call.error.as_deref());
+    let note = format!("recorded LLM answer: {}", answer.unwrap_or("none"));
+    judge(engine, state, record, outcome, (Some(note), None), at)
+}
+
+/// Compares `outcome`, decided again for `record` at `at` (state partition, offset), with what
+/// was recorded, after the cards' circuit breakers as they stood at the record's time. It
+/// diverges when the decision, the answered step or the breaker changes differ, or when
+/// `problem` says something else does (e.g. the recorded input copy); `context` says what a
+/// differing decision was decided from.
+fn judge(
+    engine: &Engine,
+    state: &PartitionState,
+    record: &StateEvent,
+    outcome: Outcome,
+    (context, problem): (Option<String>, Option<String>),
+    (partition, offset): (i32, i64),
+) -> Option<Divergence> {
+    let kind = record.event.as_ref().map(|e| e.kind);
+    let signal = state.signal(
+        &record.task_id,
+        kind,
+        record.timer.as_ref(),
+        outcome.answers_step,
+        &outcome.decision,
+    );
+    let outcome = engine.breakers(state, &record.task_id, signal, record.at, outcome);
+    let problem = problem
+        .or_else(|| {
+            (outcome.answers_step != record.answers_step).then(|| {
+                format!(
+                    "answered step {:?} was recorded as {:?}",
+                    outcome.answers_step, record.answers_step
+                )
+            })
+        })
+        .or_else(|| {
+            (outcome.breakers != record.breakers).then(|| {
+                format!(
+                    "breaker changes {:?} were recorded as {:?}",
+                    outcome.breakers, record.breakers
+                )
+            })
+        });
+    if outcome.decision == record.decision && problem.is_none() {
+        return None;
+    }
+    Some(Divergence {
+        task_id: record.task_id.clone(),
+        partition,
+        offset,
+        change: (summary(&record.decision), summary(&outcome.decision)),
+        recorded: record.decision.clone(),
+        replayed: outcome.decision,
+        note: problem.or(context),
+    })
+}
+
+/// Why the state record's copy of its input does not match the input as read, if it does not.
+fn copy_note(record: &StateEvent, event: &TaskEvent) -> Option<String> {
+    (record.event.as_ref() != Some(event))
+        .then(|| "the input copy in the state record differs from the tasks topic".to_string())
 }
 
 /// A tasks-topic record as read: position, value and signature header.
@@ -410,23 +438,12 @@ fn check(
             ),
         },
     };
-    let step_note = (outcome.answers_step != record.answers_step).then(|| {
-        format!(
-            "answered step {:?} was recorded as {:?}",
-            outcome.answers_step, record.answers_step
-        )
-    });
-    let note = note.or(step_note);
-    if outcome.decision == record.decision && note.is_none() {
-        return None;
-    }
-    Some(Divergence {
-        task_id: record.task_id.clone(),
-        partition,
-        offset,
-        change: (summary(&record.decision), summary(&outcome.decision)),
-        recorded: record.decision.clone(),
-        replayed: outcome.decision,
-        note,
-    })
+    judge(
+        engine,
+        state,
+        record,
+        outcome,
+        (None, note),
+        (partition, offset),
+    )
 }

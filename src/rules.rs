@@ -112,13 +112,59 @@ impl PayloadCondition {
     }
 }
 
+/// What a rule can be about: the kind of a task event, or what a timer made of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Kind {
+    /// A client submitted a new task.
+    Submitted,
+    /// An agent finished a step.
+    Result,
+    /// An agent gave up on a step, and its card has no attempt or fallback left.
+    Failed,
+    /// A human answered an escalated step.
+    HumanDecision,
+    /// A client cancelled the task (always cancels; listed for completeness).
+    Cancel,
+    /// A step got no answer in time, and its card has no attempt or fallback left. The default
+    /// without a rule: dead letter `step_timeout`.
+    TimedOut,
+    /// The task's `deadline` passed; its pending steps are abandoned. The default without a
+    /// rule: dead letter `deadline_exceeded`.
+    DeadlineExceeded,
+}
+
+impl From<EventKind> for Kind {
+    fn from(kind: EventKind) -> Self {
+        match kind {
+            EventKind::Submitted => Kind::Submitted,
+            EventKind::Result => Kind::Result,
+            EventKind::Failed => Kind::Failed,
+            EventKind::HumanDecision => Kind::HumanDecision,
+            EventKind::Cancel => Kind::Cancel,
+        }
+    }
+}
+
+impl Kind {
+    /// Whether a rule about this kind starts work of its own rather than answering a card:
+    /// a submission or a timer.
+    fn starts(self) -> bool {
+        matches!(
+            self,
+            Kind::Submitted | Kind::TimedOut | Kind::DeadlineExceeded
+        )
+    }
+}
+
 /// When a rule applies. Every condition that is set must hold.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct When {
-    /// Event kinds (one or a list). Default: `RESULT` and `HUMAN_DECISION`.
+    /// Kinds (one or a list): `SUBMITTED`, `RESULT`, `FAILED`, `HUMAN_DECISION`, `CANCEL`,
+    /// `TIMED_OUT`, `DEADLINE_EXCEEDED`. Default: `RESULT` and `HUMAN_DECISION`.
     #[serde(default, deserialize_with = "one_or_many")]
-    pub kind: Vec<EventKind>,
+    pub kind: Vec<Kind>,
     /// The card whose step the event answers (one or a list).
     #[serde(default, deserialize_with = "one_or_many")]
     pub source: Vec<String>,
@@ -140,9 +186,9 @@ pub struct When {
 
 impl When {
     /// The kinds this condition matches, with the default applied.
-    pub fn kinds(&self) -> Vec<EventKind> {
+    pub fn kinds(&self) -> Vec<Kind> {
         if self.kind.is_empty() {
-            vec![EventKind::Result, EventKind::HumanDecision]
+            vec![Kind::Result, Kind::HumanDecision]
         } else {
             self.kind.clone()
         }
@@ -190,8 +236,9 @@ pub enum Action {
     Route(Vec<String>),
     /// The task is done.
     Complete,
-    /// Hand the task to this (human) card.
-    Escalate(String),
+    /// Hand the task to a (human) card: `{escalate: card}`, or `{escalate: {card, timeout,
+    /// then, remind_every}}` to bound the wait.
+    Escalate(Escalation),
     /// Send the event to the dead-letter topic with this reason and end the task.
     DeadLetter(String),
     /// Ask the LLM decider which of the candidate cards acts next.
@@ -199,6 +246,113 @@ pub enum Action {
 }
 
 const ACTIONS: &[&str] = &["route", "complete", "escalate", "dead_letter", "llm"];
+
+/// An escalation to a (human) card, and how long it may wait for the answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Escalation {
+    /// The card that answers.
+    pub card: String,
+    /// How long the card has to answer, e.g. `4h`; no limit when absent.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<std::time::Duration>,
+    /// What happens when `timeout` passes without an answer: `{route: [card]}`, `complete`,
+    /// `{escalate: ...}`, `{dead_letter: reason}`, or `dead_letter` (reason `human_timeout`,
+    /// the default). A late answer is then dropped as stale.
+    #[serde(
+        default,
+        deserialize_with = "timeout_action",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub then: Option<Box<Action>>,
+    /// Send the work item again this often while no answer came (before `timeout`), e.g. `1h`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub remind_every: Option<std::time::Duration>,
+}
+
+impl Escalation {
+    /// An escalation to `card` that waits without limit.
+    pub fn to(card: impl Into<String>) -> Self {
+        Self {
+            card: card.into(),
+            timeout: None,
+            then: None,
+            remind_every: None,
+        }
+    }
+}
+
+/// The dead-letter reason of an escalation whose timeout passed.
+pub const HUMAN_TIMEOUT: &str = "human_timeout";
+
+/// `then` of an escalation: an action, where the bare word `dead_letter` means reason
+/// [`HUMAN_TIMEOUT`].
+fn timeout_action<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<Box<Action>>, D::Error> {
+    struct ThenVisitor;
+    impl<'de> Visitor<'de> for ThenVisitor {
+        type Value = Action;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(
+                "`complete`, `dead_letter` or a map with one of `route`, `escalate`, `dead_letter`",
+            )
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Action, E> {
+            match v {
+                "dead_letter" => Ok(Action::DeadLetter(HUMAN_TIMEOUT.into())),
+                other => Action::deserialize(other.into_deserializer()),
+            }
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> std::result::Result<Action, A::Error> {
+            Action::deserialize(de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    deserializer
+        .deserialize_any(ThenVisitor)
+        .map(|action| Some(Box::new(action)))
+}
+
+/// `escalate:` takes a card name or a map of [`Escalation`] fields.
+fn escalation<'de, A: de::MapAccess<'de>>(
+    map: &mut A,
+) -> std::result::Result<Escalation, A::Error> {
+    struct Repr(Escalation);
+    impl<'de> Deserialize<'de> for Repr {
+        fn deserialize<D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> std::result::Result<Self, D::Error> {
+            struct EscalationVisitor;
+            impl<'de> Visitor<'de> for EscalationVisitor {
+                type Value = Escalation;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str(
+                        "a card name or a map with `card`, `timeout`, `then`, `remind_every`",
+                    )
+                }
+                fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Escalation, E> {
+                    Ok(Escalation::to(v))
+                }
+                fn visit_map<A: de::MapAccess<'de>>(
+                    self,
+                    map: A,
+                ) -> std::result::Result<Escalation, A::Error> {
+                    Escalation::deserialize(de::value::MapAccessDeserializer::new(map))
+                }
+            }
+            deserializer.deserialize_any(EscalationVisitor).map(Repr)
+        }
+    }
+    Ok(map.next_value::<Repr>()?.0)
+}
 
 /// An LLM routing decision: the model chooses among `candidates` (and `COMPLETE` / `HUMAN` where
 /// allowed). Its answer is validated against exactly this set; anything else, an error, a timeout
@@ -273,7 +427,10 @@ impl Action {
     fn targets(&self) -> Vec<&str> {
         match self {
             Action::Route(t) => t.iter().map(String::as_str).collect(),
-            Action::Escalate(c) => vec![c.as_str()],
+            Action::Escalate(e) => {
+                let then = e.then.iter().flat_map(|a| a.targets());
+                std::iter::once(e.card.as_str()).chain(then).collect()
+            }
             Action::Complete | Action::DeadLetter(_) => vec![],
             Action::Llm(llm) => llm
                 .candidates
@@ -314,9 +471,38 @@ fn check_fallback(
             .iter()
             .enumerate()
             .try_for_each(|(j, t)| known(format!("{at}.route[{j}]"), t)),
-        Action::Escalate(card) => known(format!("{at}.escalate"), card),
+        Action::Escalate(e) => check_escalation(&format!("{at}.escalate"), e, known),
         Action::Complete | Action::DeadLetter(_) => Ok(()),
     }
+}
+
+/// Checks an escalation: a known card, a `then` that is a fallback, a reminder shorter than
+/// the timeout.
+fn check_escalation(
+    at: &str,
+    escalation: &Escalation,
+    known: &impl Fn(String, &str) -> std::result::Result<(), String>,
+) -> std::result::Result<(), String> {
+    known(format!("{at}.card"), &escalation.card)?;
+    if let Some(then) = &escalation.then {
+        if escalation.timeout.is_none() {
+            return Err(format!(
+                "field `{at}.then`: it happens when `timeout` passes; set `{at}.timeout`"
+            ));
+        }
+        check_fallback(&format!("{at}.then"), then, known)?;
+    }
+    if escalation.timeout.is_some_and(|t| t.is_zero()) {
+        return Err(format!("field `{at}.timeout`: must be more than 0s"));
+    }
+    if let Some(every) = escalation.remind_every {
+        if every.is_zero() || escalation.timeout.is_some_and(|t| every >= t) {
+            return Err(format!(
+                "field `{at}.remind_every`: must be more than 0s and shorter than `timeout`"
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl<'de> Deserialize<'de> for Action {
@@ -342,7 +528,7 @@ impl<'de> Deserialize<'de> for Action {
                 };
                 let action = match key.as_str() {
                     "route" => Action::Route(map.next_value::<OneOrMany<String>>()?.0),
-                    "escalate" => Action::Escalate(map.next_value()?),
+                    "escalate" => Action::Escalate(escalation(&mut map)?),
                     "dead_letter" => Action::DeadLetter(map.next_value()?),
                     "llm" => Action::Llm(Box::new(map.next_value()?)),
                     "complete" => {
@@ -378,8 +564,8 @@ pub struct Rule {
 
 /// The facts about one event that rules are matched against.
 pub struct Facts<'a> {
-    /// The event's kind.
-    pub kind: EventKind,
+    /// The event's kind, or what a timer made of the task.
+    pub kind: Kind,
     /// The card of the step the event answers.
     pub source: Option<&'a str>,
     /// The task's labels.
@@ -462,6 +648,22 @@ impl RuleTable {
         self.rules.iter().find(|r| r.id == id)
     }
 
+    /// The escalation to `card` that `rule_id` made (its own action, or the fallback of its LLM
+    /// call; `budget` names the budget's fallback), with its timeout and what follows it.
+    pub fn escalation(&self, rule_id: &str, card: &str) -> Option<&Escalation> {
+        let action = match rule_id {
+            "budget" => self.budget.as_ref()?.fallback.as_ref()?,
+            _ => match &self.rule(rule_id)?.then {
+                Action::Llm(llm) => llm.fallback.as_ref()?,
+                action => action,
+            },
+        };
+        match action {
+            Action::Escalate(e) if e.card == card => Some(e),
+            _ => None,
+        }
+    }
+
     /// Whether any rule asks the LLM decider.
     pub fn uses_llm(&self) -> bool {
         self.rules.iter().any(|r| matches!(r.then, Action::Llm(_)))
@@ -522,6 +724,16 @@ impl RuleTable {
                     ));
                 }
             }
+            let timers = rule
+                .when
+                .kinds()
+                .into_iter()
+                .any(|k| matches!(k, Kind::TimedOut | Kind::DeadlineExceeded));
+            if timers && matches!(rule.then, Action::Llm(_)) {
+                return Err(format!(
+                    "field `{at}.then`: a rule about `TIMED_OUT` or `DEADLINE_EXCEEDED` cannot ask the LLM (no event to show it); use route, escalate, complete or dead_letter"
+                ));
+            }
             match &rule.then {
                 Action::Route(targets) if targets.is_empty() => {
                     return Err(format!("field `{at}.then.route`: name at least one card"));
@@ -531,7 +743,7 @@ impl RuleTable {
                         known(format!("{at}.then.route[{j}]"), t)?;
                     }
                 }
-                Action::Escalate(card) => known(format!("{at}.then.escalate"), card)?,
+                Action::Escalate(e) => check_escalation(&format!("{at}.then.escalate"), e, &known)?,
                 Action::Complete | Action::DeadLetter(_) => {}
                 Action::Llm(llm) => {
                     if llm.candidates.is_empty() {
@@ -573,12 +785,12 @@ impl RuleTable {
         for rule in &self.rules {
             let targets = rule.then.targets();
             let kinds = rule.when.kinds();
-            if kinds.contains(&EventKind::Submitted) {
+            if kinds.iter().any(|k| k.starts()) {
                 reached.extend(targets.iter().map(|t| (*t, rule.id.as_str())));
             }
             if !kinds
                 .iter()
-                .any(|k| matches!(k, EventKind::Result | EventKind::HumanDecision))
+                .any(|k| matches!(k, Kind::Result | Kind::HumanDecision))
             {
                 continue;
             }
@@ -601,7 +813,7 @@ impl RuleTable {
         if !self
             .rules
             .iter()
-            .any(|r| r.when.kinds().contains(&EventKind::Submitted))
+            .any(|r| r.when.kinds().contains(&Kind::Submitted))
         {
             return Err(
                 "field `rules`: no rule matches `kind: SUBMITTED`, so no task could start".into(),
@@ -752,17 +964,17 @@ rules:
             confidence,
             payload: &payload,
         };
-        let submitted = facts(EventKind::Submitted, None, None);
+        let submitted = facts(Kind::Submitted, None, None);
         assert_eq!(table.decide(&submitted, |_| false).unwrap().id, "start");
-        let a_done = facts(EventKind::Result, Some("a"), None);
+        let a_done = facts(Kind::Result, Some("a"), None);
         assert!(
             table.decide(&a_done, |c| c == "a").is_none(),
             "join waits for b"
         );
         assert_eq!(table.decide(&a_done, |_| true).unwrap().id, "joined");
-        let sure = facts(EventKind::Result, Some("c"), Some(0.9));
+        let sure = facts(Kind::Result, Some("c"), Some(0.9));
         assert_eq!(table.decide(&sure, |_| true).unwrap().id, "sure");
-        let unsure = facts(EventKind::Result, Some("c"), Some(0.8));
+        let unsure = facts(Kind::Result, Some("c"), Some(0.8));
         assert_eq!(table.decide(&unsure, |_| true).unwrap().id, "unsure");
     }
 

@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde_json::Value;
 
-use crate::envelope::{Decision, EventKind, InputRef, StateEvent, Step, TaskEvent, Usage};
+use crate::envelope::{
+    BreakerPhase, Decision, EventKind, InputRef, StateEvent, Step, TaskEvent, TimerKind, Usage,
+};
 
 /// Where a step stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +18,8 @@ pub enum StepStatus {
     Pending,
     /// Answered.
     Done,
+    /// Given up on by a timer (its timeout, its task's deadline); a late answer is stale.
+    Abandoned,
 }
 
 /// One step of a task.
@@ -30,6 +34,20 @@ pub struct StepState {
     /// When its current attempt was sent (the `at` of the decision), ms since the Unix epoch:
     /// its timeout counts from here.
     pub since: i64,
+    /// When set, the current attempt's work item is not sent yet: it goes at this time (a
+    /// retry's backoff, an open breaker).
+    pub not_before: Option<i64>,
+    /// The rule that escalated to this step's (human) card: it says how long the step waits.
+    pub escalated_by: Option<String>,
+    /// Reminders sent for the current attempt.
+    pub reminders: u32,
+}
+
+impl StepState {
+    /// Whether the step waits for an answer to a work item that was sent.
+    pub fn is_sent(&self) -> bool {
+        self.status == StepStatus::Pending && self.not_before.is_none()
+    }
 }
 
 /// The state of one active task.
@@ -140,16 +158,21 @@ impl TaskState {
             .is_some_and(|s| s.status == StepStatus::Pending && s.attempt == attempt)
     }
 
-    /// Pending steps with their ids.
+    /// Pending steps whose work item was sent, with their ids.
     pub fn pending(&self) -> impl Iterator<Item = Step> + '_ {
         self.steps
             .iter()
-            .filter(|(_, s)| s.status == StepStatus::Pending)
-            .map(|(id, s)| Step {
-                step_id: *id,
-                card: s.card.clone(),
-                attempt: s.attempt,
-            })
+            .filter(|(_, s)| s.is_sent())
+            .map(|(id, s)| Step::new(*id, s.card.clone(), s.attempt))
+    }
+
+    /// Marks the pending steps abandoned (`only` alone, when given).
+    fn abandon(&mut self, only: Option<u32>) {
+        for (id, step) in &mut self.steps {
+            if step.status == StepStatus::Pending && only.is_none_or(|o| o == *id) {
+                step.status = StepStatus::Abandoned;
+            }
+        }
     }
 
     /// Marks `step_id` done; a result's payload becomes its card's latest output.
@@ -215,6 +238,48 @@ pub struct Undo {
     task: Option<TaskState>,
     finished: Option<Finished>,
     next_offset: Option<i64>,
+    breakers: BTreeMap<String, Breaker>,
+}
+
+/// One card's circuit breaker in a partition, as folded from the records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Breaker {
+    /// Where it stands.
+    pub phase: BreakerPhase,
+    /// Until when it stays open.
+    pub until: i64,
+    /// The probe step of a half-open breaker: task and step.
+    pub probe: Option<(String, u32)>,
+    /// When it last changed.
+    pub since: i64,
+    /// When the card's latest failures in a row happened (at most [`FAILURES_KEPT`]).
+    pub failures: VecDeque<i64>,
+}
+
+/// How many failures in a row a breaker remembers (a card's `breaker.failures` is at most this).
+pub const FAILURES_KEPT: usize = 100;
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Self {
+            phase: BreakerPhase::Closed,
+            until: 0,
+            probe: None,
+            since: 0,
+            failures: VecDeque::new(),
+        }
+    }
+}
+
+/// What a decision tells a card's breaker: the card answered, or failed (`FAILED`, timed out).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signal {
+    /// The card.
+    pub card: String,
+    /// The step that answered or failed.
+    pub step_id: u32,
+    /// Whether it failed.
+    pub failed: bool,
 }
 
 /// The state of one partition: its active tasks and its recently finished ones.
@@ -228,6 +293,8 @@ pub struct PartitionState {
     pub next_offset: Option<i64>,
     /// The current owner's epoch (offset of its ownership record).
     pub epoch: Option<i64>,
+    /// The cards' circuit breakers, by card (only cards that answered or failed here).
+    pub breakers: BTreeMap<String, Breaker>,
 }
 
 impl PartitionState {
@@ -252,6 +319,74 @@ impl PartitionState {
             task: self.tasks.get(task_id).cloned(),
             finished: self.finished.get(task_id),
             next_offset: self.next_offset,
+            breakers: self.breakers.clone(),
+        }
+    }
+
+    /// What a decision about `task_id` tells a card's breaker: the step it answered (or that
+    /// a timer gave up on) answered or failed. Nothing for a dropped or refused input.
+    pub fn signal(
+        &self,
+        task_id: &str,
+        kind: Option<EventKind>,
+        timer: Option<&crate::envelope::Firing>,
+        answers_step: Option<u32>,
+        decision: &Decision,
+    ) -> Option<Signal> {
+        let counts = !matches!(
+            decision,
+            Decision::Dropped { .. }
+                | Decision::Queued
+                | Decision::DeadLettered {
+                    ends_task: false,
+                    ..
+                }
+        );
+        let step_id = answers_step.filter(|_| counts)?;
+        let failed = match (timer.map(|f| f.kind), kind) {
+            (Some(TimerKind::StepTimeout), _) | (None, Some(EventKind::Failed)) => true,
+            (None, Some(EventKind::Result)) => false,
+            _ => return None,
+        };
+        let card = self.tasks.get(task_id)?.steps.get(&step_id)?.card.clone();
+        Some(Signal {
+            card,
+            step_id,
+            failed,
+        })
+    }
+
+    /// Folds what `record` did to the breakers: a failure in a row, an answer, the changes it
+    /// recorded.
+    fn apply_breakers(&mut self, record: &StateEvent) {
+        let kind = record.event.as_ref().map(|e| e.kind);
+        let signal = self.signal(
+            &record.task_id,
+            kind,
+            record.timer.as_ref(),
+            record.answers_step,
+            &record.decision,
+        );
+        if let Some(signal) = signal {
+            let breaker = self.breakers.entry(signal.card).or_default();
+            if signal.failed {
+                breaker.failures.push_back(record.at);
+                if breaker.failures.len() > FAILURES_KEPT {
+                    breaker.failures.pop_front();
+                }
+            } else {
+                breaker.failures.clear();
+            }
+        }
+        for change in &record.breakers {
+            let breaker = self.breakers.entry(change.card.clone()).or_default();
+            breaker.phase = change.phase;
+            breaker.until = change.until.unwrap_or(record.at);
+            breaker.probe = change.probe.map(|step| (record.task_id.clone(), step));
+            breaker.since = record.at;
+            if change.phase != BreakerPhase::HalfOpen {
+                breaker.failures.clear();
+            }
         }
     }
 
@@ -266,6 +401,7 @@ impl PartitionState {
             None => self.finished.remove(&undo.task_id),
         }
         self.next_offset = undo.next_offset;
+        self.breakers = undo.breakers;
     }
 
     /// Applies a decision to the state. A record without an event changes no task unless it
@@ -274,6 +410,7 @@ impl PartitionState {
         if let Some(input) = &record.input {
             self.next_offset = Some(self.next_offset.unwrap_or(0).max(input.offset + 1));
         }
+        self.apply_breakers(record);
         let event = record.event.as_ref();
         if event.is_none() && record.rejected.is_none() && record.timer.is_none() {
             return;
@@ -314,6 +451,18 @@ impl PartitionState {
         if let Some(usage) = record.event_usage() {
             task.spent.add(usage);
         }
+        match record.timer.as_ref().map(|f| f.kind) {
+            Some(TimerKind::Deadline) => {
+                task.deadline = None;
+                task.abandon(None);
+            }
+            Some(TimerKind::StepTimeout | TimerKind::HumanTimeout)
+                if record.answers_step.is_some() =>
+            {
+                task.abandon(record.answers_step);
+            }
+            _ => {}
+        }
         let ends = match (&record.decision, event) {
             (Decision::Owned { .. } | Decision::Dropped { .. }, _) => false,
             (Decision::AwaitingLlm { rule_id }, Some(event)) => {
@@ -338,20 +487,31 @@ impl PartitionState {
                 add_steps(task, steps, record.at);
                 false
             }
-            (Decision::Escalated { step, .. }, _) => {
+            (Decision::Escalated { step, rule_id }, _) => {
                 task.answer(record.answers_step, event);
                 add_steps(task, std::slice::from_ref(step), record.at);
+                if let Some(s) = task.steps.get_mut(&step.step_id) {
+                    s.escalated_by = Some(rule_id.clone());
+                }
                 false
             }
             (Decision::Recorded, _) => {
                 task.answer(record.answers_step, event);
                 false
             }
-            (Decision::RetryScheduled { step }, _) => {
+            (Decision::RetryScheduled { step } | Decision::Dispatched { step }, _) => {
                 if let Some(s) = task.steps.get_mut(&step.step_id) {
                     s.attempt = step.attempt;
                     s.status = StepStatus::Pending;
                     s.since = record.at;
+                    s.not_before = step.delay_ms.map(|d| record.at + d);
+                    s.reminders = 0;
+                }
+                false
+            }
+            (Decision::Reminded { step }, _) => {
+                if let Some(s) = task.steps.get_mut(&step.step_id) {
+                    s.reminders += 1;
                 }
                 false
             }
@@ -396,6 +556,9 @@ fn add_steps(task: &mut TaskState, steps: &[Step], since: i64) {
                 attempt: step.attempt,
                 status: StepStatus::Pending,
                 since,
+                not_before: step.delay_ms.map(|d| since + d),
+                escalated_by: None,
+                reminders: 0,
             },
         );
     }

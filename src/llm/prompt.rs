@@ -132,6 +132,7 @@ pub fn user_prompt(
         let status = match step.status {
             StepStatus::Done => "done",
             StepStatus::Pending => "pending",
+            StepStatus::Abandoned => "abandoned",
         };
         out.push_str(&format!("  step {id}: {} ({status})\n", step.card));
         if step.status == StepStatus::Done && !outputs.contains(&step.card.as_str()) {
@@ -299,6 +300,7 @@ mod tests {
             dequeued: false,
             rejected: None,
             timer: None,
+            breakers: Vec::new(),
             at: 0,
         });
         let prompt = user_prompt(&task.tasks["t"], &event.payload, 8, 2000);

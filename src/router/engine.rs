@@ -5,12 +5,12 @@
 
 use crate::cards::Cards;
 use crate::envelope::{
-    DecidedBy, Decision, DecodeError, EventKind, Firing, LlmRecord, Step, TaskEvent, TimerKind,
-    Usage, WorkItem,
+    BreakerChange, DecidedBy, Decision, DecodeError, EventKind, LlmRecord, Step, TaskEvent, Usage,
+    WorkItem,
 };
-use crate::rules::{Action, Facts, LlmRoute, Rule, RuleTable, COMPLETE, HUMAN};
+use crate::rules::{Action, Escalation, Facts, Kind, LlmRoute, Rule, RuleTable, COMPLETE, HUMAN};
 use crate::signing::Secrets;
-use crate::state::{PartitionState, StepState, StepStatus, TaskState};
+use crate::state::{PartitionState, StepStatus, TaskState};
 
 /// A decision with the step the event answered.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,14 +21,17 @@ pub struct Outcome {
     pub decision: Decision,
     /// The LLM call the decision resolves (or that the budget short-cut).
     pub llm: Option<LlmRecord>,
+    /// The circuit breakers the decision opens or closes.
+    pub breakers: Vec<BreakerChange>,
 }
 
 impl Outcome {
-    fn new(answers_step: Option<u32>, decision: Decision) -> Self {
+    pub(super) fn new(answers_step: Option<u32>, decision: Decision) -> Self {
         Self {
             answers_step,
             decision,
             llm: None,
+            breakers: Vec::new(),
         }
     }
 
@@ -49,7 +52,7 @@ impl Outcome {
         Self::dead_letter(error.reason(), error.to_string(), false)
     }
 
-    fn dropped(answers_step: Option<u32>, reason: &str) -> Self {
+    pub(super) fn dropped(answers_step: Option<u32>, reason: &str) -> Self {
         Self::new(
             answers_step,
             Decision::Dropped {
@@ -129,7 +132,7 @@ impl Engine {
             );
         }
         let facts = Facts {
-            kind: EventKind::Submitted,
+            kind: Kind::Submitted,
             source: None,
             labels: &event.labels,
             attempt: 0,
@@ -212,14 +215,16 @@ impl Engine {
         if let Some(refused) = self.answerer_problem(step_id, &step.card, event) {
             return refused;
         }
-        if step.status == StepStatus::Done {
-            return Outcome::dropped(Some(step_id), "duplicate_result");
+        match step.status {
+            StepStatus::Done => return Outcome::dropped(Some(step_id), "duplicate_result"),
+            StepStatus::Abandoned => return Outcome::dropped(Some(step_id), "stale_attempt"),
+            StepStatus::Pending => {}
         }
         let attempt = event.attempt.unwrap_or(step.attempt);
         if attempt < step.attempt {
             return Outcome::dropped(Some(step_id), "stale_attempt");
         }
-        if attempt > step.attempt {
+        if attempt > step.attempt || step.not_before.is_some() {
             return Outcome::dead_letter(
                 "unknown_attempt",
                 format!(
@@ -253,7 +258,7 @@ impl Engine {
             }
         }
         let facts = Facts {
-            kind: event.kind,
+            kind: event.kind.into(),
             source: Some(&step.card),
             labels: &task.labels,
             attempt,
@@ -323,9 +328,8 @@ impl Engine {
         };
         let decision = self.llm_fallback(&rule.id, llm, &call, hops, next_step);
         Outcome {
-            answers_step: answered,
-            decision,
             llm: Some(call),
+            ..Outcome::new(answered, decision)
         }
     }
 
@@ -343,7 +347,8 @@ impl Engine {
                     },
                     Some(HUMAN) => {
                         let human = llm.human.clone().unwrap_or_default();
-                        self.act_plainly(&Action::Escalate(human), rule_id, hops, next_step)
+                        let escalation = Action::Escalate(Escalation::to(human));
+                        self.act_plainly(&escalation, rule_id, hops, next_step)
                     }
                     Some(card) => self.route(
                         hops,
@@ -365,39 +370,24 @@ impl Engine {
             },
         };
         let outcome = Outcome {
-            answers_step: None,
-            decision,
             llm: Some(call.clone()),
+            ..Outcome::new(None, decision)
         };
         self.bounded(Some(task), None, None, outcome)
     }
 
-    /// The time a step's current attempt has before it times out: its card's `timeout` while
-    /// it is pending; `None` for a human card's step, which waits without one.
-    pub fn timeout(&self, step: &StepState) -> Option<i64> {
-        let card = self.cards.get(&step.card)?;
-        (step.status == StepStatus::Pending && !card.is_human())
-            .then_some(card.timeout.as_millis() as i64)
-    }
-
-    /// The timers a task holds: its deadline, and a timeout per pending step of a non-human card.
-    pub fn timers(&self, task: &TaskState) -> usize {
-        let steps = task.steps.values().filter(|s| self.timeout(s).is_some());
-        usize::from(task.deadline.is_some()) + steps.count()
-    }
-
     /// What the card's failure policy does with a step that failed or timed out: another
-    /// attempt while its card allows one, then its card's fallback; `None` when it has neither.
-    fn retry_or_fallback(&self, task: &TaskState, step_id: u32) -> Option<Outcome> {
+    /// attempt while its card allows one (after its backoff), then its card's fallback; `None`
+    /// when it has neither.
+    pub(super) fn retry_or_fallback(&self, task: &TaskState, step_id: u32) -> Option<Outcome> {
         let step = task.steps.get(&step_id)?;
         let card = self.cards.get(&step.card)?;
         let answered = Some(step_id);
         if step.attempt < card.retry.max_attempts {
-            let step = Step {
-                step_id,
-                card: step.card.clone(),
-                attempt: step.attempt + 1,
-            };
+            let attempt = step.attempt + 1;
+            let mut step = Step::new(step_id, step.card.clone(), attempt);
+            let delay = card.retry.backoff.delay_ms(&task.task_id, step_id, attempt);
+            step.delay_ms = (delay > 0).then_some(delay);
             return Some(Outcome::new(answered, Decision::RetryScheduled { step }));
         }
         let fallback = card.fallback.as_ref()?;
@@ -407,42 +397,6 @@ impl Engine {
         let (hops, next) = (task.hops(), task.next_step());
         let decision = self.route(hops, next, std::slice::from_ref(fallback), decided_by);
         Some(Outcome::new(answered, decision))
-    }
-
-    /// What a timer that fell due does to its task. A passed deadline ends it in the dead-letter
-    /// topic (`deadline_exceeded`); results of its pending steps that come later are dropped. A
-    /// step that timed out is tried again while its card allows, then goes to its card's
-    /// fallback, else the task is dead-lettered `step_timeout`; the late result of the old
-    /// attempt is dropped as stale. A timer whose step has moved on fires nothing.
-    pub fn fire(&self, task: &TaskState, firing: &Firing) -> Outcome {
-        match firing.kind {
-            TimerKind::Deadline => Outcome::dead_letter(
-                "deadline_exceeded",
-                format!(
-                    "the task's deadline ({} ms since the epoch) passed with {} step(s) pending",
-                    firing.due,
-                    task.pending_except(None)
-                ),
-                true,
-            ),
-            TimerKind::StepTimeout => {
-                let step_id = firing.step_id.unwrap_or_default();
-                let waiting = firing.attempt.is_some_and(|a| task.waits_for(step_id, a));
-                let Some(step) = task.steps.get(&step_id).filter(|_| waiting) else {
-                    return Outcome::dropped(Some(step_id), "stale_timer");
-                };
-                let message = format!(
-                    "card `{}` did not answer step {step_id} (attempt {}) in time",
-                    step.card, step.attempt
-                );
-                let gave_up = Outcome::dead_letter("step_timeout", message, true);
-                let outcome = self.retry_or_fallback(task, step_id).unwrap_or(Outcome {
-                    answers_step: Some(step_id),
-                    ..gave_up
-                });
-                self.bounded(Some(task), None, None, outcome)
-            }
-        }
     }
 
     /// Why a task that has spent `spent` is over the budget, if it is.
@@ -483,7 +437,7 @@ impl Engine {
     /// What a fallback does when the LLM or the budget stops a task: `action`, with a route
     /// recorded as decided `by` and a dead letter carrying `message`; without one, a dead letter
     /// with reason `default`. `at` is the task's hops and next step id.
-    fn fallback(
+    pub(super) fn fallback(
         &self,
         action: Option<&Action>,
         rule_id: &str,
@@ -512,7 +466,13 @@ impl Engine {
         }
     }
 
-    fn act_plainly(&self, action: &Action, rule_id: &str, hops: u32, next_step: u32) -> Decision {
+    pub(super) fn act_plainly(
+        &self,
+        action: &Action,
+        rule_id: &str,
+        hops: u32,
+        next_step: u32,
+    ) -> Decision {
         let by_rule = || DecidedBy::Rule {
             rule_id: rule_id.to_string(),
         };
@@ -521,8 +481,9 @@ impl Engine {
             Action::Complete => Decision::Completed {
                 rule_id: rule_id.to_string(),
             },
-            Action::Escalate(card) => {
-                match self.route(hops, next_step, std::slice::from_ref(card), by_rule()) {
+            Action::Escalate(escalation) => {
+                let card = std::slice::from_ref(&escalation.card);
+                match self.route(hops, next_step, card, by_rule()) {
                     Decision::Routed { mut steps, .. } => Decision::Escalated {
                         step: steps.remove(0),
                         rule_id: rule_id.to_string(),
@@ -543,7 +504,7 @@ impl Engine {
         }
     }
 
-    fn route(
+    pub(super) fn route(
         &self,
         hops: u32,
         next_step: u32,
@@ -558,11 +519,9 @@ impl Engine {
                 ends_task: true,
             };
         }
-        let steps = (next_step..).zip(cards).map(|(step_id, card)| Step {
-            step_id,
-            card: card.clone(),
-            attempt: 1,
-        });
+        let steps = (next_step..)
+            .zip(cards)
+            .map(|(step_id, card)| Step::new(step_id, card.clone(), 1));
         Decision::Routed {
             steps: steps.collect(),
             decided_by,
@@ -576,15 +535,10 @@ impl Engine {
         decision: &Decision,
         reply_partition: i32,
     ) -> Vec<WorkItem> {
-        let steps: &[Step] = match decision {
-            Decision::Routed { steps, .. } => steps,
-            Decision::Escalated { step, .. } | Decision::RetryScheduled { step } => {
-                std::slice::from_ref(step)
-            }
-            _ => &[],
-        };
-        steps
+        decision
+            .steps()
             .iter()
+            .filter(|step| step.delay_ms.is_none())
             .map(|step| work_item(task, step, reply_partition))
             .collect()
     }
@@ -609,112 +563,7 @@ pub fn work_item(task: &TaskState, step: &Step, reply_partition: i32) -> WorkIte
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::{Partition, Position};
-    use std::path::PathBuf;
-
-    fn engine(rules: &str, cards: &[&str]) -> Engine {
-        let mut set = Cards::default();
-        for name in cards {
-            let runtime = if name.starts_with('h') {
-                "human"
-            } else {
-                "handler"
-            };
-            let yaml =
-                format!("name: {name}\nretry: {{max_attempts: 2}}\nruntime: {{kind: {runtime}}}");
-            set.insert(serde_yaml_ng::from_str(&yaml).unwrap(), PathBuf::from(name))
-                .unwrap();
-        }
-        let rules: RuleTable = serde_yaml_ng::from_str(rules).unwrap();
-        rules.validate(&set).unwrap();
-        Engine {
-            cards: set,
-            rules,
-            secrets: Secrets::default(),
-        }
-    }
-
-    const RULES: &str = r#"
-hop_limit: 6
-rules:
-  - { id: start, when: { kind: SUBMITTED }, then: { route: [a, b] } }
-  - { id: joined, when: { join: [a, b] }, then: { route: [c] } }
-  - { id: sure, when: { source: c, confidence: { gt: 0.8 } }, then: complete }
-  - { id: unsure, when: { source: c }, then: { escalate: h } }
-  - { id: human, when: { kind: HUMAN_DECISION }, then: complete }
-"#;
-
-    struct Run {
-        engine: Engine,
-        state: PartitionState,
-        offset: i64,
-    }
-
-    impl Run {
-        fn new(rules: &str, cards: &[&str]) -> Self {
-            Self {
-                engine: engine(rules, cards),
-                state: PartitionState::default(),
-                offset: 0,
-            }
-        }
-
-        /// The partition's per-event step, as the router drives it.
-        fn partition(&mut self) -> Partition<'_> {
-            self.partition_at(0)
-        }
-
-        /// The partition's per-event step at time `now`.
-        fn partition_at(&mut self, now: i64) -> Partition<'_> {
-            Partition {
-                engine: &self.engine,
-                state: &mut self.state,
-                instance: "test",
-                now,
-                keep_undo: false,
-            }
-        }
-
-        /// Reads `event` as the next record of the partition and decides it.
-        fn send(&mut self, event: TaskEvent) -> Decision {
-            let bytes = serde_json::to_vec(&event).unwrap();
-            let raw = crate::router::Raw::new(Some(&bytes), None);
-            self.offset += 1;
-            let at = Position {
-                topic: "tasks",
-                partition: 0,
-                offset: self.offset,
-            };
-            self.partition().decide(at, raw, Ok(event)).record.decision
-        }
-
-        /// Records the LLM's answer for `t1` and decides its queued events, as the router does.
-        fn llm_answers(&mut self, call: LlmRecord) -> Vec<Decision> {
-            let steps = self.partition().resolve("t1", &call);
-            steps.into_iter().map(|s| s.record.decision).collect()
-        }
-
-        /// An answer to `step` of task `t1` from the card that owns it (`agent` if none does).
-        fn answer(
-            &self,
-            kind: EventKind,
-            step: u32,
-            attempt: u32,
-            confidence: Option<f64>,
-        ) -> TaskEvent {
-            let card = self
-                .state
-                .tasks
-                .get("t1")
-                .and_then(|t| t.steps.get(&step))
-                .map_or("agent", |s| s.card.as_str());
-            let mut e = TaskEvent::new("t1", kind, card);
-            e.step_id = Some(step);
-            e.attempt = Some(attempt);
-            e.confidence = confidence;
-            e
-        }
-    }
+    use crate::router::testkit::{Run, RULES};
 
     const LLM_RULES: &str = r#"
 hop_limit: 6
@@ -1225,7 +1074,7 @@ rules:
         submitted.deadline = Some(10_000);
         run.send(submitted);
         assert_eq!(
-            run.engine.timers(&run.state.tasks["t1"]),
+            run.engine.timers(&run.state.tasks["t1"]).len(),
             3,
             "the deadline and two step timeouts"
         );

@@ -201,13 +201,10 @@ impl Engine {
         answer: Option<&TaskEvent>,
         outcome: Outcome,
     ) -> Outcome {
-        let steps: &[Step] = match &outcome.decision {
-            Decision::Routed { steps, .. } => steps,
-            Decision::Escalated { step, .. } | Decision::RetryScheduled { step } => {
-                std::slice::from_ref(step)
-            }
-            _ => return outcome,
-        };
+        let steps = outcome.decision.steps();
+        if steps.is_empty() {
+            return outcome;
+        }
         let answered = task
             .zip(outcome.answers_step)
             .and_then(|(t, id)| t.steps.get(&id))
@@ -220,6 +217,7 @@ impl Engine {
             let size = work_item_len(task, submitted, answered.zip(output), step);
             if size > limit {
                 return Outcome {
+                    breakers: outcome.breakers,
                     answers_step: outcome.answers_step,
                     decision: Decision::DeadLettered {
                         reason: "too_large".into(),
@@ -328,11 +326,7 @@ mod tests {
         submitted.payload = serde_json::json!({ "q": "héllo \"x\"\n", "n": [1, 2.5, null] });
         submitted.labels.insert("k".into(), "v".into());
         submitted.deadline = Some(1_700_000_000_000);
-        let step = |id: u32, card: &str| Step {
-            step_id: id,
-            card: card.into(),
-            attempt: 1,
-        };
+        let step = |id: u32, card: &str| Step::new(id, card, 1);
         let mut state = PartitionState::default();
         state.apply(&StateEvent {
             task_id: "t".into(),
@@ -352,6 +346,7 @@ mod tests {
             dequeued: false,
             rejected: None,
             timer: None,
+            breakers: Vec::new(),
             at: 0,
         });
         let first = super::super::engine::work_item(&state.tasks["t"], &step(1, "a"), i32::MAX);

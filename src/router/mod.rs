@@ -1,10 +1,14 @@
 //! The router: reads task events, decides with the rule table, records decisions on the state
 //! topic and sends work items to agents.
 
+pub mod breaker;
 pub mod engine;
 pub mod guard;
 pub mod partition;
 pub mod service;
+#[cfg(test)]
+pub(crate) mod testkit;
+pub mod timers;
 
 pub use crate::commit::ConsistencyMode;
 pub use engine::{Engine, Outcome};

@@ -112,39 +112,20 @@ impl Partition<'_> {
         steps
     }
 
-    /// The timers of this partition that are due at `now`, oldest first: the passed deadlines
-    /// of active tasks, and the pending attempts of steps whose card's `timeout` has run out
-    /// (a human card's steps wait without one). A task whose deadline passed fires nothing else.
+    /// The timers of this partition that are due at `now`, oldest first. A task whose deadline
+    /// passed fires nothing else.
     pub fn due(&self) -> Vec<(String, Firing)> {
         let mut due = Vec::new();
         for task in self.state.tasks.values() {
-            if let Some(deadline) = task.deadline.filter(|d| *d <= self.now) {
-                let firing = Firing {
-                    kind: TimerKind::Deadline,
-                    due: deadline,
-                    step_id: None,
-                    attempt: None,
-                };
-                due.push((task.task_id.clone(), firing));
-                continue;
+            let mut timers = self.engine.timers(task);
+            timers.retain(|f| f.due <= self.now);
+            if let Some(deadline) = timers.iter().position(|f| f.kind == TimerKind::Deadline) {
+                timers.swap(0, deadline);
+                timers.truncate(1);
             }
-            for (id, step) in &task.steps {
-                let Some(timeout) = self.engine.timeout(step) else {
-                    continue;
-                };
-                let at = step.since + timeout;
-                if at <= self.now {
-                    let firing = Firing {
-                        kind: TimerKind::StepTimeout,
-                        due: at,
-                        step_id: Some(*id),
-                        attempt: Some(step.attempt),
-                    };
-                    due.push((task.task_id.clone(), firing));
-                }
-            }
+            due.extend(timers.into_iter().map(|f| (task.task_id.clone(), f)));
         }
-        due.sort_by_key(|(task, f)| (f.due, task.clone(), f.step_id));
+        due.sort_by(|(a, f), (b, g)| (f.due, a, f.step_id).cmp(&(g.due, b, g.step_id)));
         due
     }
 
@@ -153,15 +134,14 @@ impl Partition<'_> {
     pub fn fire(&mut self, task_id: &str, firing: Firing) -> Option<Step> {
         let task = self.state.tasks.get(task_id)?;
         let outcome = self.engine.fire(task, &firing);
-        let mut record = self.numbered(task_id, None, None, outcome, false);
-        record.timer = Some(firing);
+        let record = self.numbered(task_id, None, None, outcome, false, Some(firing));
         Some(self.fold_record(record))
     }
 
     /// Ends `task_id` because the broker refused a write of an earlier decision: `outcome` (a
     /// dead letter), recorded with the refusal.
     pub fn refuse(&mut self, task_id: &str, rejection: Rejection, outcome: Outcome) -> Step {
-        let mut record = self.numbered(task_id, None, None, outcome, false);
+        let mut record = self.numbered(task_id, None, None, outcome, false, None);
         record.rejected = Some(rejection);
         self.fold_record(record)
     }
@@ -174,11 +154,12 @@ impl Partition<'_> {
         outcome: Outcome,
         dequeued: bool,
     ) -> Step {
-        let record = self.numbered(task_id, input, event, outcome, dequeued);
+        let record = self.numbered(task_id, input, event, outcome, dequeued, None);
         self.fold_record(record)
     }
 
-    /// The state event for `outcome` about `task_id`, numbered after the task's last one.
+    /// The state event for `outcome` about `task_id` (following from `event` or `timer`), with
+    /// the cards' breakers applied, numbered after the task's last one.
     fn numbered(
         &self,
         task_id: &str,
@@ -186,7 +167,19 @@ impl Partition<'_> {
         event: Option<TaskEvent>,
         outcome: Outcome,
         dequeued: bool,
+        timer: Option<Firing>,
     ) -> StateEvent {
+        let kind = event.as_ref().map(|e| e.kind);
+        let signal = self.state.signal(
+            task_id,
+            kind,
+            timer.as_ref(),
+            outcome.answers_step,
+            &outcome.decision,
+        );
+        let outcome = self
+            .engine
+            .breakers(self.state, task_id, signal, self.now, outcome);
         StateEvent {
             task_id: task_id.to_string(),
             seq: self.state.tasks.get(task_id).map_or(1, |t| t.seq + 1),
@@ -199,7 +192,8 @@ impl Partition<'_> {
             llm: outcome.llm,
             dequeued,
             rejected: None,
-            timer: None,
+            timer,
+            breakers: outcome.breakers,
             at: self.now,
         }
     }

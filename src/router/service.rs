@@ -37,8 +37,8 @@ use crate::codec::{Codec, Encoding};
 use crate::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use crate::dlq;
 use crate::envelope::{
-    now_ms, Decision, DecodeError, EventKind, InputRef, LlmRecord, Rejection, StateEvent,
-    TaskEvent, WorkItem,
+    now_ms, BreakerPhase, Decision, DecodeError, EventKind, InputRef, LlmRecord, Rejection,
+    StateEvent, TaskEvent, TimerKind, WorkItem,
 };
 use crate::kafka::{self, set_default, KafkaConfig, Topics};
 use crate::llm::{LlmClient, LlmConfig};
@@ -798,6 +798,7 @@ impl Router {
             dequeued: false,
             rejected: None,
             timer: None,
+            breakers: Vec::new(),
             at: now_ms(),
         };
         let records = parts
@@ -1034,9 +1035,21 @@ impl Router {
             .partitions
             .values()
             .flat_map(|p| p.tasks.values())
-            .map(|t| self.engine.timers(t))
+            .map(|t| self.engine.timers(t).len())
             .sum();
         self.metrics.timers_pending.set(pending as i64);
+        for card in self.engine.cards.iter().filter(|c| c.breaker.is_some()) {
+            let open = self
+                .partitions
+                .values()
+                .filter_map(|p| p.breakers.get(&card.name))
+                .filter(|b| b.phase != BreakerPhase::Closed)
+                .count();
+            self.metrics
+                .breaker_open
+                .with_label_values(&[&card.name])
+                .set(open as i64);
+        }
         self.fire_due().await
     }
 
@@ -1056,6 +1069,7 @@ impl Router {
                 let submission = task.map(submission);
                 let card = task
                     .zip(firing.step_id)
+                    .filter(|_| firing.kind == TimerKind::StepTimeout)
                     .and_then(|(t, s)| t.steps.get(&s))
                     .map(|s| s.card.clone());
                 if let (Some(step), Some(submission)) =
