@@ -568,4 +568,59 @@ mod tests {
         assert_eq!(card.retry.max_attempts, 3);
         assert_eq!(card.topic("sy"), "sy.agent.a");
     }
+
+    #[test]
+    fn backoff_and_breaker_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        for (extra, expected) in [
+            (
+                "retry: {backoff: {multiplier: 0.5}}",
+                "field `retry.backoff.multiplier`: must be a number >= 1",
+            ),
+            (
+                "retry: {backoff: {jitter: 2}}",
+                "field `retry.backoff.jitter`: must be a fraction from 0 to 1",
+            ),
+            (
+                "retry: {backoff: {initial: 1m, max: 10s}}",
+                "field `retry.backoff.max`: 10s is shorter than `initial` (1m)",
+            ),
+            (
+                "breaker: {failures: 3}",
+                "field `breaker.when_open`: `fallback` needs the card's `fallback` field",
+            ),
+            (
+                "breaker: {failures: 0, when_open: wait}",
+                "field `breaker.failures`: must be from 1 to 100",
+            ),
+            (
+                "breaker: {when_open: later}",
+                "unknown variant `later`, expected `fallback` or `wait`",
+            ),
+        ] {
+            let path = write(
+                dir.path(),
+                "a.yaml",
+                &format!("name: a\n{extra}\nruntime: {{kind: handler}}\n"),
+            );
+            let err = Card::load(&path).unwrap_err().to_string();
+            assert!(
+                err.contains("a.yaml") && err.contains(expected),
+                "{extra}: {err}"
+            );
+        }
+        let path = write(
+            dir.path(),
+            "b.yaml",
+            "name: b\nfallback: a\nbreaker: {}\nretry: {backoff: {initial: 500ms}}\nruntime: {kind: handler}\n",
+        );
+        let card = Card::load(&path).unwrap();
+        let breaker = card.breaker.unwrap();
+        assert_eq!(
+            (breaker.failures, breaker.when_open),
+            (5, WhenOpen::Fallback)
+        );
+        assert_eq!(card.retry.backoff.delay_ms("t", 1, 2), 500);
+        assert_eq!(card.retry.backoff.delay_ms("t", 1, 4), 2_000);
+    }
 }

@@ -1100,4 +1100,72 @@ rules:
         .unwrap_err();
         assert!(err.to_string().contains("SUBMITTED"), "{err}");
     }
+
+    fn check(yaml: &str) -> std::result::Result<RuleTable, String> {
+        let table: RuleTable = serde_yaml_ng::from_str(yaml).map_err(|e| e.to_string())?;
+        table.validate(&cards(&["a", "h", "b"]))?;
+        Ok(table)
+    }
+
+    #[test]
+    fn escalations_bound_the_wait_and_name_what_follows() {
+        let table = check(
+            "rules:
+  - { id: s, when: { kind: SUBMITTED }, then: { route: [a] } }
+  - { id: late, when: { kind: DEADLINE_EXCEEDED }, then: { escalate: h } }
+  - { id: ask, when: { source: a }, then: { escalate: { card: h, timeout: 2s, then: dead_letter, remind_every: 500ms } } }
+  - { id: routed, when: { kind: TIMED_OUT }, then: { escalate: { card: h, timeout: 1h, then: { route: [b] } } } }
+  - { id: done, when: { source: [h, b] }, then: complete }
+",
+        )
+        .unwrap();
+        let ask = table.escalation("ask", "h").unwrap();
+        assert_eq!(ask.timeout, Some(std::time::Duration::from_secs(2)));
+        assert_eq!(
+            ask.then.as_deref(),
+            Some(&Action::DeadLetter(HUMAN_TIMEOUT.into()))
+        );
+        assert_eq!(table.escalation("late", "h"), Some(&Escalation::to("h")));
+        assert_eq!(table.escalation("ask", "b"), None, "another card");
+        let routed = table.escalation("routed", "h").unwrap();
+        assert_eq!(
+            routed.then.as_deref(),
+            Some(&Action::Route(vec!["b".into()]))
+        );
+    }
+
+    #[test]
+    fn bad_escalations_and_timer_rules_say_what_is_allowed() {
+        let head = "rules:\n  - { id: s, when: { kind: SUBMITTED }, then: { route: [a] } }\n";
+        let tail = "  - { id: done, when: { source: [a, h] }, then: complete }\n";
+        for (rule, expected) in [
+            (
+                "{ id: x, when: { source: a }, then: { escalate: { card: h, wait: 2s } } }",
+                "unknown field `wait`, expected one of `card`, `timeout`, `then`, `remind_every`",
+            ),
+            (
+                "{ id: x, when: { source: a }, then: { escalate: { card: h, then: complete } } }",
+                "field `rules[1].then.escalate.then`: it happens when `timeout` passes",
+            ),
+            (
+                "{ id: x, when: { source: a }, then: { escalate: { card: h, timeout: 1s, remind_every: 2s } } }",
+                "field `rules[1].then.escalate.remind_every`: must be more than 0s and shorter than `timeout`",
+            ),
+            (
+                "{ id: x, when: { source: a }, then: { escalate: { card: ghost } } }",
+                "field `rules[1].then.escalate.card`: no card named `ghost`",
+            ),
+            (
+                "{ id: x, when: { kind: TIMED_OUT }, then: { llm: { candidates: [a] } } }",
+                "field `rules[1].then`: a rule about `TIMED_OUT` or `DEADLINE_EXCEEDED` cannot ask the LLM",
+            ),
+            (
+                "{ id: x, when: { kind: TIMEOUT }, then: complete }",
+                "unknown variant `TIMEOUT`, expected one of `SUBMITTED`",
+            ),
+        ] {
+            let err = check(&format!("{head}  - {rule}\n{tail}")).unwrap_err();
+            assert!(err.contains(expected), "{rule}: {err}");
+        }
+    }
 }
