@@ -284,7 +284,8 @@ async fn audit_shows_fan_out_join_retry_and_dead_letter() {
     assert!(ok);
     for needle in [
         "ROUTED → sentiment_analyzer (step 1), intent_classifier (step 2)",
-        "RETRY → intent_classifier",
+        "RETRY in 1s → intent_classifier (step 2 attempt 2)",
+        "WAIT OVER (step 2)",
         "[rule analysed]",
         "DEAD_LETTERED agent_failed",
         "dead letter 0@",
