@@ -538,9 +538,16 @@ async fn replay_of_timeouts_retries_deadlines_and_breakers_reads_no_clock() {
             "COMPLETED"
         ]
     );
-    assert!(task_events(&kafka, "b1")
-        .iter()
-        .any(|e| !e.breakers.is_empty()));
+    let opened: Vec<_> = ["b1", "b2"]
+        .into_iter()
+        .flat_map(|t| task_events(&kafka, t))
+        .flat_map(|e| e.breakers)
+        .collect();
+    assert_eq!(
+        opened.len(),
+        1,
+        "the first failure opens the breaker: {opened:?}"
+    );
     publish(&kafka, &submission("pending", "nobody answers")).await;
     let routed = until(&kafka, "pending", "the last task to be sent", |e| {
         matches!(e.decision, Decision::Routed { .. })
