@@ -1110,11 +1110,12 @@ async fn replay(kafka: &KafkaConfig, codec: &Codec, args: ReplayArgs) -> Result<
         }
     }
     eprintln!(
-        "replayed {} state records in {seconds:.2}s ({:.0}/s): {} decisions checked ({} from recorded LLM answers, no LLM called; {} following refused writes), {} divergences, {} fenced records ignored, {} inputs missing",
+        "replayed {} state records in {seconds:.2}s ({:.0}/s): {} decisions checked ({} from recorded LLM answers, no LLM called; {} from recorded timer firings, no clock read; {} following refused writes), {} divergences, {} fenced records ignored, {} inputs missing",
         report.records,
         report.records as f64 / seconds.max(1e-9),
         report.checked,
         report.llm_recorded,
+        report.timers_fired,
         report.refused_writes,
         report.divergences.len(),
         report.fenced,

@@ -73,8 +73,8 @@ pub struct TaskState {
     pub outputs: BTreeMap<String, Value>,
     /// Steps of earlier lives of the task (a redriven task continues after them).
     pub step_base: u32,
-    /// The LLM decision the task waits for, if any.
-    pub awaiting: Option<Awaiting>,
+    /// The LLM decision the task waits for, if any (boxed: most tasks wait for none).
+    pub awaiting: Option<Box<Awaiting>>,
     /// Events that arrived while the task waited for the LLM, oldest first.
     pub queue: VecDeque<Queued>,
     /// Tokens and cost spent so far (agents' results and LLM decisions).
@@ -467,11 +467,11 @@ impl PartitionState {
             (Decision::Owned { .. } | Decision::Dropped { .. }, _) => false,
             (Decision::AwaitingLlm { rule_id }, Some(event)) => {
                 task.answer(record.answers_step, Some(event));
-                task.awaiting = Some(Awaiting {
+                task.awaiting = Some(Box::new(Awaiting {
                     rule_id: rule_id.clone(),
                     event: event.clone(),
                     input: record.input.clone(),
-                });
+                }));
                 false
             }
             (Decision::Queued, Some(event)) => {

@@ -224,12 +224,21 @@ impl Engine {
         if attempt < step.attempt {
             return Outcome::dropped(Some(step_id), "stale_attempt");
         }
-        if attempt > step.attempt || step.not_before.is_some() {
+        if attempt > step.attempt {
             return Outcome::dead_letter(
                 "unknown_attempt",
                 format!(
                     "step {step_id} is at attempt {}, not {attempt}",
                     step.attempt
+                ),
+                false,
+            );
+        }
+        if step.not_before.is_some() {
+            return Outcome::dead_letter(
+                "unknown_attempt",
+                format!(
+                    "attempt {attempt} of step {step_id} is not sent yet (it waits for its backoff or its card's breaker)"
                 ),
                 false,
             );
