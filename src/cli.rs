@@ -315,7 +315,9 @@ struct WorkflowArgs {
 struct RouterArgs {
     #[command(flatten)]
     workflow: WorkflowArgs,
-    /// This instance's id (default: random).
+    /// This instance's id (default: random). Give each instance a stable one (e.g. the pod
+    /// name of a StatefulSet): a restarted instance then takes its partitions back at once
+    /// (static group membership) instead of after the session timeout.
     #[arg(long, env = "SWITCHYARD_INSTANCE_ID")]
     instance_id: Option<String>,
     /// Serve /metrics, /health and /ready here.
@@ -575,6 +577,7 @@ async fn run_router(
     let mut config = RouterConfig::new(kafka);
     if let Some(id) = args.instance_id {
         config.instance_id = id;
+        config.static_membership = true;
     }
     config.http_addr = Some(args.http_addr);
     config.max_batch = args.max_batch;

@@ -140,6 +140,11 @@ pub struct RouterConfig {
     pub consistency: ConsistencyMode,
     /// Consumer session timeout: how soon a crashed instance's partitions move.
     pub session_timeout: Duration,
+    /// Whether `instance_id` stays the same across restarts. It is then the consumer's
+    /// `group.instance.id` (static membership): a restarted instance takes its partitions back
+    /// at once, without a rebalance, instead of after the session timeout; an instance that
+    /// stops for good gives them up after the session timeout.
+    pub static_membership: bool,
     /// Where to serve `/metrics`, `/health` and `/ready`, if anywhere.
     pub http_addr: Option<SocketAddr>,
     /// Wire encoding of task events and work items.
@@ -163,6 +168,7 @@ impl RouterConfig {
             commit_interval: Duration::from_millis(100),
             consistency: ConsistencyMode::EffectivelyOnce,
             session_timeout: Duration::from_secs(10),
+            static_membership: false,
             http_addr: None,
             encoding: Encoding::Json,
             registry_url: "http://127.0.0.1:8081".into(),
@@ -410,6 +416,9 @@ impl Router {
         set_default(&mut config, "auto.offset.reset", "earliest");
         set_default(&mut config, "isolation.level", "read_committed");
         set_default(&mut config, "heartbeat.interval.ms", "1000");
+        if self.config.static_membership {
+            config.set("group.instance.id", &self.config.instance_id);
+        }
         let consumer: TasksConsumer =
             config.create_with_context(RebalanceContext { events: tx })?;
         consumer.subscribe(&[&self.topics.tasks()])?;
