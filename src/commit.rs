@@ -44,6 +44,12 @@ impl ConsistencyMode {
         self == ConsistencyMode::ExactlyOnce
     }
 
+    /// Whether a decision's state record and its work items become visible together (one
+    /// transaction), so that a restored decision has its work items.
+    pub fn writes_atomically(self) -> bool {
+        self == ConsistencyMode::ExactlyOnce
+    }
+
     /// How long a batch waits for more events after its first: a transaction per batch is worth
     /// the commit interval (exactly-once); without one, a batch is what is already fetched.
     pub fn gather_window(self, commit_interval: Duration) -> Option<Duration> {

@@ -41,6 +41,11 @@ pub struct StepState {
     pub escalated_by: Option<String>,
     /// Reminders sent for the current attempt.
     pub reminders: u32,
+    /// The tasks-topic offset of the input whose decision last sent this step's work item;
+    /// `None` when that decision had no input of its own (a timer, an LLM answer) or decided a
+    /// queued event. A new owner need not re-send the work item when the previous owner
+    /// committed a position past that input (see [`crate::router::resend`]).
+    pub sent_by: Option<i64>,
 }
 
 impl StepState {
@@ -463,6 +468,11 @@ impl PartitionState {
             }
             _ => {}
         }
+        let sent_by = record
+            .input
+            .as_ref()
+            .filter(|_| !record.dequeued)
+            .map(|i| i.offset);
         let ends = match (&record.decision, event) {
             (Decision::Owned { .. } | Decision::Dropped { .. }, _) => false,
             (Decision::AwaitingLlm { rule_id }, Some(event)) => {
@@ -484,12 +494,12 @@ impl PartitionState {
             (Decision::AwaitingLlm { .. } | Decision::Queued, None) => false,
             (Decision::Routed { steps, .. }, _) => {
                 task.answer(record.answers_step, event);
-                add_steps(task, steps, record.at);
+                add_steps(task, steps, record.at, sent_by);
                 false
             }
             (Decision::Escalated { step, rule_id }, _) => {
                 task.answer(record.answers_step, event);
-                add_steps(task, std::slice::from_ref(step), record.at);
+                add_steps(task, std::slice::from_ref(step), record.at, sent_by);
                 if let Some(s) = task.steps.get_mut(&step.step_id) {
                     s.escalated_by = Some(rule_id.clone());
                 }
@@ -506,12 +516,14 @@ impl PartitionState {
                     s.since = record.at;
                     s.not_before = step.delay_ms.map(|d| record.at + d);
                     s.reminders = 0;
+                    s.sent_by = sent_by.filter(|_| step.delay_ms.is_none());
                 }
                 false
             }
             (Decision::Reminded { step }, _) => {
                 if let Some(s) = task.steps.get_mut(&step.step_id) {
                     s.reminders += 1;
+                    s.sent_by = None;
                 }
                 false
             }
@@ -547,7 +559,7 @@ impl PartitionState {
     }
 }
 
-fn add_steps(task: &mut TaskState, steps: &[Step], since: i64) {
+fn add_steps(task: &mut TaskState, steps: &[Step], since: i64, sent_by: Option<i64>) {
     for step in steps {
         task.steps.insert(
             step.step_id,
@@ -559,6 +571,7 @@ fn add_steps(task: &mut TaskState, steps: &[Step], since: i64) {
                 not_before: step.delay_ms.map(|d| since + d),
                 escalated_by: None,
                 reminders: 0,
+                sent_by: sent_by.filter(|_| step.delay_ms.is_none()),
             },
         );
     }

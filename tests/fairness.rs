@@ -43,7 +43,10 @@ async fn every_partition_progresses_in_every_window_under_backlog() {
     std::fs::write(dir.path().join("rules.yaml"), rules).unwrap();
     let _workflow = setup(&kafka, dir.path()).await;
     let partitions = kafka.partition_count(&kafka.topics().tasks()).unwrap();
-    assert!(partitions >= 3, "the tasks topic has {partitions} partitions");
+    assert!(
+        partitions >= 3,
+        "the tasks topic has {partitions} partitions"
+    );
 
     // The same backlog on every partition, published before any router runs.
     let mut per: Vec<Vec<TaskEvent>> = vec![Vec::new(); partitions as usize];
@@ -102,5 +105,8 @@ async fn every_partition_progresses_in_every_window_under_backlog() {
         }
     }
     let last = &windows.last().unwrap().1;
-    assert!(last.iter().all(|w| *w >= target), "every backlog was decided: {last:?}");
+    assert!(
+        last.iter().all(|w| *w >= target),
+        "every backlog was decided: {last:?}"
+    );
 }

@@ -5,6 +5,7 @@ pub mod breaker;
 pub mod engine;
 pub mod guard;
 pub mod partition;
+pub mod resend;
 pub mod service;
 #[cfg(test)]
 pub(crate) mod testkit;

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, watch};
 use super::engine::{work_item, Engine, Outcome};
 use super::guard::Raw;
 use super::partition::{Partition, Position, Step};
+use super::resend;
 use crate::codec::{Codec, Encoding};
 use crate::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use crate::dlq;
@@ -826,16 +827,16 @@ impl Router {
             parts.iter().zip(&epochs).map(|(p, e)| self.restore(*p, *e)),
         )
         .await?;
+        let committed = self.committed(consumer, &parts);
         let mut pending = Vec::new();
         for (p, state) in parts.iter().zip(restored) {
-            for task in state.tasks.values() {
-                for step in task.pending() {
-                    self.metrics
-                        .reemitted
-                        .with_label_values(&[&step.card])
-                        .inc();
-                    pending.push(work_item(task, &step, *p));
-                }
+            let position = committed.get(p).copied();
+            for (task, step) in resend::missing(&state, position, self.config.consistency) {
+                self.metrics
+                    .reemitted
+                    .with_label_values(&[&step.card])
+                    .inc();
+                pending.push(work_item(task, &step, *p));
             }
             self.partitions.insert(*p, state);
             self.gaps.remove(p);
@@ -898,6 +899,29 @@ impl Router {
         self.metrics.restore_seconds.observe(seconds);
         tracing::info!(owned = ?self.owned(), resent, seconds, "partitions taken over and restored");
         Ok(())
+    }
+
+    /// The group's committed positions of tasks partitions `parts` (see [`resend`]); none when
+    /// they cannot be read, and then every pending work item is sent again.
+    fn committed(&self, consumer: &TasksConsumer, parts: &[i32]) -> HashMap<i32, i64> {
+        let mut tpl = TopicPartitionList::new();
+        for p in parts {
+            tpl.add_partition(&self.topics.tasks(), *p);
+        }
+        match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+            Ok(committed) => committed
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some((e.partition(), o)),
+                    _ => None,
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the committed positions; re-sending every pending work item");
+                HashMap::new()
+            }
+        }
     }
 
     /// Folds state partition `p` up to the ownership record at `epoch`.
