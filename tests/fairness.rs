@@ -32,15 +32,7 @@ fn written(kafka: &KafkaConfig, partitions: i32) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_partition_progresses_in_every_window_under_backlog() {
     let kafka = kafka("fairness");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("cards")).unwrap();
-    std::fs::write(
-        dir.path().join("cards/idle.yaml"),
-        "name: idle\ntimeout: 1h\nruntime: {kind: handler}\n",
-    )
-    .unwrap();
-    let rules = "rules:\n  - { id: start, when: { kind: SUBMITTED }, then: { route: [idle] } }\n  - { id: done, when: { source: idle }, then: complete }\n";
-    std::fs::write(dir.path().join("rules.yaml"), rules).unwrap();
+    let dir = idle_workflow();
     let _workflow = setup(&kafka, dir.path()).await;
     let partitions = kafka.partition_count(&kafka.topics().tasks()).unwrap();
     assert!(

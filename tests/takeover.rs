@@ -43,15 +43,7 @@ fn committed(kafka: &KafkaConfig, partitions: i32) -> HashMap<i32, i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_take_over_re_sends_exactly_the_work_items_that_may_be_missing() {
     let kafka = kafka("takeover");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir(dir.path().join("cards")).unwrap();
-    std::fs::write(
-        dir.path().join("cards/idle.yaml"),
-        "name: idle\ntimeout: 1h\nruntime: {kind: handler}\n",
-    )
-    .unwrap();
-    let rules = "rules:\n  - { id: start, when: { kind: SUBMITTED }, then: { route: [idle] } }\n  - { id: done, when: { source: idle }, then: complete }\n";
-    std::fs::write(dir.path().join("rules.yaml"), rules).unwrap();
+    let dir = idle_workflow();
     let workflow = setup(&kafka, dir.path()).await;
     let partitions = kafka.partition_count(&kafka.topics().tasks()).unwrap();
     let inbox = format!("{}.agent.idle", kafka.topic_prefix);

@@ -110,6 +110,21 @@ pub fn workflow_copy(
     dir
 }
 
+/// A workflow whose only card, `idle`, has no agent: every submission is routed to it and
+/// waits (its timeout is an hour).
+pub fn idle_workflow() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("cards")).unwrap();
+    std::fs::write(
+        dir.path().join("cards/idle.yaml"),
+        "name: idle\ntimeout: 1h\nruntime: {kind: handler}\n",
+    )
+    .unwrap();
+    let rules = "rules:\n  - { id: start, when: { kind: SUBMITTED }, then: { route: [idle] } }\n  - { id: done, when: { source: idle }, then: complete }\n";
+    std::fs::write(dir.path().join("rules.yaml"), rules).unwrap();
+    dir
+}
+
 /// librdkafka's in-process mock cluster (the only transactional broker here, see
 /// tests/transactions.rs) with `workflow`'s topics under `prefix`, 3 partitions each.
 pub fn mock_cluster_with(
