@@ -147,6 +147,9 @@ pub struct RouterMetrics {
     pub commit_latency: Histogram,
     /// Time to restore one partition from the state topic.
     pub restore_seconds: Histogram,
+    /// Task partitions restored from the state topic (a partition kept across a rebalance is
+    /// not restored again).
+    pub partitions_restored: IntCounter,
     /// Work items sent again after a restore.
     pub reemitted: IntCounterVec,
     /// Holes in a tasks partition accepted after fetching them again did not fill them.
@@ -229,6 +232,14 @@ impl RouterMetrics {
                 "switchyard_restore_seconds",
                 "Time to restore one partition",
             )?,
+            partitions_restored: {
+                let c = IntCounter::new(
+                    "switchyard_partitions_restored_total",
+                    "Task partitions restored from the state topic",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
             reemitted: counter(
                 &r,
                 "switchyard_reemitted_work_items_total",

@@ -417,6 +417,13 @@ impl Router {
         set_default(&mut config, "auto.offset.reset", "earliest");
         set_default(&mut config, "isolation.level", "read_committed");
         set_default(&mut config, "heartbeat.interval.ms", "1000");
+        // Incremental rebalancing: a partition that stays with this instance is neither revoked
+        // nor restored again.
+        set_default(
+            &mut config,
+            "partition.assignment.strategy",
+            "cooperative-sticky",
+        );
         if self.config.static_membership {
             config.set("group.instance.id", &self.config.instance_id);
         }
@@ -897,6 +904,7 @@ impl Router {
         self.seek(consumer, &parts)?;
         let seconds = started.elapsed().as_secs_f64();
         self.metrics.restore_seconds.observe(seconds);
+        self.metrics.partitions_restored.inc_by(parts.len() as u64);
         tracing::info!(owned = ?self.owned(), resent, seconds, "partitions taken over and restored");
         Ok(())
     }
