@@ -2,10 +2,14 @@
 //! (a) a bare rdkafka consume→produce passthrough over the same records, the baseline, and
 //! (b) the router deciding with the example rule table (state event + work items per event).
 //! Both rates are measured from the first record handled to the last one acknowledged; the
-//! router's start-up is printed apart. Prints events/s for both and their ratio. Run with
-//! `scripts/bench-routing`.
+//! router's start-up is printed apart. Each run starts from a fresh broker (a long-lived nisshi
+//! slows down as topics accumulate); the two alternate, twice each; prints events/s, the ratios
+//! and their means. Then (c) the latency from a task event's send to the arrival of its first
+//! work item at a consumer, both on this process's clock, at half the router's measured rate:
+//! p50, p99, max. Run with `scripts/bench-routing`.
 //!
-//! `BENCH_MODE=effectively-once` (default) runs against the broker on 127.0.0.1:9092;
+//! `BENCH_MODE=effectively-once` (default) starts a fresh nisshi for each run on `BENCH_PORT`
+//! (default 19092) through `scripts/start-broker`, or uses `SWITCHYARD_TEST_BOOTSTRAP` when set;
 //! `BENCH_MODE=exactly-once` runs both against librdkafka's in-process mock cluster (the only
 //! transactional broker here), with the router committing a transaction per batch.
 
@@ -60,7 +64,7 @@ async fn prepare(
             (e.task_id.clone(), serde_json::to_vec(&e).unwrap())
         })
         .collect();
-    let size = payloads[0].1.len();
+    let size = payloads.first().map_or(0, |p| p.1.len());
     for chunk in payloads.chunks(5_000) {
         let sends = chunk.iter().map(|(k, p)| {
             producer.send(
@@ -81,7 +85,14 @@ async fn passthrough(kafka: &KafkaConfig, events: usize) -> f64 {
         .set("group.id", format!("{}.passthrough", kafka.topic_prefix))
         .set("auto.offset.reset", "earliest");
     let consumer: StreamConsumer = client.create().unwrap();
-    consumer.subscribe(&[&kafka.topics().tasks()]).unwrap();
+    // Every partition from its start, without a group join in the middle of the run.
+    let tasks = kafka.topics().tasks();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..kafka.partition_count(&tasks).unwrap() {
+        tpl.add_partition_offset(&tasks, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
     let producer = kafka.producer().unwrap();
     let out = kafka.topics().dlq();
     let mut started = None;
@@ -145,6 +156,130 @@ async fn route(
     (startup, rate)
 }
 
+/// A fresh broker for the next run: `scripts/start-broker` on `BENCH_PORT` (default 19092) with
+/// its own `SWITCHYARD_HOME`, the previous one stopped. `None` when `SWITCHYARD_TEST_BOOTSTRAP`
+/// names a broker of the caller's (then every run shares it).
+struct Fresh {
+    home: tempfile::TempDir,
+    port: String,
+}
+
+impl Fresh {
+    fn new() -> Option<Self> {
+        if std::env::var("SWITCHYARD_TEST_BOOTSTRAP").is_ok() {
+            return None;
+        }
+        let port = std::env::var("BENCH_PORT").unwrap_or_else(|_| "19092".into());
+        Some(Self {
+            home: tempfile::tempdir().unwrap(),
+            port,
+        })
+    }
+
+    fn script(&self, name: &str) {
+        let status = std::process::Command::new(format!("scripts/{name}"))
+            .env("SWITCHYARD_HOME", self.home.path())
+            .env("SWITCHYARD_BROKER_PORT", &self.port)
+            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "scripts/{name} failed");
+    }
+
+    /// Stops the previous broker and starts a new one; returns its address.
+    fn restart(&self) -> String {
+        self.script("stop-broker");
+        self.script("start-broker");
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        self.script("stop-broker");
+    }
+}
+
+/// Latency from a task event's send (this process's clock) to the arrival of its first work item
+/// at a consumer (the same clock), with `rate` events/s for `seconds`: (p50, p99, max) in ms.
+async fn latency(
+    kafka: &KafkaConfig,
+    workflow: &Workflow,
+    rate: f64,
+    seconds: f64,
+) -> (f64, f64, f64) {
+    prepare(kafka, workflow, 0, None).await;
+    let metrics = RouterMetrics::new().unwrap();
+    let router = Router::new(
+        RouterConfig::new(kafka.clone()),
+        workflow.engine(),
+        metrics.clone(),
+    )
+    .await
+    .unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let handle = tokio::spawn(router.run(rx));
+    while metrics.restore_seconds.get_sample_count() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let inbox = format!("{}.agent.sentiment_analyzer", kafka.topic_prefix);
+    let mut client = kafka.client_config();
+    client
+        .set("group.id", format!("{}.latency", kafka.topic_prefix))
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "5");
+    let consumer: StreamConsumer = client.create().unwrap();
+    consumer.subscribe(&[&inbox]).unwrap();
+    let count = (rate * seconds) as usize;
+    let producer = kafka.producer().unwrap();
+    let topic = kafka.topics().tasks();
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let started = Instant::now();
+    let sender = {
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            let mut pending = Vec::new();
+            for i in 0..count {
+                let due = started + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                let mut e = TaskEvent::new(format!("lat-{i}"), EventKind::Submitted, "bench");
+                e.payload = serde_json::json!({ "customer_message": "where is my order? it should have arrived by now" });
+                let bytes = serde_json::to_vec(&e).unwrap();
+                sent.lock()
+                    .unwrap()
+                    .insert(e.task_id.clone(), Instant::now());
+                let producer = producer.clone();
+                let topic = topic.clone();
+                pending.push(tokio::spawn(async move {
+                    let record = FutureRecord::to(&topic).key(&e.task_id).payload(&bytes);
+                    producer
+                        .send(record, Duration::from_secs(30))
+                        .await
+                        .map_err(|(e, _)| e)
+                        .unwrap();
+                }));
+            }
+            join_all(pending).await;
+        })
+    };
+    let mut latencies = Vec::with_capacity(count);
+    while latencies.len() < count {
+        let m = consumer.recv().await.unwrap();
+        let arrived = Instant::now();
+        let key = String::from_utf8_lossy(m.key().unwrap_or_default()).to_string();
+        if let Some(t0) = sent.lock().unwrap().remove(&key) {
+            latencies.push(arrived.duration_since(t0).as_secs_f64() * 1000.0);
+        }
+    }
+    sender.await.unwrap();
+    let _ = stop.send(true);
+    handle.await.unwrap().unwrap();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    (at(0.5), at(0.99), at(1.0))
+}
+
 #[tokio::main]
 async fn main() {
     let events: usize = std::env::var("BENCH_EVENTS")
@@ -157,38 +292,73 @@ async fn main() {
         .unwrap();
     let workflow = Workflow::load(Path::new("agents/customer-service"), None).unwrap();
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-    let mock = (mode == ConsistencyMode::ExactlyOnce).then(|| MockCluster::new(1).unwrap());
-    let bootstrap = match &mock {
-        Some(cluster) => cluster.bootstrap_servers(),
-        None => {
-            std::env::var("SWITCHYARD_TEST_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
+    let fresh = (mode == ConsistencyMode::EffectivelyOnce)
+        .then(Fresh::new)
+        .flatten();
+    let shared =
+        std::env::var("SWITCHYARD_TEST_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let broker = |round: &str| -> (String, Option<MockCluster<'static, DefaultProducerContext>>) {
+        if mode == ConsistencyMode::ExactlyOnce {
+            let cluster = MockCluster::new(1).unwrap();
+            return (cluster.bootstrap_servers(), Some(cluster));
+        }
+        let bootstrap = fresh
+            .as_ref()
+            .map_or_else(|| shared.clone(), Fresh::restart);
+        let probe = config(&bootstrap, &format!("bench-probe-{run}-{round}"));
+        probe
+            .wait_for_broker(Duration::from_secs(20))
+            .expect("start the broker with scripts/start-broker");
+        (bootstrap, None)
+    };
+    let where_ = match (mode, &fresh) {
+        (ConsistencyMode::ExactlyOnce, _) => "a fresh librdkafka mock cluster per run".to_string(),
+        (_, Some(f)) => format!("a fresh nisshi per run on 127.0.0.1:{}", f.port),
+        (_, None) => {
+            format!("the broker at {shared} (SWITCHYARD_TEST_BOOTSTRAP), shared by every run")
         }
     };
-    let base = config(&bootstrap, &format!("bench-pass-{run}"));
-    let routed = config(&bootstrap, &format!("bench-route-{run}"));
-    base.wait_for_broker(Duration::from_secs(10))
-        .expect("start the broker with scripts/start-broker");
-    let size = prepare(&base, &workflow, events, mock.as_ref()).await;
-    prepare(&routed, &workflow, events, mock.as_ref()).await;
-    let broker = if mock.is_some() {
-        "librdkafka mock cluster"
-    } else {
-        "local broker"
-    };
-    println!(
-        "{events} SUBMITTED events of {size} bytes, {} partitions, {broker} at {}, mode {mode}",
-        base.partition_count(&base.topics().tasks()).unwrap(),
-        base.bootstrap_servers
-    );
-    let pass = passthrough(&base, events).await;
-    println!("(a) bare consume→produce passthrough: {pass:>10.0} events/s");
-    let (startup, rules) = route(&routed, &workflow, events, mode).await;
+    println!("{events} SUBMITTED events per run, mode {mode}, {where_}");
+    let (mut passes, mut routes) = (Vec::new(), Vec::new());
+    for round in 1..=2 {
+        let (bootstrap, mock) = broker(&format!("p{round}"));
+        let base = config(&bootstrap, &format!("bench-pass-{run}-{round}"));
+        let size = prepare(&base, &workflow, events, mock.as_ref()).await;
+        let pass = passthrough(&base, events).await;
+        drop(mock);
+        let (bootstrap, mock) = broker(&format!("r{round}"));
+        let routed = config(&bootstrap, &format!("bench-route-{run}-{round}"));
+        prepare(&routed, &workflow, events, mock.as_ref()).await;
+        let (startup, rate) = route(&routed, &workflow, events, mode).await;
+        drop(mock);
+        println!(
+            "round {round}: (a) passthrough {pass:>8.0} events/s   (b) router {rate:>8.0} events/s   ratio {:.2}   ({size}-byte events; router start-up {startup:.2}s)",
+            rate / pass
+        );
+        passes.push(pass);
+        routes.push(rate);
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (pass, rate) = (mean(&passes), mean(&routes));
     let interval = if mode == ConsistencyMode::ExactlyOnce {
         ", a transaction per batch, commit interval 100ms"
     } else {
         ""
     };
-    println!("(b) router, rule decisions (state event + 2 work items each, {mode}{interval}): {rules:>10.0} events/s");
-    println!("    router start-up (group join, restore of 3 partitions) before the first decision: {startup:.2}s");
-    println!("ratio router / passthrough: {:.2}", rules / pass);
+    println!("(a) bare consume→produce passthrough: {pass:>10.0} events/s (mean of 2)");
+    println!("(b) router, rule decisions (state event + 2 work items each, {mode}{interval}): {rate:>10.0} events/s (mean of 2)");
+    println!("ratio router / passthrough: {:.2}", rate / pass);
+    if mode == ConsistencyMode::EffectivelyOnce {
+        let seconds: f64 = std::env::var("BENCH_LATENCY_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10.0);
+        let (bootstrap, _) = broker("latency");
+        let kafka = config(&bootstrap, &format!("bench-latency-{run}"));
+        let half = rate / 2.0;
+        let (p50, p99, max) = latency(&kafka, &workflow, half, seconds).await;
+        println!(
+            "latency at half the router's rate ({half:.0} events/s for {seconds}s), event sent → first work item received, this process's clock: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms"
+        );
+    }
 }
