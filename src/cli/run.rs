@@ -1,0 +1,141 @@
+//! `switchyard router` and `switchyard agent`: the long-running services.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use super::{shutdown_signal, Global, WorkflowArgs};
+use crate::agent::{self, AgentConfig, CommandHandler};
+use crate::cards::{Card, Runtime};
+use crate::kafka::KafkaConfig;
+use crate::llm::{LlmClient, LlmConfig, LlmHandler};
+use crate::metrics::{AgentMetrics, RouterMetrics};
+use crate::router::{ConsistencyMode, Router, RouterConfig};
+use crate::workflow::Workflow;
+
+/// The flags every Kafka service shares (router and agent).
+#[derive(Debug, Args)]
+struct ServiceArgs {
+    /// This instance's id (default: random). Give each instance a stable one (e.g. the pod
+    /// name of a StatefulSet): a restarted router then takes its partitions back at once
+    /// (static group membership) instead of after the session timeout. With exactly-once it
+    /// names the transactional id.
+    #[arg(long, env = "SWITCHYARD_INSTANCE_ID")]
+    instance_id: Option<String>,
+    /// Consumer session timeout: how soon a crashed instance's partitions move to another.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    session_timeout: Duration,
+    /// The processing guarantee: `exactly-once` (Kafka transactions: a router's batch, an
+    /// agent's result and its offset, in one transaction) or `effectively-once`.
+    #[arg(
+        long,
+        env = "SWITCHYARD_CONSISTENCY",
+        default_value = "effectively-once"
+    )]
+    consistency: ConsistencyMode,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct RouterArgs {
+    #[command(flatten)]
+    workflow: WorkflowArgs,
+    #[command(flatten)]
+    service: ServiceArgs,
+    /// Serve /metrics, /health and /ready here.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    http_addr: SocketAddr,
+    /// Most events decided per batch.
+    #[arg(long, default_value_t = 500)]
+    max_batch: usize,
+    /// Exactly-once: how long a batch gathers events before its transaction commits.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    commit_interval: Duration,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct AgentArgs {
+    /// The card file.
+    #[arg(long)]
+    card: PathBuf,
+    #[command(flatten)]
+    service: ServiceArgs,
+    /// Serve /metrics, /health and /ready here.
+    #[arg(long)]
+    http_addr: Option<SocketAddr>,
+}
+
+pub(super) async fn run_router(
+    kafka: KafkaConfig,
+    llm: Option<LlmConfig>,
+    global: &Global,
+    args: RouterArgs,
+) -> Result<()> {
+    let workflow = Workflow::load(&args.workflow.workflow, args.workflow.rules.as_deref())?;
+    kafka.wait_for_broker(Duration::from_secs(30))?;
+    let mut config = RouterConfig::new(kafka);
+    if let Some(id) = args.service.instance_id {
+        config.instance_id = id;
+        config.static_membership = true;
+    }
+    config.http_addr = Some(args.http_addr);
+    config.max_batch = args.max_batch;
+    config.session_timeout = args.service.session_timeout;
+    config.consistency = args.service.consistency;
+    config.commit_interval = args.commit_interval;
+    config.encoding = global.encoding;
+    config.registry_url = global.registry_url.clone();
+    config.llm = llm;
+    let router = Router::new(config, workflow.engine(), RouterMetrics::new()?).await?;
+    router.run(shutdown_signal()?).await?;
+    Ok(())
+}
+
+pub(super) async fn run_agent(
+    kafka: KafkaConfig,
+    llm: Option<LlmConfig>,
+    global: &Global,
+    args: AgentArgs,
+) -> Result<()> {
+    let card = Card::load(&args.card)?;
+    let dir = args
+        .card
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let metrics = AgentMetrics::new()?;
+    let llm = match &card.runtime {
+        Runtime::Llm { .. } => {
+            let config = llm.with_context(|| {
+                format!(
+                    "{}: runtime `llm` needs an endpoint (`llm:` in the config file, or --llm-url)",
+                    args.card.display()
+                )
+            })?;
+            let llm_metrics = crate::metrics::LlmMetrics::new(&metrics.registry)?;
+            let client = LlmClient::new(config, llm_metrics).map_err(anyhow::Error::msg)?;
+            Some(LlmHandler::new(&card, Arc::new(client))?)
+        }
+        _ => None,
+    };
+    kafka.wait_for_broker(Duration::from_secs(30))?;
+    let mut config = AgentConfig::new(kafka, card);
+    config.http_addr = args.http_addr;
+    config.session_timeout = args.service.session_timeout;
+    config.consistency = args.service.consistency;
+    config.encoding = global.encoding;
+    config.registry_url = global.registry_url.clone();
+    if let Some(id) = args.service.instance_id {
+        config.instance_id = id;
+    }
+    match llm {
+        Some(handler) => agent::run(config, Arc::new(handler), metrics, shutdown_signal()?).await?,
+        None => {
+            let handler = CommandHandler::new(&config.card, dir)?;
+            agent::run(config, Arc::new(handler), metrics, shutdown_signal()?).await?
+        }
+    }
+    Ok(())
+}
