@@ -463,8 +463,7 @@ impl Router {
                     while let Ok(event) = rebalances.try_recv() {
                         self.rebalance(event, &consumer).await?;
                     }
-                    let decoded = self.decode(&batch).await;
-                    let batch = self.decide(batch, decoded).await?;
+                    let batch = self.decide(batch).await?;
                     self.commit(batch, &consumer).await?;
                 }
             }
@@ -1264,32 +1263,24 @@ impl Router {
         Ok(out)
     }
 
-    /// Decodes every event of a batch (Avro may ask the registry for a schema); a record over
-    /// `max_event_bytes` is not decoded at all.
-    async fn decode(&self, batch: &[OwnedMessage]) -> Vec<Result<TaskEvent, DecodeError>> {
-        let mut out = Vec::with_capacity(batch.len());
-        for message in batch {
-            let value = message.payload().unwrap_or_default();
-            out.push(match self.engine.too_large(value.len()) {
-                Some(too_large) => Err(too_large),
-                None => self.codec.decode_task_event(value).await,
-            });
+    /// Decodes a record that will be decided (Avro may ask the registry for a schema); a record
+    /// over `max_event_bytes` is not decoded at all, nor is one the batch skips.
+    async fn decode(&self, message: &OwnedMessage) -> Result<TaskEvent, DecodeError> {
+        let value = message.payload().unwrap_or_default();
+        match self.engine.too_large(value.len()) {
+            Some(too_large) => Err(too_large),
+            None => self.codec.decode_task_event(value).await,
         }
-        out
     }
 
     /// Decides a batch against the partitions' state; returns what to write.
-    async fn decide(
-        &mut self,
-        batch: Vec<OwnedMessage>,
-        decoded: Vec<Result<TaskEvent, DecodeError>>,
-    ) -> Result<Batch> {
+    async fn decide(&mut self, batch: Vec<OwnedMessage>) -> Result<Batch> {
         let tasks_topic = self.topics.tasks();
         let guard_gaps = self.config.consistency.refetches_holes();
         let mut out = Decided::default();
         let mut decided = 0u64;
         let mut refetch = Vec::new();
-        for (message, decoded) in batch.iter().zip(decoded) {
+        for message in &batch {
             let p = message.partition();
             let Some(partition) = self.partitions.get_mut(&p) else {
                 continue;
@@ -1326,6 +1317,7 @@ impl Router {
             }
             self.gaps.remove(&p);
             decided += 1;
+            let decoded = self.decode(message).await;
             let raw = Raw::new(message.payload(), kafka::header(message, SIGNATURE_HEADER));
             let at = Position {
                 topic: &tasks_topic,
