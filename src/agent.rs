@@ -36,9 +36,6 @@ pub enum Error {
     /// Kafka failed.
     #[error(transparent)]
     Kafka(#[from] kafka::Error),
-    /// A client call failed.
-    #[error("kafka: {0}")]
-    Client(#[from] rdkafka::error::KafkaError),
     /// The card cannot be run by `switchyard agent`.
     #[error("card `{card}` has runtime `{runtime}`, which {why}")]
     NotRunnable {
@@ -69,6 +66,13 @@ pub enum Error {
     /// Exactly-once: a result's transaction was aborted; a restart re-delivers the work item.
     #[error("the transaction publishing a result was aborted ({0}); restart to receive the work item again")]
     Aborted(rdkafka::error::KafkaError),
+}
+
+/// A client error is a Kafka error ([`kafka::Error::Kafka`]), the one Kafka variant.
+impl From<rdkafka::error::KafkaError> for Error {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        Error::Kafka(e.into())
+    }
 }
 
 /// Result type of this module.

@@ -165,9 +165,6 @@ pub enum Error {
     /// Kafka failed.
     #[error(transparent)]
     Kafka(#[from] kafka::Error),
-    /// A write failed.
-    #[error("kafka: {0}")]
-    Client(#[from] rdkafka::error::KafkaError),
     /// No dead letter at that position.
     #[error("no dead letter at {topic}[{partition}]@{offset}")]
     NotFound {
@@ -178,6 +175,13 @@ pub enum Error {
         /// Offset.
         offset: i64,
     },
+}
+
+/// A client error is a Kafka error ([`kafka::Error::Kafka`]), the one Kafka variant.
+impl From<rdkafka::error::KafkaError> for Error {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        Error::Kafka(e.into())
+    }
 }
 
 /// Result type of this module.

@@ -26,9 +26,6 @@ pub enum Error {
     /// Kafka failed.
     #[error(transparent)]
     Kafka(#[from] kafka::Error),
-    /// A client call failed.
-    #[error("kafka: {0}")]
-    Client(#[from] rdkafka::error::KafkaError),
     /// A record of the schemas topic is not a registry change.
     #[error("`{topic}` offset {offset} is not a registry record: {message}")]
     Corrupt {
@@ -47,6 +44,13 @@ pub enum Error {
         /// The I/O error.
         source: std::io::Error,
     },
+}
+
+/// A client error is a Kafka error ([`kafka::Error::Kafka`]), the one Kafka variant.
+impl From<rdkafka::error::KafkaError> for Error {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        Error::Kafka(e.into())
+    }
 }
 
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
@@ -302,10 +306,9 @@ pub async fn serve(
         for result in admin.create_topics(&[new], &AdminOptions::new()).await? {
             if let Err((name, code)) = result {
                 if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
-                    return Err(Error::Client(rdkafka::error::KafkaError::AdminOp(code)))
-                        .inspect_err(
-                            |_| tracing::error!(%name, "cannot create the schemas topic"),
-                        );
+                    return Err(rdkafka::error::KafkaError::AdminOp(code).into()).inspect_err(
+                        |_| tracing::error!(%name, "cannot create the schemas topic"),
+                    );
                 }
             }
         }

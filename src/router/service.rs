@@ -54,9 +54,6 @@ pub enum Error {
     /// Kafka failed.
     #[error(transparent)]
     Kafka(#[from] kafka::Error),
-    /// A client call failed.
-    #[error("kafka: {0}")]
-    Client(#[from] rdkafka::error::KafkaError),
     /// Writing a batch failed; a restart restores from the log.
     #[error(transparent)]
     Write(#[from] commit::Error),
@@ -106,6 +103,13 @@ pub enum Error {
         /// The broker's answer.
         source: KafkaError,
     },
+}
+
+/// A client error is a Kafka error ([`kafka::Error::Kafka`]), the one Kafka variant.
+impl From<rdkafka::error::KafkaError> for Error {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        Error::Kafka(e.into())
+    }
 }
 
 impl Error {
@@ -823,7 +827,7 @@ impl Router {
             .collect();
         let epochs = match self.writer.write(vec![records], None).await? {
             Written::Committed(epochs) => epochs,
-            Written::Aborted(e) => return Err(Error::Client(e)),
+            Written::Aborted(e) => return Err(e.into()),
             Written::Refused(refused) => {
                 let (_, record, source) = refused.into_iter().next().expect("one at least");
                 return Err(Error::state_refused(&record, source));
