@@ -1,12 +1,14 @@
 //! `switchyard dev`: the whole stack locally (broker, registry, topics, router, agents) with
 //! sample tasks.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use serde::Deserialize;
 
 use super::task::publish;
 use super::{Global, WorkflowArgs};
@@ -26,9 +28,10 @@ pub(super) struct DevArgs {
     /// Topic spec file.
     #[arg(long, default_value = "topics/switchyard.yaml")]
     spec: PathBuf,
-    /// Customer messages to submit as sample tasks (default: one happy, one angry).
-    #[arg(long = "message")]
-    messages: Vec<String>,
+    /// A payload (JSON) to submit as a sample task, instead of the tasks of
+    /// `<workflow>/samples.yaml` (repeatable).
+    #[arg(long = "payload", value_name = "JSON")]
+    payloads: Vec<String>,
     /// Keep the router and agents running after the samples finish (Ctrl-C stops).
     #[arg(long)]
     keep_running: bool,
@@ -83,10 +86,61 @@ fn scripts_dir() -> PathBuf {
     }
 }
 
-const SAMPLES: [&str; 2] = [
-    "Hi! My order arrived yesterday. How do I change the delivery address for the next one?",
-    "This is the third time my refund has failed. I am furious and I want to cancel everything.",
-];
+/// `<workflow>/samples.yaml`: what `dev` submits as sample tasks, and how it answers as a human.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Samples {
+    /// The sample tasks, submitted in order.
+    tasks: Vec<Sample>,
+    /// The payload of the `HUMAN_DECISION` that answers a step escalated to a human card.
+    #[serde(default)]
+    human_reply: serde_json::Value,
+}
+
+/// One sample task.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sample {
+    /// Its payload.
+    payload: serde_json::Value,
+    /// Its labels.
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+impl Samples {
+    /// The samples of `workflow`, or `payloads` (JSON) given on the command line instead.
+    fn load(workflow: &Workflow, payloads: &[String]) -> Result<Self> {
+        let path = workflow.dir.join("samples.yaml");
+        let mut samples = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                serde_yaml_ng::from_str(&text).with_context(|| path.display().to_string())?
+            }
+            Err(_) if !payloads.is_empty() => Samples {
+                tasks: Vec::new(),
+                human_reply: serde_json::json!({}),
+            },
+            Err(e) => bail!(
+                "{}: {e}; write sample tasks there or give --payload",
+                path.display()
+            ),
+        };
+        if !payloads.is_empty() {
+            samples.tasks = payloads
+                .iter()
+                .map(|p| {
+                    let payload = serde_json::from_str(p)
+                        .with_context(|| format!("--payload {p}: not JSON"))?;
+                    Ok(Sample {
+                        payload,
+                        labels: BTreeMap::new(),
+                    })
+                })
+                .collect::<Result<_>>()?;
+        }
+        Ok(samples)
+    }
+}
 
 pub(super) async fn dev(
     global: &Global,
@@ -95,6 +149,7 @@ pub(super) async fn dev(
     args: DevArgs,
 ) -> Result<()> {
     let workflow = Workflow::load(&args.workflow.workflow, args.workflow.rules.as_deref())?;
+    let samples = Samples::load(&workflow, &args.payloads)?;
     println!(
         "workflow {}: {} cards, {} rules",
         workflow.dir.display(),
@@ -184,20 +239,7 @@ pub(super) async fn dev(
         runnable.len(),
         logs.display()
     );
-    let samples = workflow.dir.join("samples.txt");
-    let messages: Vec<String> = if !args.messages.is_empty() {
-        args.messages
-    } else if samples.exists() {
-        std::fs::read_to_string(&samples)
-            .with_context(|| samples.display().to_string())?
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_string)
-            .collect()
-    } else {
-        SAMPLES.iter().map(|s| s.to_string()).collect()
-    };
-    let result = run_samples(&kafka, &global.codec(), &workflow, &messages).await;
+    let result = run_samples(&kafka, &global.codec(), &workflow, &samples).await;
     if args.keep_running && result.is_ok() {
         println!("running; Ctrl-C stops");
         let _ = tokio::signal::ctrl_c().await;
@@ -297,14 +339,15 @@ async fn run_samples(
     kafka: &KafkaConfig,
     codec: &Codec,
     workflow: &Workflow,
-    messages: &[String],
+    samples: &Samples,
 ) -> Result<()> {
-    for message in messages {
+    for sample in &samples.tasks {
         let task_id = format!("dev-{}", uuid::Uuid::new_v4().simple());
         let mut event = TaskEvent::new(&task_id, EventKind::Submitted, "client");
-        event.payload = serde_json::json!({ "customer_message": message });
+        event.payload = sample.payload.clone();
+        event.labels = sample.labels.clone();
         publish(kafka, codec, &event).await?;
-        println!("\ntask {task_id}: \"{message}\"");
+        println!("\ntask {task_id}: {}", sample.payload);
         let mut escalated = None;
         let start = std::cell::Cell::new(None);
         let print = |record: &crate::envelope::StateEvent| {
@@ -337,7 +380,7 @@ async fn run_samples(
         println!("  (dev answers as the human `{human}`: switchyard submit --kind HUMAN_DECISION --task-id {task_id} --step-id {})", step.step_id);
         let mut decision = TaskEvent::new(&task_id, EventKind::HumanDecision, "dev-human");
         decision.step_id = Some(step.step_id);
-        decision.payload = serde_json::json!({ "reply": "A supervisor will call you today and your refund is approved." });
+        decision.payload = samples.human_reply.clone();
         publish(kafka, codec, &decision).await?;
         let mut seen_escalation = false;
         follow(kafka, &task_id, Duration::from_secs(60), |record| {
