@@ -266,6 +266,10 @@ pub fn high_watermark_sum(client: &BaseConsumer, topic: &str, partitions: i32) -
     Ok(sum)
 }
 
+/// The default consumer session timeout of the router and the agents: how soon a crashed
+/// instance's partitions move to another.
+pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Sets `key` unless the user set it through the pass-through options.
 pub fn set_default(config: &mut ClientConfig, key: &str, value: &str) {
     if config.get(key).is_none() {

@@ -12,8 +12,10 @@ use super::{shutdown_signal, Global, WorkflowArgs};
 use crate::agent::{self, AgentConfig, CommandHandler};
 use crate::cards::{Card, Runtime};
 use crate::kafka::KafkaConfig;
+use crate::kafka::DEFAULT_SESSION_TIMEOUT;
 use crate::llm::{LlmClient, LlmConfig, LlmHandler};
 use crate::metrics::{AgentMetrics, RouterMetrics};
+use crate::router::service::{DEFAULT_COMMIT_INTERVAL, DEFAULT_MAX_BATCH};
 use crate::router::{ConsistencyMode, Router, RouterConfig};
 use crate::workflow::Workflow;
 
@@ -27,15 +29,11 @@ struct ServiceArgs {
     #[arg(long, env = "SWITCHYARD_INSTANCE_ID")]
     instance_id: Option<String>,
     /// Consumer session timeout: how soon a crashed instance's partitions move to another.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    session_timeout: Duration,
+    #[arg(long, default_value_t = DEFAULT_SESSION_TIMEOUT.into())]
+    session_timeout: humantime::Duration,
     /// The processing guarantee: `exactly-once` (Kafka transactions: a router's batch, an
     /// agent's result and its offset, in one transaction) or `effectively-once`.
-    #[arg(
-        long,
-        env = "SWITCHYARD_CONSISTENCY",
-        default_value = "effectively-once"
-    )]
+    #[arg(long, env = "SWITCHYARD_CONSISTENCY", default_value_t)]
     consistency: ConsistencyMode,
 }
 
@@ -49,11 +47,11 @@ pub(super) struct RouterArgs {
     #[arg(long, default_value = "127.0.0.1:9464")]
     http_addr: SocketAddr,
     /// Most events decided per batch.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = DEFAULT_MAX_BATCH)]
     max_batch: usize,
     /// Exactly-once: how long a batch gathers events before its transaction commits.
-    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
-    commit_interval: Duration,
+    #[arg(long, default_value_t = DEFAULT_COMMIT_INTERVAL.into())]
+    commit_interval: humantime::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -83,9 +81,9 @@ pub(super) async fn run_router(
     }
     config.http_addr = Some(args.http_addr);
     config.max_batch = args.max_batch;
-    config.session_timeout = args.service.session_timeout;
+    config.session_timeout = args.service.session_timeout.into();
     config.consistency = args.service.consistency;
-    config.commit_interval = args.commit_interval;
+    config.commit_interval = args.commit_interval.into();
     config.encoding = global.encoding;
     config.registry_url = global.registry_url.clone();
     config.llm = llm;
@@ -123,7 +121,7 @@ pub(super) async fn run_agent(
     kafka.wait_for_broker(Duration::from_secs(30))?;
     let mut config = AgentConfig::new(kafka, card);
     config.http_addr = args.http_addr;
-    config.session_timeout = args.service.session_timeout;
+    config.session_timeout = args.service.session_timeout.into();
     config.consistency = args.service.consistency;
     config.encoding = global.encoding;
     config.registry_url = global.registry_url.clone();

@@ -160,19 +160,26 @@ pub struct RouterConfig {
     pub llm: Option<LlmConfig>,
 }
 
+/// The default of [`RouterConfig::max_batch`].
+pub const DEFAULT_MAX_BATCH: usize = 500;
+
+/// The default of [`RouterConfig::commit_interval`].
+pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
 impl RouterConfig {
-    /// Defaults for `kafka`: a random instance id, the prefix's router group, batches of 500,
-    /// effectively-once, a 100 ms commit interval.
+    /// Defaults for `kafka`: a random instance id, the prefix's router group,
+    /// [`DEFAULT_MAX_BATCH`], effectively-once, [`DEFAULT_COMMIT_INTERVAL`],
+    /// [`crate::kafka::DEFAULT_SESSION_TIMEOUT`].
     pub fn new(kafka: KafkaConfig) -> Self {
         let group_id = kafka.topics().router_group();
         Self {
             kafka,
             instance_id: format!("router-{}", uuid::Uuid::new_v4().simple()),
             group_id,
-            max_batch: 500,
-            commit_interval: Duration::from_millis(100),
-            consistency: ConsistencyMode::EffectivelyOnce,
-            session_timeout: Duration::from_secs(10),
+            max_batch: DEFAULT_MAX_BATCH,
+            commit_interval: DEFAULT_COMMIT_INTERVAL,
+            consistency: ConsistencyMode::default(),
+            session_timeout: crate::kafka::DEFAULT_SESSION_TIMEOUT,
             static_membership: false,
             http_addr: None,
             encoding: Encoding::Json,
