@@ -327,3 +327,76 @@ impl Timeline {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{BreakerChange, Step};
+
+    fn record(decision: Decision, timer: Option<Firing>) -> StateEvent {
+        StateEvent {
+            task_id: "t".into(),
+            seq: 2,
+            epoch: 0,
+            instance: "i".into(),
+            input: None,
+            event: None,
+            answers_step: None,
+            decision,
+            llm: None,
+            dequeued: false,
+            rejected: None,
+            timer,
+            breakers: Vec::new(),
+            at: 1_000,
+        }
+    }
+
+    #[test]
+    fn timers_retries_and_breakers_read_as_people_say_them() {
+        let mut retry = Step::new(1, "billing", 2);
+        retry.delay_ms = Some(4_000);
+        let timed_out = Firing {
+            kind: TimerKind::StepTimeout,
+            due: 1_000,
+            step_id: Some(1),
+            attempt: Some(1),
+            waited_ms: Some(30_000),
+            max_attempts: Some(3),
+        };
+        let line = describe(&record(
+            Decision::RetryScheduled { step: retry },
+            Some(timed_out),
+        ));
+        assert!(
+            line.starts_with("TIMED OUT after 30s (step 1 attempt 1/3)")
+                && line.contains("⇒ RETRY in 4s → billing (step 1 attempt 2)"),
+            "{line}"
+        );
+        let mut fallback = Step::new(2, "human_agent", 1);
+        fallback.instead_of = Some("billing".into());
+        let mut routed = record(
+            Decision::Routed {
+                steps: vec![fallback],
+                decided_by: DecidedBy::Rule {
+                    rule_id: "triage".into(),
+                },
+            },
+            None,
+        );
+        routed.breakers.push(BreakerChange {
+            card: "billing".into(),
+            phase: BreakerPhase::Open,
+            until: Some(61_000),
+            probe: None,
+        });
+        let line = describe(&routed);
+        assert!(
+            line.contains("human_agent (step 2; BREAKER OPEN billing ⇒ fallback)")
+                && line.contains("BREAKER OPEN billing for 1m"),
+            "{line}"
+        );
+        assert_eq!(seconds(1_500), "1.5s");
+        assert_eq!(seconds(90_000), "1m 30s");
+    }
+}
