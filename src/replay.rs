@@ -325,15 +325,8 @@ fn judge(
     (context, problem): (Option<String>, Option<String>),
     (partition, offset): (i32, i64),
 ) -> Option<Divergence> {
-    let kind = record.event.as_ref().map(|e| e.kind);
-    let signal = state.signal(
-        &record.task_id,
-        kind,
-        record.timer.as_ref(),
-        outcome.answers_step,
-        &outcome.decision,
-    );
-    let outcome = engine.breakers(state, &record.task_id, signal, record.at, outcome);
+    let cause = (record.event.as_ref().map(|e| e.kind), record.timer.as_ref());
+    let outcome = engine.breakers(state, &record.task_id, cause, record.at, outcome);
     let problem = problem
         .or_else(|| {
             (outcome.answers_step != record.answers_step).then(|| {

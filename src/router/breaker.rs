@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use super::engine::{Engine, Outcome};
 use crate::cards::{BreakerPolicy, WhenOpen};
-use crate::envelope::{BreakerChange, BreakerPhase, DecidedBy, Decision, Step};
+use crate::envelope::{BreakerChange, BreakerPhase, DecidedBy, Decision, EventKind, Firing, Step};
 use crate::state::{Breaker, PartitionState, Signal};
 
 fn ms(d: std::time::Duration) -> i64 {
@@ -105,18 +105,26 @@ impl View<'_> {
 }
 
 impl Engine {
-    /// `outcome` with the cards' circuit breakers applied at `at` (the record's time): the
-    /// answer or failure it records (`signal`) may open or close its card's breaker, and work it
+    /// `outcome` for `task_id`, following from an event of `kind` or from `timer`, with the
+    /// cards' circuit breakers applied at `at` (the record's time): the answer or failure it
+    /// records (see [`PartitionState::signal`]) may open or close its card's breaker, and work it
     /// sends to a card whose breaker holds work back goes to the card's fallback (with
     /// `instead_of` set) or waits (`delay_ms`). The changes are in `outcome.breakers`.
     pub fn breakers(
         &self,
         state: &PartitionState,
         task_id: &str,
-        signal: Option<Signal>,
+        (kind, timer): (Option<EventKind>, Option<&Firing>),
         at: i64,
         mut outcome: Outcome,
     ) -> Outcome {
+        let signal = state.signal(
+            task_id,
+            kind,
+            timer,
+            outcome.answers_step,
+            &outcome.decision,
+        );
         let mut view = View {
             state,
             changed: BTreeMap::new(),

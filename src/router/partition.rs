@@ -169,17 +169,10 @@ impl Partition<'_> {
         dequeued: bool,
         timer: Option<Firing>,
     ) -> StateEvent {
-        let kind = event.as_ref().map(|e| e.kind);
-        let signal = self.state.signal(
-            task_id,
-            kind,
-            timer.as_ref(),
-            outcome.answers_step,
-            &outcome.decision,
-        );
+        let cause = (event.as_ref().map(|e| e.kind), timer.as_ref());
         let outcome = self
             .engine
-            .breakers(self.state, task_id, signal, self.now, outcome);
+            .breakers(self.state, task_id, cause, self.now, outcome);
         StateEvent {
             task_id: task_id.to_string(),
             seq: self.state.tasks.get(task_id).map_or(1, |t| t.seq + 1),
