@@ -70,10 +70,6 @@ fn record(kafka: &KafkaConfig, i: usize, open: bool) -> StateEvent {
         },
     };
     StateEvent {
-        task_id: id,
-        seq: 1,
-        epoch: 0,
-        instance: "bench".into(),
         input: Some(InputRef {
             event_id: Some(event.event_id.clone()),
             topic: kafka.topics().tasks(),
@@ -83,35 +79,7 @@ fn record(kafka: &KafkaConfig, i: usize, open: bool) -> StateEvent {
             sha256: None,
         }),
         event: Some(event),
-        answers_step: None,
-        decision,
-        llm: None,
-        dequeued: false,
-        rejected: None,
-        timer: None,
-        breakers: Vec::new(),
-        at: now_ms(),
-    }
-}
-
-fn owned() -> StateEvent {
-    StateEvent {
-        task_id: String::new(),
-        seq: 0,
-        epoch: -1,
-        instance: "bench".into(),
-        input: None,
-        event: None,
-        answers_step: None,
-        decision: Decision::Owned {
-            instance: "bench".into(),
-        },
-        llm: None,
-        dequeued: false,
-        rejected: None,
-        timer: None,
-        breakers: Vec::new(),
-        at: now_ms(),
+        ..StateEvent::new(id, 1, (0, "bench"), decision, now_ms())
     }
 }
 
@@ -148,7 +116,7 @@ async fn main() {
         .unwrap();
 
     // The memory an open task takes: the same fold in process, with and without the open tasks.
-    let records: Vec<StateEvent> = std::iter::once(owned())
+    let records: Vec<StateEvent> = std::iter::once(StateEvent::owned("bench", now_ms()))
         .chain((0..finished).map(|i| record(&kafka, i, false)))
         .chain((0..open).map(|i| record(&kafka, finished + i, true)))
         .collect();

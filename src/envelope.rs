@@ -574,6 +574,42 @@ pub struct BreakerChange {
 }
 
 impl StateEvent {
+    /// The record of `decision` about `task_id`, number `seq`, written by `instance` in `epoch`
+    /// at `at`, with no input, event, LLM call, refusal, timer or breaker change.
+    pub fn new(
+        task_id: impl Into<String>,
+        seq: u64,
+        (epoch, instance): (i64, &str),
+        decision: Decision,
+        at: i64,
+    ) -> Self {
+        Self {
+            task_id: task_id.into(),
+            seq,
+            epoch,
+            instance: instance.to_string(),
+            input: None,
+            event: None,
+            answers_step: None,
+            decision,
+            llm: None,
+            dequeued: false,
+            rejected: None,
+            timer: None,
+            breakers: Vec::new(),
+            at,
+        }
+    }
+
+    /// The ownership record of `instance` taking a partition over at `at`: its offset becomes
+    /// the new owner's epoch.
+    pub fn owned(instance: &str, at: i64) -> Self {
+        let decision = Decision::Owned {
+            instance: instance.to_string(),
+        };
+        Self::new("", 0, (-1, instance), decision, at)
+    }
+
     /// Whether this record resolves a pending LLM decision (rather than deciding an input): it
     /// has the call and no input of its own. Its event is the one that asked, already counted.
     pub fn resolves_llm(&self) -> bool {

@@ -84,11 +84,13 @@ async fn a_take_over_re_sends_exactly_the_work_items_that_may_be_missing() {
         let (partition, offset) =
             publish_record(&kafka, event.task_id.as_bytes(), Some(&bytes), &[]).await;
         let (epoch, instance) = owners[&partition].clone();
+        let decision = Decision::Routed {
+            steps: vec![Step::new(1, "idle", 1)],
+            decided_by: DecidedBy::Rule {
+                rule_id: "start".into(),
+            },
+        };
         let record = StateEvent {
-            task_id: event.task_id.clone(),
-            seq: 1,
-            epoch,
-            instance,
             input: Some(InputRef {
                 event_id: Some(event.event_id.clone()),
                 topic: kafka.topics().tasks(),
@@ -98,19 +100,7 @@ async fn a_take_over_re_sends_exactly_the_work_items_that_may_be_missing() {
                 sha256: None,
             }),
             event: Some(event.clone()),
-            answers_step: None,
-            decision: Decision::Routed {
-                steps: vec![Step::new(1, "idle", 1)],
-                decided_by: DecidedBy::Rule {
-                    rule_id: "start".into(),
-                },
-            },
-            llm: None,
-            dequeued: false,
-            rejected: None,
-            timer: None,
-            breakers: Vec::new(),
-            at: now_ms(),
+            ..StateEvent::new(&event.task_id, 1, (epoch, &instance), decision, now_ms())
         };
         let value = serde_json::to_vec(&record).unwrap();
         let out = FutureRecord::to(&state)

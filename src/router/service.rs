@@ -810,24 +810,7 @@ impl Router {
         self.ready.store(false, Ordering::Relaxed);
         let started = Instant::now();
         let instance = &self.config.instance_id;
-        let owned = StateEvent {
-            task_id: String::new(),
-            seq: 0,
-            epoch: -1,
-            instance: instance.clone(),
-            input: None,
-            event: None,
-            answers_step: None,
-            decision: Decision::Owned {
-                instance: instance.clone(),
-            },
-            llm: None,
-            dequeued: false,
-            rejected: None,
-            timer: None,
-            breakers: Vec::new(),
-            at: now_ms(),
-        };
+        let owned = StateEvent::owned(instance, now_ms());
         let records = parts
             .iter()
             .map(|p| Outgoing::json(self.topics.state(), Some(*p), "", &owned))
