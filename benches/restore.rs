@@ -5,9 +5,7 @@
 //! restored (a counting allocator over the same fold in process). Restore is a full fold of the
 //! partition: snapshots are not built yet (issue #9), so there is no "with a snapshot" column.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -16,38 +14,14 @@ use switchyard::envelope::{
     now_ms, DecidedBy, Decision, EventKind, InputRef, StateEvent, Step, TaskEvent,
 };
 use switchyard::kafka::KafkaConfig;
-use switchyard::metrics::RouterMetrics;
-use switchyard::router::{Router, RouterConfig};
 use switchyard::state::PartitionState;
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 
-/// The system allocator, counting the bytes in use.
-struct Counting;
-
-static IN_USE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call is passed on to the system allocator unchanged; only a counter is added.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        IN_USE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        IN_USE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        IN_USE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+#[path = "support/heap.rs"]
+mod heap;
+#[path = "support/router.rs"]
+mod router;
 
 /// The state record of task `i`: a submission completed at once (`open`: routed to a card).
 fn record(kafka: &KafkaConfig, i: usize, open: bool) -> StateEvent {
@@ -121,14 +95,14 @@ async fn main() {
         .chain((0..open).map(|i| record(&kafka, finished + i, true)))
         .collect();
     let heap = |with_open: bool| {
-        let before = IN_USE.load(Ordering::Relaxed);
+        let before = heap::in_use();
         let mut state = PartitionState::default();
         for (offset, r) in records.iter().enumerate() {
             if with_open || !r.task_id.starts_with("open-") {
                 state.restore(r, offset as i64);
             }
         }
-        let held = IN_USE.load(Ordering::Relaxed) - before;
+        let held = heap::in_use() - before;
         drop(state);
         held
     };
@@ -161,20 +135,9 @@ async fn main() {
         written.elapsed().as_secs_f64()
     );
 
-    let metrics = RouterMetrics::new().unwrap();
-    let router = Router::new(
-        RouterConfig::new(kafka.clone()),
-        workflow.engine(),
-        metrics.clone(),
-    )
-    .await
-    .unwrap();
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let handle = tokio::spawn(router.run(rx));
-    while metrics.restore_seconds.get_sample_count() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let seconds = metrics.restore_seconds.get_sample_sum();
+    let router = router::Running::start(&kafka, &workflow).await;
+    router.restored().await;
+    let seconds = router.metrics.restore_seconds.get_sample_sum();
     let read = records.len() + 1;
     println!(
         "restore without a snapshot (a full fold): {seconds:.2}s, {read} records read, {:.0} records/s",
@@ -185,6 +148,5 @@ async fn main() {
         "heap per open task once restored: {per_open} bytes (the 100,000 remembered finished tasks take {:.1} MiB)",
         done_only as f64 / (1 << 20) as f64
     );
-    let _ = stop.send(true);
-    handle.await.unwrap().unwrap();
+    router.stop().await;
 }

@@ -29,6 +29,9 @@ use switchyard::router::{ConsistencyMode, Router, RouterConfig};
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 
+#[path = "support/router.rs"]
+mod router;
+
 fn config(bootstrap: &str, prefix: &str) -> KafkaConfig {
     let bootstrap = bootstrap.to_string();
     KafkaConfig {
@@ -210,19 +213,8 @@ async fn latency(
     seconds: f64,
 ) -> (f64, f64, f64) {
     prepare(kafka, workflow, 0, None).await;
-    let metrics = RouterMetrics::new().unwrap();
-    let router = Router::new(
-        RouterConfig::new(kafka.clone()),
-        workflow.engine(),
-        metrics.clone(),
-    )
-    .await
-    .unwrap();
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let handle = tokio::spawn(router.run(rx));
-    while metrics.restore_seconds.get_sample_count() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let router = router::Running::start(kafka, workflow).await;
+    router.restored().await;
     let inbox = format!("{}.agent.sentiment_analyzer", kafka.topic_prefix);
     let mut client = kafka.client_config();
     client
@@ -273,8 +265,7 @@ async fn latency(
         }
     }
     sender.await.unwrap();
-    let _ = stop.send(true);
-    handle.await.unwrap().unwrap();
+    router.stop().await;
     latencies.sort_by(|a, b| a.total_cmp(b));
     let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
     (at(0.5), at(0.99), at(1.0))

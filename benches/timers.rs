@@ -13,9 +13,7 @@
 //! `BENCH_PENDING` sets the count of (1) (default 100,000), `BENCH_TIMERS` that of (2) (default
 //! 20,000). Start from a fresh broker: a long-lived one slows down as topics accumulate.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -25,38 +23,15 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use switchyard::envelope::{now_ms, EventKind, StateEvent, TaskEvent};
 use switchyard::kafka::{high_watermark_sum, KafkaConfig};
-use switchyard::metrics::RouterMetrics;
-use switchyard::router::{Engine, Partition, Position, Raw, Router, RouterConfig};
+use switchyard::router::{Engine, Partition, Position, Raw};
 use switchyard::state::PartitionState;
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 
-/// The system allocator, counting the bytes in use.
-struct Counting;
-
-static IN_USE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: every call is passed on to the system allocator unchanged; only a counter is added.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        IN_USE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        IN_USE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        IN_USE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+#[path = "support/heap.rs"]
+mod heap;
+#[path = "support/router.rs"]
+mod router;
 
 /// `mute` never answers and times out after 1 s; a timed-out task completes by rule.
 fn workflow(dir: &Path) -> Workflow {
@@ -99,7 +74,7 @@ fn in_process(workflow: &Workflow, pending: usize) -> usize {
             (e, bytes)
         })
         .collect();
-    let before = IN_USE.load(Ordering::Relaxed);
+    let before = heap::in_use();
     let mut state = PartitionState::default();
     for (offset, (event, bytes)) in events.iter().enumerate() {
         let at = Position {
@@ -110,7 +85,7 @@ fn in_process(workflow: &Workflow, pending: usize) -> usize {
         let raw = Raw::new(Some(bytes), None);
         partition(&engine, &mut state, 0).decide(at, raw, Ok(event.clone()));
     }
-    let held = IN_USE.load(Ordering::Relaxed) - before;
+    let held = heap::in_use() - before;
     let timers: usize = state.tasks.values().map(|t| engine.timers(t).len()).sum();
     assert_eq!(timers, pending);
     println!(
@@ -201,23 +176,6 @@ async fn arrivals(
     (now_ms(), seen)
 }
 
-/// Runs a router on `kafka`; returns how to stop it.
-async fn router(
-    kafka: &KafkaConfig,
-    workflow: &Workflow,
-) -> (
-    tokio::sync::watch::Sender<bool>,
-    tokio::task::JoinHandle<()>,
-) {
-    let config = RouterConfig::new(kafka.clone());
-    let router = Router::new(config, workflow.engine(), RouterMetrics::new().unwrap())
-        .await
-        .unwrap();
-    let (stop, rx) = tokio::sync::watch::channel(false);
-    let handle = tokio::spawn(async move { router.run(rx).await.unwrap() });
-    (stop, handle)
-}
-
 /// Timers/s of a router restarted after `timers` step timeouts fell due: from the first firing
 /// (its record's `at`) to the last firing record's arrival at a consumer.
 async fn fire_after_restart(kafka: &KafkaConfig, workflow: &Workflow, timers: usize) -> f64 {
@@ -241,16 +199,15 @@ async fn fire_after_restart(kafka: &KafkaConfig, workflow: &Workflow, timers: us
             sent.map_err(|(e, _)| e).unwrap();
         }
     }
-    let (stop, handle) = router(kafka, workflow).await;
+    let first = router::Running::start(kafka, workflow).await;
     while written(kafka) < timers as i64 + partitions {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let _ = stop.send(true);
-    handle.await.unwrap();
+    first.stop().await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
 
     let consumer = from_end(kafka);
-    let (stop, handle) = router(kafka, workflow).await;
+    let restarted = router::Running::start(kafka, workflow).await;
     let firing =
         |v: &[u8]| serde_json::from_slice::<StateEvent>(v).is_ok_and(|e| e.timer.is_some());
     let (last, records) = arrivals(&consumer, timers, firing).await;
@@ -259,8 +216,7 @@ async fn fire_after_restart(kafka: &KafkaConfig, workflow: &Workflow, timers: us
         .map(|v| serde_json::from_slice::<StateEvent>(v).unwrap().at)
         .min()
         .unwrap();
-    let _ = stop.send(true);
-    handle.await.unwrap();
+    restarted.stop().await;
     timers as f64 * 1000.0 / (last - first).max(1) as f64
 }
 
