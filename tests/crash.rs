@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -84,35 +83,5 @@ async fn sigkilled_router_loses_and_duplicates_no_decision() {
         "each of the {} router runs took over the 3 partitions; saw {owners} ownership records",
         KILLS + 1
     );
-    let mut steps: HashMap<(String, u32), usize> = HashMap::new();
-    let mut completed: HashMap<String, usize> = HashMap::new();
-    for e in &events {
-        match &e.decision {
-            Decision::Routed { steps: new, .. } => {
-                for s in new {
-                    *steps.entry((e.task_id.clone(), s.step_id)).or_default() += 1;
-                }
-            }
-            Decision::Escalated { step, .. } => {
-                *steps.entry((e.task_id.clone(), step.step_id)).or_default() += 1
-            }
-            Decision::Completed { .. } => *completed.entry(e.task_id.clone()).or_default() += 1,
-            _ => {}
-        }
-    }
-    let duplicated: Vec<_> = steps.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(
-        duplicated.is_empty(),
-        "steps decided more than once: {:?}",
-        &duplicated[..duplicated.len().min(10)]
-    );
-    assert_eq!(completed.len(), TASKS, "every task completed");
-    assert!(
-        completed.values().all(|n| *n == 1),
-        "no task completed twice"
-    );
-    let tasks_with_steps: HashSet<&String> = steps.keys().map(|(t, _)| t).collect();
-    assert_eq!(tasks_with_steps.len(), TASKS);
-    // Happy tasks take 6 steps, escalated ones 6 (the human replaces the sender).
-    assert_eq!(steps.len(), TASKS * 6, "no step was lost");
+    assert_each_step_decided_once(&events, TASKS);
 }

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::Child;
 use std::time::Duration;
@@ -84,31 +83,7 @@ async fn routers_killed_in_turn_and_one_added_lose_and_duplicate_nothing() {
     humans.stop().await;
 
     let events = state_events(&kafka);
-    let mut steps: HashMap<(String, u32), usize> = HashMap::new();
-    let mut done: HashMap<String, usize> = HashMap::new();
-    for e in &events {
-        match &e.decision {
-            Decision::Routed { steps: new, .. } => {
-                for s in new {
-                    *steps.entry((e.task_id.clone(), s.step_id)).or_default() += 1;
-                }
-            }
-            Decision::Escalated { step, .. } => {
-                *steps.entry((e.task_id.clone(), step.step_id)).or_default() += 1
-            }
-            Decision::Completed { .. } => *done.entry(e.task_id.clone()).or_default() += 1,
-            _ => {}
-        }
-    }
-    let twice: Vec<_> = steps.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(
-        twice.is_empty(),
-        "steps decided twice: {:?}",
-        &twice[..twice.len().min(10)]
-    );
-    assert_eq!(done.len(), TASKS, "every task completed");
-    assert!(done.values().all(|n| *n == 1), "no task completed twice");
-    assert_eq!(steps.len(), TASKS * 6, "no step was lost");
+    assert_each_step_decided_once(&events, TASKS);
     let owned = events
         .iter()
         .filter(|e| matches!(e.decision, Decision::Owned { .. }))

@@ -16,7 +16,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use switchyard::agent::{self, AgentConfig, Handler, Reply};
 use switchyard::codec::Codec;
-use switchyard::envelope::{EventKind, StateEvent, TaskEvent, WorkItem};
+use switchyard::envelope::{Decision, EventKind, StateEvent, TaskEvent, WorkItem};
 use switchyard::kafka::KafkaConfig;
 use switchyard::metrics::{AgentMetrics, RouterMetrics};
 use switchyard::replay::{replay, Filter, Report};
@@ -541,4 +541,41 @@ pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
         .find(|h| h.key == name)
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Checks the state topic's `events` after `tasks` tasks of the example workflow ran through
+/// crashes: each (task, step) was decided exactly once, every task completed exactly once, and
+/// none lost a step (happy tasks take 6 steps, escalated ones 6: the human replaces the sender).
+pub fn assert_each_step_decided_once(events: &[StateEvent], tasks: usize) {
+    let mut steps: HashMap<(String, u32), usize> = HashMap::new();
+    let mut completed: HashMap<String, usize> = HashMap::new();
+    for e in events {
+        match &e.decision {
+            Decision::Routed { steps: new, .. } => {
+                for s in new {
+                    *steps.entry((e.task_id.clone(), s.step_id)).or_default() += 1;
+                }
+            }
+            Decision::Escalated { step, .. } => {
+                *steps.entry((e.task_id.clone(), step.step_id)).or_default() += 1
+            }
+            Decision::Completed { .. } => *completed.entry(e.task_id.clone()).or_default() += 1,
+            _ => {}
+        }
+    }
+    let duplicated: Vec<_> = steps.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(
+        duplicated.is_empty(),
+        "steps decided more than once: {:?}",
+        &duplicated[..duplicated.len().min(10)]
+    );
+    assert_eq!(completed.len(), tasks, "every task completed");
+    assert!(
+        completed.values().all(|n| *n == 1),
+        "no task completed twice"
+    );
+    let tasks_with_steps: std::collections::HashSet<&String> =
+        steps.keys().map(|(t, _)| t).collect();
+    assert_eq!(tasks_with_steps.len(), tasks);
+    assert_eq!(steps.len(), tasks * 6, "no step was lost");
 }
