@@ -335,20 +335,8 @@ mod tests {
 
     fn record(decision: Decision, timer: Option<Firing>) -> StateEvent {
         StateEvent {
-            task_id: "t".into(),
-            seq: 2,
-            epoch: 0,
-            instance: "i".into(),
-            input: None,
-            event: None,
-            answers_step: None,
-            decision,
-            llm: None,
-            dequeued: false,
-            rejected: None,
             timer,
-            breakers: Vec::new(),
-            at: 1_000,
+            ..StateEvent::new("t", 2, (0, "i"), decision, 1_000)
         }
     }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use switchyard::envelope::{Decision, TaskEvent};
+use switchyard::envelope::Decision;
 use switchyard::kafka::KafkaConfig;
 
 const TASKS: usize = 2_000;
@@ -36,17 +36,7 @@ async fn sigkilled_router_loses_and_duplicates_no_decision() {
         0,
         &["--max-batch", "50"],
     );
-    let submissions: Vec<TaskEvent> = (0..TASKS)
-        .map(|i| {
-            let message = if i % 10 == 0 {
-                "I am furious"
-            } else {
-                "where is my order"
-            };
-            submission(&format!("task-{i}"), message)
-        })
-        .collect();
-    futures::future::join_all(submissions.iter().map(|s| publish(&kafka, s))).await;
+    publish_example_tasks(&kafka, TASKS).await;
     for kill in 1..=KILLS {
         let target = TASKS * kill / (KILLS + 1);
         eventually(

@@ -9,7 +9,7 @@ use std::process::Child;
 use std::time::Duration;
 
 use common::*;
-use switchyard::envelope::{Decision, TaskEvent};
+use switchyard::envelope::Decision;
 use switchyard::kafka::KafkaConfig;
 
 const TASKS: usize = 2_000;
@@ -44,17 +44,7 @@ async fn routers_killed_in_turn_and_one_added_lose_and_duplicate_nothing() {
     let spawn = |n| spawn_router(&kafka, workflow_dir, n, &["--max-batch", "100"]);
     let mut routers: Vec<Child> = (0..3).map(spawn).collect();
 
-    let submissions: Vec<TaskEvent> = (0..TASKS)
-        .map(|i| {
-            let message = if i % 10 == 0 {
-                "I am furious"
-            } else {
-                "where is my order"
-            };
-            submission(&format!("task-{i}"), message)
-        })
-        .collect();
-    futures::future::join_all(submissions.iter().map(|s| publish(&kafka, s))).await;
+    publish_example_tasks(&kafka, TASKS).await;
     let mut next = 3;
     for turn in 0..3 {
         let target = TASKS * (turn + 1) / 5;

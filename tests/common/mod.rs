@@ -543,6 +543,22 @@ pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
+/// Publishes `tasks` submissions `task-0`, `task-1`, … for the example workflow: every tenth is
+/// furious (its review is not confident, so a human answers it), the rest ask about an order.
+pub async fn publish_example_tasks(kafka: &KafkaConfig, tasks: usize) {
+    let submissions: Vec<TaskEvent> = (0..tasks)
+        .map(|i| {
+            let message = if i % 10 == 0 {
+                "I am furious"
+            } else {
+                "where is my order"
+            };
+            submission(&format!("task-{i}"), message)
+        })
+        .collect();
+    futures::future::join_all(submissions.iter().map(|s| publish(kafka, s))).await;
+}
+
 /// Checks the state topic's `events` after `tasks` tasks of the example workflow ran through
 /// crashes: each (task, step) was decided exactly once, every task completed exactly once, and
 /// none lost a step (happy tasks take 6 steps, escalated ones 6: the human replaces the sender).
