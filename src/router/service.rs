@@ -1065,13 +1065,6 @@ impl Router {
     async fn tick(&mut self) -> Result<()> {
         let active = self.partitions.values().map(|p| p.tasks.len() as i64).sum();
         self.metrics.inflight_tasks.set(active);
-        let pending: usize = self
-            .partitions
-            .values()
-            .flat_map(|p| p.tasks.values())
-            .map(|t| self.engine.timers(t).len())
-            .sum();
-        self.metrics.timers_pending.set(pending as i64);
         for card in self.engine.cards.iter().filter(|c| c.breaker.is_some()) {
             let open = self
                 .partitions
@@ -1084,13 +1077,17 @@ impl Router {
                 .with_label_values(&[&card.name])
                 .set(open as i64);
         }
-        self.fire_due().await
+        let pending = self.fire_due().await?;
+        self.metrics.timers_pending.set(pending as i64);
+        Ok(())
     }
 
     /// Fires the timers of the owned partitions that are due now. Each firing is recorded (the
     /// firing is an input, not a side effect) and decided like any other event; a firing whose
     /// write is lost is fired again after a restore, since its task is still active then.
-    async fn fire_due(&mut self) -> Result<()> {
+    /// Returns how many timers the partitions held before the firings.
+    async fn fire_due(&mut self) -> Result<usize> {
+        let mut pending = 0;
         let mut out = Decided::default();
         let owned: Vec<i32> = self.partitions.keys().copied().collect();
         for p in owned {
@@ -1098,7 +1095,9 @@ impl Router {
                 continue;
             };
             let mut fired = Vec::new();
-            for (task_id, firing) in partition.due() {
+            let (due, held) = partition.due_and_pending();
+            pending += held;
+            for (task_id, firing) in due {
                 let task = partition.state.tasks.get(&task_id);
                 let submission = task.map(submission);
                 let card = task
@@ -1130,7 +1129,7 @@ impl Router {
             // An aborted transaction takes the firings back; they fall due again next tick.
             self.write(out, None).await?;
         }
-        Ok(())
+        Ok(pending)
     }
 
     /// The per-event step of owned partition `p`, stamping records with the time now.
