@@ -83,8 +83,7 @@ async fn main() {
         .expect("start the broker with scripts/start-broker");
     let workflow = Workflow::load(Path::new("agents/customer-service"), None).unwrap();
     let mut specs = TopicSpecs::load(Path::new("topics/switchyard.yaml")).unwrap();
-    specs.tasks.partitions = 1;
-    specs.state.partitions = 1;
+    specs.set_partitions(1);
     topics::apply(&kafka, &specs, &workflow.cards)
         .await
         .unwrap();

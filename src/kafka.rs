@@ -295,6 +295,11 @@ impl Topics {
         format!("{}.state", self.prefix)
     }
 
+    /// Snapshots of the state partitions (compacted, co-partitioned with `state`).
+    pub fn snapshots(&self) -> String {
+        format!("{}.snapshots", self.prefix)
+    }
+
     /// Dead letters.
     pub fn dlq(&self) -> String {
         format!("{}.dlq", self.prefix)

@@ -150,6 +150,16 @@ pub struct RouterMetrics {
     /// Task partitions restored from the state topic (a partition kept across a rebalance is
     /// not restored again).
     pub partitions_restored: IntCounter,
+    /// Size of each partition snapshot written, in bytes (before compression).
+    pub snapshot_bytes: Histogram,
+    /// Snapshots taken, by outcome (`written`; `fenced`: another instance owns the partition;
+    /// `failed`: the broker refused).
+    pub snapshots: IntCounterVec,
+    /// Snapshots a restore passed over, by reason (`incomplete`, `checksum`, `unknown_version`,
+    /// `unreadable`, `body`, `fenced`).
+    pub snapshots_skipped: IntCounterVec,
+    /// State records a restore read after its snapshot (or from the start).
+    pub restore_records: IntCounter,
     /// Work items sent again after a restore.
     pub reemitted: IntCounterVec,
     /// Holes in a tasks partition accepted after fetching them again did not fill them.
@@ -236,6 +246,38 @@ impl RouterMetrics {
                 let c = IntCounter::new(
                     "switchyard_partitions_restored_total",
                     "Task partitions restored from the state topic",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
+            snapshot_bytes: {
+                let buckets = prometheus::exponential_buckets(1024.0, 4.0, 12)?;
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "switchyard_snapshot_bytes",
+                        "Size of each partition snapshot written (before compression)",
+                    )
+                    .buckets(buckets),
+                )?;
+                r.register(Box::new(h.clone()))?;
+                h
+            },
+            snapshots: counter(
+                &r,
+                "switchyard_snapshots_total",
+                "Partition snapshots taken, by outcome",
+                &["outcome"],
+            )?,
+            snapshots_skipped: counter(
+                &r,
+                "switchyard_snapshots_skipped_total",
+                "Snapshots a restore passed over, by reason",
+                &["reason"],
+            )?,
+            restore_records: {
+                let c = IntCounter::new(
+                    "switchyard_restore_records_total",
+                    "State records a restore read after its snapshot (or from the start)",
                 )?;
                 r.register(Box::new(c.clone()))?;
                 c

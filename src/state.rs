@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::envelope::{
@@ -12,7 +13,7 @@ use crate::envelope::{
 };
 
 /// Where a step stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StepStatus {
     /// Work item sent, no answer yet.
     Pending,
@@ -23,7 +24,7 @@ pub enum StepStatus {
 }
 
 /// One step of a task.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepState {
     /// The card that acts.
     pub card: String,
@@ -56,7 +57,7 @@ impl StepState {
 }
 
 /// The state of one active task.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskState {
     /// The task.
     pub task_id: String,
@@ -87,7 +88,7 @@ pub struct TaskState {
 }
 
 /// An LLM decision a task waits for.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Awaiting {
     /// The rule that asked.
     pub rule_id: String,
@@ -98,7 +99,7 @@ pub struct Awaiting {
 }
 
 /// An event queued behind a pending LLM decision.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Queued {
     /// The event.
     pub event: TaskEvent,
@@ -194,7 +195,7 @@ impl TaskState {
 }
 
 /// How a remembered task finished.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finished {
     /// Its last step id (0 if it took none).
     pub last_step: u32,
@@ -203,7 +204,7 @@ pub struct Finished {
 }
 
 /// A bounded memory of finished tasks.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct FinishedTasks {
     tasks: HashMap<String, Finished>,
     order: VecDeque<String>,
@@ -236,6 +237,32 @@ impl FinishedTasks {
     }
 }
 
+/// Serialized as a list of `[task_id, finished]`, oldest first: the order in which the memory
+/// forgets.
+impl Serialize for FinishedTasks {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = serializer.serialize_seq(Some(self.order.len()))?;
+        for id in &self.order {
+            if let Some(finished) = self.tasks.get(id) {
+                seq.serialize_element(&(id, finished))?;
+            }
+        }
+        seq.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for FinishedTasks {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let list = Vec::<(String, Finished)>::deserialize(deserializer)?;
+        let mut memory = FinishedTasks::default();
+        for (id, finished) in list {
+            memory.insert(id, finished);
+        }
+        Ok(memory)
+    }
+}
+
 /// What applying one decision may change, kept to take it back when a transaction aborts.
 #[derive(Debug, Clone)]
 pub struct Undo {
@@ -247,7 +274,7 @@ pub struct Undo {
 }
 
 /// One card's circuit breaker in a partition, as folded from the records.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Breaker {
     /// Where it stands.
     pub phase: BreakerPhase,
@@ -288,7 +315,7 @@ pub struct Signal {
 }
 
 /// The state of one partition: its active tasks and its recently finished ones.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PartitionState {
     /// Active tasks.
     pub tasks: HashMap<String, TaskState>,

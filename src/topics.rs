@@ -68,6 +68,10 @@ pub struct TopicSpecs {
     pub tasks: TopicSpec,
     /// `<prefix>.state`: the decision log.
     pub state: TopicSpec,
+    /// `<prefix>.snapshots`: snapshots of the state partitions, so that a restore need not read
+    /// the whole log. Must have as many partitions as `state`; compacted (`cleanup.policy:
+    /// compact`), since a router tombstones the snapshot it replaces.
+    pub snapshots: TopicSpec,
     /// `<prefix>.dlq`: dead letters.
     pub dlq: TopicSpec,
     /// `<prefix>.agent.<card>`: one inbox per card.
@@ -87,6 +91,7 @@ impl TopicSpecs {
         for (field, spec) in [
             ("tasks", &specs.tasks),
             ("state", &specs.state),
+            ("snapshots", &specs.snapshots),
             ("dlq", &specs.dlq),
             ("agent", &specs.agent),
         ] {
@@ -96,13 +101,22 @@ impl TopicSpecs {
                 )));
             }
         }
-        if specs.tasks.partitions != specs.state.partitions {
-            return Err(spec_err(format!(
-                "fields `tasks.partitions` ({}) and `state.partitions` ({}) must be equal: the topics are co-partitioned",
-                specs.tasks.partitions, specs.state.partitions
-            )));
+        for (field, spec) in [("tasks", &specs.tasks), ("snapshots", &specs.snapshots)] {
+            if spec.partitions != specs.state.partitions {
+                return Err(spec_err(format!(
+                    "fields `{field}.partitions` ({}) and `state.partitions` ({}) must be equal: the topics are co-partitioned",
+                    spec.partitions, specs.state.partitions
+                )));
+            }
         }
         Ok(specs)
+    }
+
+    /// Sets the partition count of the co-partitioned topics: tasks, state and snapshots.
+    pub fn set_partitions(&mut self, partitions: i32) {
+        for spec in [&mut self.tasks, &mut self.state, &mut self.snapshots] {
+            spec.partitions = partitions;
+        }
     }
 
     /// Every topic to have, with its spec.
@@ -115,6 +129,7 @@ impl TopicSpecs {
         let mut wanted = vec![
             (topics.tasks(), &self.tasks),
             (topics.state(), &self.state),
+            (topics.snapshots(), &self.snapshots),
             (topics.dlq(), &self.dlq),
         ];
         wanted.extend(
@@ -140,15 +155,21 @@ pub async fn apply(kafka: &KafkaConfig, specs: &TopicSpecs, cards: &Cards) -> Re
         .map(|t| (t.name().to_string(), t.partitions().len() as i32))
         .collect();
     let topics = kafka.topics();
-    let (tasks, state) = (topics.tasks(), topics.state());
+    let state = topics.state();
     let count =
         |name: &str, spec: &TopicSpec| existing.get(name).copied().unwrap_or(spec.partitions);
-    let (tp, sp) = (count(&tasks, &specs.tasks), count(&state, &specs.state));
-    if tp != sp {
-        return Err(Error::Conflict(format!(
-            "`{tasks}` has {tp} partitions and `{state}` would have {sp}: they must be co-partitioned; \
-             recreate them with equal counts or change topics/ to match"
-        )));
+    let sp = count(&state, &specs.state);
+    for (other, spec) in [
+        (topics.tasks(), &specs.tasks),
+        (topics.snapshots(), &specs.snapshots),
+    ] {
+        let op = count(&other, spec);
+        if op != sp {
+            return Err(Error::Conflict(format!(
+                "`{other}` has {op} partitions and `{state}` would have {sp}: they must be co-partitioned; \
+                 recreate them with equal counts or change topics/ to match"
+            )));
+        }
     }
     let mut report = Vec::new();
     let mut new_topics = Vec::new();

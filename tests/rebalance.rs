@@ -11,8 +11,7 @@ use switchyard::envelope::Decision;
 const WAIT: Duration = Duration::from_secs(60);
 
 fn six_partitions(specs: &mut switchyard::topics::TopicSpecs) {
-    specs.tasks.partitions = 6;
-    specs.state.partitions = 6;
+    specs.set_partitions(6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

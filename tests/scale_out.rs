@@ -23,8 +23,7 @@ fn completed(kafka: &KafkaConfig) -> usize {
 }
 
 fn six_partitions(specs: &mut switchyard::topics::TopicSpecs) {
-    specs.tasks.partitions = 6;
-    specs.state.partitions = 6;
+    specs.set_partitions(6);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

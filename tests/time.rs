@@ -394,8 +394,7 @@ impl Handler for Flaky {
 
 /// One tasks (and state) partition: every task shares the partition's breakers.
 fn one_partition(specs: &mut switchyard::topics::TopicSpecs) {
-    specs.tasks.partitions = 1;
-    specs.state.partitions = 1;
+    specs.set_partitions(1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

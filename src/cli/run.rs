@@ -16,6 +16,7 @@ use crate::kafka::DEFAULT_SESSION_TIMEOUT;
 use crate::llm::{LlmClient, LlmConfig, LlmHandler};
 use crate::metrics::{AgentMetrics, RouterMetrics};
 use crate::router::service::{DEFAULT_COMMIT_INTERVAL, DEFAULT_MAX_BATCH};
+use crate::router::snapshot::{self, SnapshotConfig};
 use crate::router::{ConsistencyMode, Router, RouterConfig};
 use crate::workflow::Workflow;
 
@@ -52,6 +53,18 @@ pub(super) struct RouterArgs {
     /// Exactly-once: how long a batch gathers events before its transaction commits.
     #[arg(long, default_value_t = DEFAULT_COMMIT_INTERVAL.into())]
     commit_interval: humantime::Duration,
+    /// Snapshot a partition's state after this many decisions on it (0: not by count). A
+    /// restore reads the newest snapshot and the decisions after it.
+    #[arg(long, default_value_t = snapshot::DEFAULT_EVERY_RECORDS)]
+    snapshot_every_records: u64,
+    /// Snapshot a partition's state this long after its last snapshot, if it changed (0s: not
+    /// by time). With `--snapshot-every-records 0` too, no snapshots are written or read.
+    #[arg(long, default_value_t = snapshot::DEFAULT_INTERVAL.into())]
+    snapshot_interval: humantime::Duration,
+    /// Largest slice of a snapshot in one record; keep it under the snapshot topic's
+    /// `max.message.bytes`.
+    #[arg(long, default_value_t = snapshot::DEFAULT_CHUNK_BYTES)]
+    snapshot_chunk_bytes: usize,
 }
 
 #[derive(Debug, Args)]
@@ -84,6 +97,11 @@ pub(super) async fn run_router(
     config.session_timeout = args.service.session_timeout.into();
     config.consistency = args.service.consistency;
     config.commit_interval = args.commit_interval.into();
+    config.snapshots = SnapshotConfig {
+        every_records: args.snapshot_every_records,
+        interval: args.snapshot_interval.into(),
+        chunk_bytes: args.snapshot_chunk_bytes,
+    };
     config.encoding = global.encoding;
     config.registry_url = global.registry_url.clone();
     config.llm = llm;

@@ -7,6 +7,7 @@ pub mod guard;
 pub mod partition;
 pub mod resend;
 pub mod service;
+pub mod snapshot;
 #[cfg(test)]
 pub(crate) mod testkit;
 pub mod timers;

@@ -34,6 +34,7 @@ use super::engine::{work_item, Engine, Outcome};
 use super::guard::Raw;
 use super::partition::{Partition, Position, Step};
 use super::resend;
+use super::snapshot::{self, Due, Ended, Schedule, SnapshotConfig};
 use crate::codec::{Codec, Encoding};
 use crate::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use crate::dlq;
@@ -158,6 +159,8 @@ pub struct RouterConfig {
     pub registry_url: String,
     /// The LLM endpoint, needed when a rule says `llm`.
     pub llm: Option<LlmConfig>,
+    /// When partition snapshots are written.
+    pub snapshots: SnapshotConfig,
 }
 
 /// The default of [`RouterConfig::max_batch`].
@@ -185,6 +188,7 @@ impl RouterConfig {
             encoding: Encoding::Json,
             registry_url: "http://127.0.0.1:8081".into(),
             llm: None,
+            snapshots: SnapshotConfig::default(),
         }
     }
 }
@@ -304,6 +308,13 @@ pub struct Router {
     max_record: usize,
     /// Exactly-once: records the broker refused in aborted transactions, to decide again.
     refused: Refusals,
+    /// Where snapshots are read and written, when they are on.
+    store: Option<snapshot::store::Store>,
+    /// When each owned partition's next snapshot is due.
+    schedule: Schedule,
+    /// Snapshots that ended, from their background tasks.
+    snapshots_done: mpsc::UnboundedSender<(Due, Ended)>,
+    snapshots_done_rx: Option<mpsc::UnboundedReceiver<(Due, Ended)>>,
 }
 
 /// Records the broker refused in an aborted transaction (exactly-once).
@@ -355,6 +366,22 @@ impl Router {
                 state_partitions,
             });
         }
+        let store = match config.snapshots.enabled() {
+            true => {
+                let snapshots = topics.snapshots();
+                let snapshot_partitions = config.kafka.partition_count(&snapshots)?;
+                if snapshot_partitions != state_partitions {
+                    return Err(Error::NotCoPartitioned {
+                        tasks: snapshots,
+                        task_partitions: snapshot_partitions,
+                        state,
+                        state_partitions,
+                    });
+                }
+                Some(snapshot::store::Store::new(&config.kafka)?)
+            }
+            false => None,
+        };
         let prefix = &config.kafka.topic_prefix;
         let card_topics = engine
             .cards
@@ -373,6 +400,7 @@ impl Router {
             (None, false) => None,
         };
         let (answers, answers_rx) = mpsc::unbounded_channel();
+        let (snapshots_done, snapshots_done_rx) = mpsc::unbounded_channel();
         let transactional_id = format!("{}.{}", config.group_id, config.instance_id);
         let writer = Writer::new(&config.kafka, config.consistency, &transactional_id).await?;
         // Connect now, so that the first ownership record does not pay for it.
@@ -395,6 +423,10 @@ impl Router {
             answers_rx: Some(answers_rx),
             asking: HashSet::new(),
             refused: Refusals::default(),
+            store,
+            schedule: Schedule::new(config.snapshots.clone()),
+            snapshots_done,
+            snapshots_done_rx: Some(snapshots_done_rx),
             max_record: config
                 .kafka
                 .options
@@ -447,6 +479,7 @@ impl Router {
         );
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         let mut answers = self.answers_rx.take().expect("run is called once");
+        let mut snapshots = self.snapshots_done_rx.take().expect("run is called once");
         loop {
             while let Ok(event) = rebalances.try_recv() {
                 self.rebalance(event, &consumer).await?;
@@ -455,6 +488,7 @@ impl Router {
                 _ = shutdown.changed() => break,
                 Some(event) = rebalances.recv() => self.rebalance(event, &consumer).await?,
                 _ = ticker.tick() => self.tick().await?,
+                Some((due, ended)) = snapshots.recv() => self.snapshotted(&due, ended),
                 Some(first) = answers.recv() => {
                     let mut batch = vec![first];
                     while batch.len() < self.config.max_batch {
@@ -553,6 +587,7 @@ impl Router {
         }
         self.seek(consumer, &batch.refetch)?;
         self.commit_positions(consumer);
+        self.take_snapshots();
         Ok(())
     }
 
@@ -576,6 +611,7 @@ impl Router {
             asks,
         } = out;
         let (n_dead, n_states) = (dead.len(), states.len());
+        let state_parts: Vec<i32> = states.iter().filter_map(|r| r.partition).collect();
         let works = self.encode_works(&items).await?;
         let written = match self.writer.mode() {
             ConsistencyMode::EffectivelyOnce => {
@@ -590,7 +626,11 @@ impl Router {
             }
         };
         match written {
-            Written::Committed(_) => {
+            Written::Committed(offsets) => {
+                let states = offsets.iter().skip(n_dead).take(n_states);
+                for (p, offset) in state_parts.into_iter().zip(states) {
+                    self.schedule.written(p, *offset);
+                }
                 for (p, id) in asks {
                     self.ask(p, id);
                 }
@@ -665,8 +705,11 @@ impl Router {
         loop {
             self.deliver_dead_letters(dead).await?;
             for (record, sent) in states.iter().zip(self.writer.send_each(&states).await?) {
-                if let Err(source) = sent {
-                    return Err(Error::state_refused(record, source));
+                match sent {
+                    Ok(offset) => self
+                        .schedule
+                        .written(record.partition.unwrap_or(-1), offset),
+                    Err(source) => return Err(Error::state_refused(record, source)),
                 }
             }
             let sent = self.writer.send_each(&works).await?;
@@ -786,6 +829,7 @@ impl Router {
             RebalanceEvent::Revoked(parts) => {
                 for p in parts {
                     self.partitions.remove(&p);
+                    self.schedule.revoked(p);
                     self.gaps.remove(&p);
                     self.asking.retain(|(q, _)| *q != p);
                 }
@@ -829,7 +873,9 @@ impl Router {
         .await?;
         let committed = self.committed(consumer, &parts);
         let mut pending = Vec::new();
-        for (p, state) in parts.iter().zip(restored) {
+        let now = Instant::now();
+        for ((p, (state, previous)), epoch) in parts.iter().zip(restored).zip(&epochs) {
+            self.schedule.owned(*p, *epoch, now, previous);
             let position = committed.get(p).copied();
             for (task, step) in resend::missing(&state, position, self.config.consistency) {
                 self.metrics
@@ -925,13 +971,46 @@ impl Router {
         }
     }
 
-    /// Folds state partition `p` up to the ownership record at `epoch`.
-    async fn restore(&self, p: i32, epoch: i64) -> Result<PartitionState> {
+    /// Folds state partition `p` up to the ownership record at `epoch`, from the newest usable
+    /// snapshot (returned as its covers and chunk count) or from the start.
+    async fn restore(&self, p: i32, epoch: i64) -> Result<(PartitionState, Option<(i64, u32)>)> {
         let topic = self.topics.state();
         let restore_err = |message: String| Error::Restore {
             topic: topic.clone(),
             partition: p,
             message,
+        };
+        let (mut state, from, used) = match &self.store {
+            Some(store) => {
+                let loaded = store.load(p, epoch).await.map_err(|e| {
+                    restore_err(format!("reading `{}`: {e}", self.topics.snapshots()))
+                })?;
+                for skipped in &loaded.skipped {
+                    tracing::warn!(
+                        partition = p, snapshot_offset = skipped.offset, covers = ?skipped.covers,
+                        reason = skipped.reason, "snapshot skipped: {}", skipped.detail
+                    );
+                    self.metrics
+                        .snapshots_skipped
+                        .with_label_values(&[skipped.reason])
+                        .inc();
+                }
+                match loaded.snapshot {
+                    Some(s) => {
+                        let (covers, chunks) = (s.header.covers, s.header.chunks);
+                        tracing::info!(
+                            partition = p,
+                            covers,
+                            chunks,
+                            snapshot_records_read = loaded.read,
+                            "restoring from snapshot"
+                        );
+                        (s.state, Offset::Offset(covers + 1), Some((covers, chunks)))
+                    }
+                    None => (PartitionState::default(), Offset::Beginning, None),
+                }
+            }
+            None => (PartitionState::default(), Offset::Beginning, None),
         };
         let mut config = self.config.kafka.client_config();
         config
@@ -941,9 +1020,8 @@ impl Router {
             .set("group.id", format!("{}.restore", self.config.group_id));
         let reader: StreamConsumer = config.create()?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+        tpl.add_partition_offset(&topic, p, from)?;
         reader.assign(&tpl)?;
-        let mut state = PartitionState::default();
         let (mut read, mut fenced) = (0u64, 0u64);
         loop {
             let message = tokio::time::timeout(Duration::from_secs(30), reader.recv())
@@ -967,11 +1045,13 @@ impl Router {
                 break;
             }
         }
+        self.metrics.restore_records.inc_by(read);
         tracing::info!(
-            partition = p, epoch, read, fenced, active = state.tasks.len(), next_offset = ?state.next_offset,
+            partition = p, epoch, read, fenced, snapshot = ?used.map(|(covers, _)| covers),
+            active = state.tasks.len(), next_offset = ?state.next_offset,
             "restored partition"
         );
-        Ok(state)
+        Ok((state, used))
     }
 
     /// Asks the LLM about `task_id`'s pending decision in the background; the answer comes back
@@ -1079,7 +1159,63 @@ impl Router {
         }
         let pending = self.fire_due().await?;
         self.metrics.timers_pending.set(pending as i64);
+        self.take_snapshots();
         Ok(())
+    }
+
+    /// Starts the snapshots that are due, each in the background on a copy of its partition's
+    /// state: every decision folded so far is written by now, so the copy is the fold of the
+    /// state partition up to this instance's latest record there.
+    fn take_snapshots(&mut self) {
+        let Some(store) = &self.store else {
+            return;
+        };
+        for due in self.schedule.due(Instant::now()) {
+            let Some(state) = self.partitions.get(&due.partition) else {
+                continue;
+            };
+            let (store, state, done) = (store.clone(), state.clone(), self.snapshots_done.clone());
+            let instance = self.config.instance_id.clone();
+            let chunk_bytes = self.config.snapshots.chunk_bytes;
+            tracing::info!(
+                partition = due.partition,
+                covers = due.covers,
+                "writing snapshot"
+            );
+            tokio::spawn(async move {
+                let ended = store
+                    .take(&due, state, instance, now_ms(), chunk_bytes)
+                    .await;
+                let _ = done.send((due, ended));
+            });
+        }
+    }
+
+    /// A snapshot ended.
+    fn snapshotted(&mut self, due: &Due, ended: Ended) {
+        let (p, covers) = (due.partition, due.covers);
+        let outcome = match &ended {
+            Ended::Written { chunks, bytes } => {
+                self.metrics.snapshot_bytes.observe(*bytes as f64);
+                tracing::info!(partition = p, covers, chunks, bytes, "snapshot written");
+                "written"
+            }
+            Ended::Fenced(at) => {
+                tracing::warn!(
+                    partition = p,
+                    covers,
+                    owner_at = at,
+                    "snapshot not written: another instance took the partition over"
+                );
+                "fenced"
+            }
+            Ended::Failed(error) => {
+                tracing::warn!(partition = p, covers, %error, "snapshot not written");
+                "failed"
+            }
+        };
+        self.metrics.snapshots.with_label_values(&[outcome]).inc();
+        self.schedule.done(due, &ended);
     }
 
     /// Fires the timers of the owned partitions that are due now. Each firing is recorded (the
