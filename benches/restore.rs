@@ -1,19 +1,22 @@
 //! Restore benchmark (run with `scripts/bench-restore`, on a fresh broker): a state partition
 //! holding `BENCH_FINISHED` finished tasks (default 1,000,000) and `BENCH_OPEN` open ones (default
-//! 10,000), written as the router records them; then a router takes the partition over. Prints
-//! the restore time, the records read and their rate, and the heap an open task takes once
-//! restored (a counting allocator over the same fold in process). Restore is a full fold of the
-//! partition: snapshots are not built yet (issue #9), so there is no "with a snapshot" column.
+//! 10,000), written as the router records them. A first router takes the partition over with
+//! snapshots off (a full fold), decides one task and writes a snapshot; then `BENCH_TAIL` more
+//! finished tasks (default 50,000, the default snapshot interval in records: the most a restore
+//! reads after a snapshot) are recorded, and a second router takes over from the snapshot.
+//! Prints both restores' time and records read, the snapshot's size, and the heap an open task
+//! takes once restored (a counting allocator over the same fold in process).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use switchyard::envelope::{
     now_ms, DecidedBy, Decision, EventKind, InputRef, StateEvent, Step, TaskEvent,
 };
 use switchyard::kafka::KafkaConfig;
+use switchyard::router::snapshot::SnapshotConfig;
 use switchyard::state::PartitionState;
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
@@ -25,6 +28,11 @@ mod router;
 
 /// The state record of task `i`: a submission completed at once (`open`: routed to a card).
 fn record(kafka: &KafkaConfig, i: usize, open: bool) -> StateEvent {
+    record_at(kafka, i, open, 0)
+}
+
+/// [`record`], by the owner of epoch `epoch`.
+fn record_at(kafka: &KafkaConfig, i: usize, open: bool, epoch: i64) -> StateEvent {
     let id = if open {
         format!("open-{i}")
     } else {
@@ -48,12 +56,14 @@ fn record(kafka: &KafkaConfig, i: usize, open: bool) -> StateEvent {
             event_id: Some(event.event_id.clone()),
             topic: kafka.topics().tasks(),
             partition: 0,
-            offset: i as i64,
+            // The tasks topic is empty: the records claim no position in it, so the router
+            // decides the one task the benchmark publishes there.
+            offset: -1,
             size: Some(200),
             sha256: None,
         }),
         event: Some(event),
-        ..StateEvent::new(id, 1, (0, "bench"), decision, now_ms())
+        ..StateEvent::new(id, 1, (epoch, "bench"), decision, now_ms())
     }
 }
 
@@ -109,12 +119,108 @@ async fn main() {
     let per_open = (all - done_only) / open.max(1) as isize;
 
     let producer = kafka.producer().unwrap();
-    let state = kafka.topics().state();
     let written = Instant::now();
+    write_records(&kafka, &producer, &records).await;
+    println!(
+        "{finished} finished and {open} open tasks on one state partition ({} records, written in {:.1}s)",
+        records.len(),
+        written.elapsed().as_secs_f64()
+    );
+
+    // A full fold; then one decision, after which this router writes a snapshot.
+    let snapshot_at_once = SnapshotConfig {
+        every_records: 1,
+        interval: Duration::ZERO,
+        ..SnapshotConfig::default()
+    };
+    let first =
+        router::Running::start_with(&kafka, &workflow, |c| c.snapshots = snapshot_at_once).await;
+    first.restored().await;
+    let full_seconds = first.metrics.restore_seconds.get_sample_sum();
+    let full_read = first.metrics.restore_records.get();
+    let epoch = records.len() as i64;
+    let mut trigger = TaskEvent::new("trigger", EventKind::Submitted, "bench");
+    trigger.payload = serde_json::json!({ "customer_message": "hello" });
+    let value = serde_json::to_vec(&trigger).unwrap();
+    producer
+        .send(
+            FutureRecord::to(&kafka.topics().tasks())
+                .partition(0)
+                .key("trigger")
+                .payload(&value),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let written_snapshots = || {
+        first
+            .metrics
+            .snapshots
+            .with_label_values(&["written"])
+            .get()
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while written_snapshots() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first router wrote no snapshot in 5 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let snapshot_bytes = first.metrics.snapshot_bytes.get_sample_sum();
+    first.stop().await;
+
+    let tail: Vec<StateEvent> = (0..number("BENCH_TAIL", 50_000))
+        .map(|i| record_at(&kafka, finished + open + i, false, epoch))
+        .collect();
+    write_records(&kafka, &producer, &tail).await;
+    let second = router::Running::start(&kafka, &workflow).await;
+    second.restored().await;
+    let snap_seconds = second.metrics.restore_seconds.get_sample_sum();
+    let snap_read = second.metrics.restore_records.get();
+    let skipped: u64 = [
+        "incomplete",
+        "checksum",
+        "unknown_version",
+        "unreadable",
+        "body",
+        "fenced",
+    ]
+    .iter()
+    .map(|r| {
+        second
+            .metrics
+            .snapshots_skipped
+            .with_label_values(&[r])
+            .get()
+    })
+    .sum();
+    assert_eq!(skipped, 0, "the snapshot was usable");
+    second.stop().await;
+
+    println!(
+        "restore without a snapshot (a full fold): {full_seconds:.2}s, {full_read} state records read, {:.0} records/s",
+        full_read as f64 / full_seconds
+    );
+    println!(
+        "restore with a snapshot ({:.1} MiB) and {} records after it: {snap_seconds:.2}s, {snap_read} state records read; {:.1}x faster",
+        snapshot_bytes / (1 << 20) as f64,
+        tail.len(),
+        full_seconds / snap_seconds
+    );
+    println!(
+        "heap per open task once restored: {per_open} bytes (the 100,000 remembered finished tasks take {:.1} MiB)",
+        done_only as f64 / (1 << 20) as f64
+    );
+}
+
+/// Writes `records` to state partition 0, 20,000 at a time.
+async fn write_records(kafka: &KafkaConfig, producer: &FutureProducer, records: &[StateEvent]) {
+    let state = kafka.topics().state();
     for chunk in records.chunks(20_000) {
         let sends = chunk.iter().map(|r| {
             let value = serde_json::to_vec(r).unwrap();
-            let producer = producer.clone();
             let state = state.clone();
             async move {
                 let record = FutureRecord::to(&state)
@@ -128,24 +234,4 @@ async fn main() {
             sent.map_err(|(e, _)| e).unwrap();
         }
     }
-    println!(
-        "{finished} finished and {open} open tasks on one state partition ({} records, written in {:.1}s)",
-        records.len(),
-        written.elapsed().as_secs_f64()
-    );
-
-    let router = router::Running::start(&kafka, &workflow).await;
-    router.restored().await;
-    let seconds = router.metrics.restore_seconds.get_sample_sum();
-    let read = records.len() + 1;
-    println!(
-        "restore without a snapshot (a full fold): {seconds:.2}s, {read} records read, {:.0} records/s",
-        read as f64 / seconds
-    );
-    println!("restore with a snapshot: not built yet (issue #9)");
-    println!(
-        "heap per open task once restored: {per_open} bytes (the 100,000 remembered finished tasks take {:.1} MiB)",
-        done_only as f64 / (1 << 20) as f64
-    );
-    router.stop().await;
 }

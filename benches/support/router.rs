@@ -20,8 +20,18 @@ pub struct Running {
 impl Running {
     /// Starts it.
     pub async fn start(kafka: &KafkaConfig, workflow: &Workflow) -> Self {
+        Self::start_with(kafka, workflow, |_| {}).await
+    }
+
+    /// Starts it with its config changed by `edit`.
+    pub async fn start_with(
+        kafka: &KafkaConfig,
+        workflow: &Workflow,
+        edit: impl FnOnce(&mut RouterConfig),
+    ) -> Self {
         let metrics = RouterMetrics::new().unwrap();
-        let config = RouterConfig::new(kafka.clone());
+        let mut config = RouterConfig::new(kafka.clone());
+        edit(&mut config);
         let router = Router::new(config, workflow.engine(), metrics.clone())
             .await
             .unwrap();

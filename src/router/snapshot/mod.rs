@@ -167,8 +167,9 @@ struct Versioned {
     version: u32,
 }
 
-/// Splits a snapshot record's value into its header and its slice of the body.
-fn split(value: &[u8]) -> Result<(Header, &[u8]), (&'static str, String)> {
+/// Splits a snapshot record's value into its header and its slice of the body; or says why it
+/// cannot (a [`Skipped`] reason and what exactly is wrong).
+pub fn split(value: &[u8]) -> Result<(Header, &[u8]), (&'static str, String)> {
     let newline = value
         .iter()
         .position(|b| *b == b'\n')
