@@ -8,9 +8,11 @@
 //! topic; in exactly-once mode the batch and its offsets commit in one transaction.
 //!
 //! On assignment of partitions the router writes an ownership record to each state partition,
-//! restores state up to that record, re-sends the work items of pending steps (stable step ids:
-//! agents and the router dedupe), and only then reads the tasks partitions from the restored
-//! positions. Records of a fenced (older) owner written after a newer ownership record are ignored.
+//! restores state up to that record (from the newest usable [`snapshot`] and the records after
+//! it), re-sends the work items that may be missing (see [`resend`]), and only then reads the tasks
+//! partitions from the restored positions. Records of a fenced (older) owner written after a newer
+//! ownership record are ignored. Between batches, snapshots that are due are written in the
+//! background.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
