@@ -87,6 +87,8 @@ async fn passthrough(kafka: &KafkaConfig, events: usize) -> f64 {
     client
         .set("group.id", format!("{}.passthrough", kafka.topic_prefix))
         .set("auto.offset.reset", "earliest");
+    // The router's consumer defaults, so that both wait for fetches alike.
+    switchyard::kafka::service_consumer_defaults(&mut client);
     let consumer: StreamConsumer = client.create().unwrap();
     // Every partition from its start, without a group join in the middle of the run.
     let tasks = kafka.topics().tasks();
@@ -222,10 +224,34 @@ async fn latency(
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "5");
     let consumer: StreamConsumer = client.create().unwrap();
-    consumer.subscribe(&[&inbox]).unwrap();
+    // Assigned, not subscribed: a group join would hold back the first second's work items.
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..kafka.partition_count(&inbox).unwrap() {
+        tpl.add_partition_offset(&inbox, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
     let count = (rate * seconds) as usize;
     let producer = kafka.producer().unwrap();
     let topic = kafka.topics().tasks();
+    // Warm up (metadata of every topic in every client, the first fetches): the first second
+    // of a fresh run otherwise waits about a second, once.
+    for i in 0..20 {
+        let mut e = TaskEvent::new(format!("warm-{i}"), EventKind::Submitted, "bench");
+        e.payload = serde_json::json!({ "customer_message": "warm up" });
+        let bytes = serde_json::to_vec(&e).unwrap();
+        let record = FutureRecord::to(&topic).key(&e.task_id).payload(&bytes);
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let mut warm = 0;
+    while warm < 20 {
+        let m = consumer.recv().await.unwrap();
+        warm += usize::from(m.key().is_some_and(|k| k.starts_with(b"warm-")));
+    }
     let sent = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     let started = Instant::now();
     let sender = {
@@ -261,7 +287,8 @@ async fn latency(
         let arrived = Instant::now();
         let key = String::from_utf8_lossy(m.key().unwrap_or_default()).to_string();
         if let Some(t0) = sent.lock().unwrap().remove(&key) {
-            latencies.push(arrived.duration_since(t0).as_secs_f64() * 1000.0);
+            let ms = arrived.duration_since(t0).as_secs_f64() * 1000.0;
+            latencies.push(ms);
         }
     }
     sender.await.unwrap();
@@ -276,7 +303,7 @@ async fn main() {
     let events: usize = std::env::var("BENCH_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+        .unwrap_or(100_000);
     let mode: ConsistencyMode = std::env::var("BENCH_MODE")
         .unwrap_or_else(|_| "effectively-once".into())
         .parse()
@@ -346,7 +373,10 @@ async fn main() {
             .unwrap_or(10.0);
         let (bootstrap, _) = broker("latency");
         let kafka = config(&bootstrap, &format!("bench-latency-{run}"));
-        let half = rate / 2.0;
+        let half = std::env::var("BENCH_LATENCY_RATE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(rate / 2.0);
         let (p50, p99, max) = latency(&kafka, &workflow, half, seconds).await;
         println!(
             "latency at half the router's rate ({half:.0} events/s for {seconds}s), event sent → first work item received, this process's clock: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms"

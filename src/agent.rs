@@ -26,7 +26,7 @@ use crate::cards::{Card, Runtime};
 use crate::codec::{self, Codec, Encoding};
 use crate::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use crate::envelope::{EventKind, TaskEvent, Usage, WorkItem};
-use crate::kafka::{self, set_default, KafkaConfig};
+use crate::kafka::{self, KafkaConfig};
 use crate::metrics::AgentMetrics;
 use crate::signing::Secret;
 
@@ -324,8 +324,7 @@ pub async fn run<H: Handler>(
             config.session_timeout.as_millis().to_string(),
         )
         .set_log_level(RDKafkaLogLevel::Warning);
-    set_default(&mut client, "auto.offset.reset", "earliest");
-    set_default(&mut client, "heartbeat.interval.ms", "1000");
+    kafka::service_consumer_defaults(&mut client);
     let consumer: StreamConsumer = client.create()?;
     consumer.subscribe(&[&inbox])?;
     let transactional_id = format!("{}.{}", config.group_id, config.instance_id);

@@ -270,6 +270,18 @@ pub fn high_watermark_sum(client: &BaseConsumer, topic: &str, partitions: i32) -
 /// instance's partitions move to another.
 pub const DEFAULT_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Sets the defaults of a service's consumer (router, agent) that the user did not set.
+///
+/// `fetch.wait.max.ms` is 10 ms instead of librdkafka's 500: a broker that holds a fetch for
+/// that long even when records arrive meanwhile (nisshi does) adds up to that much to every hop;
+/// measured with nisshi at 2,000 events/s, a router's p50 went from 148 ms to 16 ms. A broker that
+/// answers a fetch as soon as records arrive (Apache Kafka) pays only idle fetches for it.
+pub fn service_consumer_defaults(config: &mut ClientConfig) {
+    set_default(config, "fetch.wait.max.ms", "10");
+    set_default(config, "heartbeat.interval.ms", "1000");
+    set_default(config, "auto.offset.reset", "earliest");
+}
+
 /// Sets `key` unless the user set it through the pass-through options.
 pub fn set_default(config: &mut ClientConfig, key: &str, value: &str) {
     if config.get(key).is_none() {

@@ -459,9 +459,8 @@ impl Router {
                 self.config.session_timeout.as_millis().to_string(),
             )
             .set_log_level(RDKafkaLogLevel::Warning);
-        set_default(&mut config, "auto.offset.reset", "earliest");
+        kafka::service_consumer_defaults(&mut config);
         set_default(&mut config, "isolation.level", "read_committed");
-        set_default(&mut config, "heartbeat.interval.ms", "1000");
         // Incremental rebalancing: a partition that stays with this instance is neither revoked
         // nor restored again.
         set_default(
