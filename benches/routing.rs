@@ -373,13 +373,17 @@ async fn main() {
             .unwrap_or(10.0);
         let (bootstrap, _) = broker("latency");
         let kafka = config(&bootstrap, &format!("bench-latency-{run}"));
-        let half = std::env::var("BENCH_LATENCY_RATE")
+        let chosen: Option<f64> = std::env::var("BENCH_LATENCY_RATE")
             .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(rate / 2.0);
+            .and_then(|v| v.parse().ok());
+        let half = chosen.unwrap_or(rate / 2.0);
+        let which = match chosen {
+            Some(_) => "BENCH_LATENCY_RATE",
+            None => "half the router's rate",
+        };
         let (p50, p99, max) = latency(&kafka, &workflow, half, seconds).await;
         println!(
-            "latency at half the router's rate ({half:.0} events/s for {seconds}s), event sent → first work item received, this process's clock: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms"
+            "latency at {which} ({half:.0} events/s for {seconds}s), event sent → first work item received, this process's clock: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms"
         );
     }
 }

@@ -20,7 +20,8 @@ use futures::FutureExt;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedHeaders;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::TopicPartitionList;
 
 use crate::kafka::KafkaConfig;
@@ -275,19 +276,7 @@ impl Writer {
     /// Writes `records` (effectively-once) and waits for each: its offset, or the error that
     /// refused that one record. Any other error fails the whole call.
     pub async fn send_each(&self, records: &[Outgoing]) -> Result<Vec<Result<i64, KafkaError>>> {
-        let sends = records.iter().map(|r| {
-            self.producer
-                .send(r.record(), Duration::from_secs(30))
-                .map(move |res| match res {
-                    Ok(d) => Ok(Ok(d.offset)),
-                    Err((source, _)) if refuses_record(&source) => Ok(Err(source)),
-                    Err((source, _)) => Err(Error::Produce {
-                        topic: r.topic.clone(),
-                        source,
-                    }),
-                })
-        });
-        try_join_all(sends).await
+        send_each(&self.producer, records).await
     }
 
     async fn send(&self, records: &[Outgoing]) -> Result<Vec<i64>> {
@@ -405,6 +394,45 @@ fn is_fatal(e: &KafkaError) -> bool {
 
 fn is_retriable(e: &KafkaError) -> bool {
     matches!(e, KafkaError::Transaction(t) if t.is_retriable())
+}
+
+/// Writes `records` through `producer` and waits for each: its offset, or the error that refused
+/// that one record (see [`refuses_record`]). Any other error fails the whole call.
+pub async fn send_each(
+    producer: &FutureProducer,
+    records: &[Outgoing],
+) -> Result<Vec<Result<i64, KafkaError>>> {
+    let sends = records.iter().map(|r| {
+        producer
+            .send(r.record(), Duration::from_secs(30))
+            .map(move |res| match res {
+                Ok(d) => Ok(Ok(d.offset)),
+                Err((source, _)) if refuses_record(&source) => Ok(Err(source)),
+                Err((source, _)) => Err(Error::Produce {
+                    topic: r.topic.clone(),
+                    source,
+                }),
+            })
+    });
+    try_join_all(sends).await
+}
+
+/// Hands `record` to `producer` now, without waiting for its acknowledgement: records enqueued
+/// one after the other keep that order in their partition. Waits while the producer's queue is
+/// full. The error is the producer's, for the caller to judge with [`refuses_record`].
+pub async fn enqueue(
+    producer: &FutureProducer,
+    record: &Outgoing,
+) -> Result<DeliveryFuture, KafkaError> {
+    loop {
+        match producer.send_result(record.record()) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {

@@ -5,6 +5,7 @@ pub mod breaker;
 pub mod engine;
 pub mod guard;
 pub mod partition;
+pub mod pipeline;
 pub mod resend;
 pub mod service;
 pub mod snapshot;

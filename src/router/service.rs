@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, watch};
 use super::engine::{work_item, Engine, Outcome};
 use super::guard::Raw;
 use super::partition::{Partition, Position, Step};
+use super::pipeline::{Flight, Landed, Pipeline};
 use super::resend;
 use super::snapshot::{self, Due, Ended, Schedule, SnapshotConfig};
 use crate::codec::{Codec, Encoding};
@@ -117,7 +118,7 @@ impl From<rdkafka::error::KafkaError> for Error {
 
 impl Error {
     /// The error for a state event the broker refused.
-    fn state_refused(record: &Outgoing, source: KafkaError) -> Self {
+    pub(super) fn state_refused(record: &Outgoing, source: KafkaError) -> Self {
         Error::StateRefused {
             topic: record.topic.clone(),
             bytes: record.size(),
@@ -314,6 +315,8 @@ pub struct Router {
     store: Option<snapshot::store::Store>,
     /// When each owned partition's next snapshot is due.
     schedule: Schedule,
+    /// Effectively-once batches whose writes are in flight.
+    pipeline: Pipeline,
     /// Snapshots that ended, from their background tasks.
     snapshots_done: mpsc::UnboundedSender<(Due, Ended)>,
     snapshots_done_rx: Option<mpsc::UnboundedReceiver<(Due, Ended)>>,
@@ -427,6 +430,7 @@ impl Router {
             refused: Refusals::default(),
             store,
             schedule: Schedule::new(config.snapshots.clone()),
+            pipeline: Pipeline::default(),
             snapshots_done,
             snapshots_done_rx: Some(snapshots_done_rx),
             max_record: config
@@ -490,6 +494,9 @@ impl Router {
                 Some(event) = rebalances.recv() => self.rebalance(event, &consumer).await?,
                 _ = ticker.tick() => self.tick().await?,
                 Some((due, ended)) = snapshots.recv() => self.snapshotted(&due, ended),
+                Some(landed) = self.pipeline.next(), if !self.pipeline.is_empty() => {
+                    self.landed(landed?).await?;
+                }
                 Some(first) = answers.recv() => {
                     let mut batch = vec![first];
                     while batch.len() < self.config.max_batch {
@@ -514,6 +521,7 @@ impl Router {
                 }
             }
         }
+        self.drain().await?;
         self.commit_positions(&consumer);
         tracing::info!("router stopped");
         Ok(())
@@ -561,7 +569,9 @@ impl Router {
         if self.config.consistency.offsets_in_transaction() {
             return;
         }
-        let tpl = self.positions();
+        let Some(tpl) = self.pipeline.committable(self.positions()) else {
+            return;
+        };
         if tpl.count() > 0 {
             if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
                 tracing::debug!(error = %e, "offset commit failed");
@@ -569,8 +579,38 @@ impl Router {
         }
     }
 
-    /// Writes a decided batch; an aborted transaction takes the batch back and rewinds.
+    /// Writes a decided batch; an aborted transaction takes the batch back and rewinds. In
+    /// effectively-once mode a batch without dead letters is put in flight ([`Pipeline`]) and the
+    /// router reads on; the others wait for what is in flight, then are written at once.
     async fn commit(&mut self, batch: Batch, consumer: &TasksConsumer) -> Result<()> {
+        if batch.decided > 0 && self.pipelines(&batch.out) {
+            self.seek(consumer, &batch.refetch)?;
+            let Decided {
+                states,
+                works: items,
+                asks,
+                ..
+            } = batch.out;
+            let works = self.encode_works(&items).await?;
+            let flight = Flight {
+                positions: self.positions(),
+                decided: batch.decided,
+                asks,
+                started: Instant::now(),
+            };
+            let producer = self.writer.producer().clone();
+            self.pipeline
+                .launch(&producer, states, works, items, flight)
+                .await?;
+            while self.pipeline.is_full() {
+                if let Some(landed) = self.pipeline.next().await {
+                    self.landed(landed?).await?;
+                }
+            }
+            self.commit_positions(consumer);
+            return Ok(());
+        }
+        self.drain().await?;
         let started = Instant::now();
         if batch.decided > 0 {
             let offsets = match self.config.consistency.offsets_in_transaction() {
@@ -589,6 +629,49 @@ impl Router {
         self.seek(consumer, &batch.refetch)?;
         self.commit_positions(consumer);
         self.take_snapshots();
+        Ok(())
+    }
+
+    /// Whether a decided batch may be put in flight: effectively-once, no dead letters (they are
+    /// written, and acknowledged, before the state records that name them).
+    fn pipelines(&self, out: &Decided) -> bool {
+        self.config.consistency == ConsistencyMode::EffectivelyOnce && out.dead.is_empty()
+    }
+
+    /// A pipelined batch landed: its state offsets count towards snapshots, the LLM is asked
+    /// for the tasks that started waiting, and a work item the broker refused ends its task.
+    async fn landed(&mut self, landed: Landed) -> Result<()> {
+        let Landed {
+            flight,
+            states,
+            refused,
+        } = landed;
+        for (p, offset) in states {
+            self.schedule.written(p, offset);
+        }
+        let elapsed = flight.started.elapsed().as_secs_f64();
+        self.metrics.commit_latency.observe(elapsed);
+        for _ in 0..flight.decided {
+            self.metrics.routing_latency.observe(elapsed);
+        }
+        for (p, id) in flight.asks {
+            self.ask(p, id);
+        }
+        let mut follow = Decided::default();
+        for (item, record, error) in &refused {
+            self.refuse_work(item, record, error, &mut follow).await?;
+        }
+        if !(follow.dead.is_empty() && follow.states.is_empty()) {
+            self.write(follow, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every batch in flight has landed.
+    async fn drain(&mut self) -> Result<()> {
+        while let Some(landed) = self.pipeline.next().await {
+            self.landed(landed?).await?;
+        }
         Ok(())
     }
 
@@ -826,6 +909,7 @@ impl Router {
     }
 
     async fn rebalance(&mut self, event: RebalanceEvent, consumer: &TasksConsumer) -> Result<()> {
+        self.drain().await?;
         match event {
             RebalanceEvent::Revoked(parts) => {
                 for p in parts {
@@ -1102,6 +1186,7 @@ impl Router {
     /// it all. Answers for partitions no longer owned (or owned since under a new epoch) are
     /// dropped: the new owner asks again.
     async fn resolve(&mut self, answers: Vec<Answer>) -> Result<()> {
+        self.drain().await?;
         let mut out = Decided::default();
         let mut taken = Vec::new();
         for answer in answers {
@@ -1144,6 +1229,7 @@ impl Router {
 
     /// Once a second: the gauges, and the timers that fell due.
     async fn tick(&mut self) -> Result<()> {
+        self.drain().await?;
         let active = self.partitions.values().map(|p| p.tasks.len() as i64).sum();
         self.metrics.inflight_tasks.set(active);
         for card in self.engine.cards.iter().filter(|c| c.breaker.is_some()) {
@@ -1168,7 +1254,7 @@ impl Router {
     /// state: every decision folded so far is written by now, so the copy is the fold of the
     /// state partition up to this instance's latest record there.
     fn take_snapshots(&mut self) {
-        let Some(store) = &self.store else {
+        let Some(store) = self.store.as_ref().filter(|_| self.pipeline.is_empty()) else {
             return;
         };
         for due in self.schedule.due(Instant::now()) {

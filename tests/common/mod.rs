@@ -138,7 +138,12 @@ pub fn mock_cluster_with(
         options: Default::default(),
     };
     let topics = kafka.topics();
-    let mut names = vec![topics.tasks(), topics.state(), topics.dlq()];
+    let mut names = vec![
+        topics.tasks(),
+        topics.state(),
+        topics.snapshots(),
+        topics.dlq(),
+    ];
     names.extend(workflow.cards.iter().map(|c| c.topic(prefix)));
     for name in names {
         cluster.create_topic(&name, 3, 1).unwrap();
