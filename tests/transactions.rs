@@ -15,6 +15,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use switchyard::envelope::{Decision, EventKind, StateEvent};
 use switchyard::kafka::KafkaConfig;
 use switchyard::metrics::RouterMetrics;
+use switchyard::router::snapshot::SnapshotConfig;
 use switchyard::router::{ConsistencyMode, Router, RouterConfig};
 use switchyard::workflow::Workflow;
 
@@ -370,4 +371,63 @@ async fn a_work_item_refused_in_a_transaction_ends_its_task_and_routing_goes_on(
     sending.stop().await;
     agents.stop().await;
     router.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_exactly_once_router_writes_snapshots_and_its_successor_restores_from_one() {
+    let (_cluster, kafka, workflow) = mock_cluster();
+    let snapshots = |c: &mut RouterConfig| {
+        exactly_once(c);
+        c.snapshots = SnapshotConfig {
+            every_records: 5,
+            ..SnapshotConfig::default()
+        };
+    };
+    let agents = RunningAgents::example(&kafka, &workflow, |c| {
+        c.consistency = ConsistencyMode::ExactlyOnce
+    });
+    let completed = |n: usize| {
+        let kafka = kafka.clone();
+        async move {
+            let events = state_with(&kafka, "read_committed");
+            let done = events
+                .iter()
+                .filter(|e| matches!(e.decision, Decision::Completed { .. }))
+                .count();
+            (done >= n).then_some(events.len())
+        }
+    };
+    let first = RunningRouter::start_with(&kafka, &workflow, snapshots).await;
+    for i in 0..6 {
+        publish(&kafka, &submission(&format!("s{i}"), "where is my order")).await;
+    }
+    eventually(WAIT, "six completed tasks", || completed(6)).await;
+    let written = || {
+        first
+            .metrics
+            .snapshots
+            .with_label_values(&["written"])
+            .get()
+    };
+    eventually(WAIT, "a snapshot written", || async {
+        (written() > 0).then_some(())
+    })
+    .await;
+    first.stop().await;
+    let recorded = state_with(&kafka, "read_committed").len() as u64;
+
+    let second = RunningRouter::start_with(&kafka, &workflow, snapshots).await;
+    eventually(WAIT, "the successor's restore", || async {
+        (second.metrics.restore_seconds.get_sample_count() > 0).then_some(())
+    })
+    .await;
+    let read = second.metrics.restore_records.get();
+    assert!(
+        read < recorded,
+        "the restore read {read} of {recorded} state records: it started from a snapshot"
+    );
+    publish(&kafka, &submission("s6", "where is my order")).await;
+    eventually(WAIT, "the seventh task to complete", || completed(7)).await;
+    second.stop().await;
+    agents.stop().await;
 }
