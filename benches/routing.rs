@@ -29,6 +29,10 @@ use switchyard::router::{ConsistencyMode, Router, RouterConfig};
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 
+/// The binary's allocator (`src/main.rs`), so that the router is measured as it ships.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "support/router.rs"]
 mod router;
 
