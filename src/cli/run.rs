@@ -53,8 +53,9 @@ pub(super) struct RouterArgs {
     /// Exactly-once: how long a batch gathers events before its transaction commits.
     #[arg(long, default_value_t = DEFAULT_COMMIT_INTERVAL.into())]
     commit_interval: humantime::Duration,
-    /// Snapshot a partition's state after this many decisions on it (0: not by count). A
-    /// restore reads the newest snapshot and the decisions after it.
+    /// Snapshot a partition's state after this many decisions on it, or as many as it has
+    /// open tasks if that is more (0: not by count). A restore reads the newest snapshot and the
+    /// decisions after it.
     #[arg(long, default_value_t = snapshot::DEFAULT_EVERY_RECORDS)]
     snapshot_every_records: u64,
     /// Snapshot a partition's state this long after its last snapshot, if it changed (0s: not

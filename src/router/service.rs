@@ -1257,7 +1257,9 @@ impl Router {
         let Some(store) = self.store.as_ref().filter(|_| self.pipeline.is_empty()) else {
             return;
         };
-        for due in self.schedule.due(Instant::now()) {
+        let partitions = &self.partitions;
+        let open = |p| partitions.get(&p).map_or(0, |s| s.tasks.len());
+        for due in self.schedule.due(Instant::now(), open) {
             let Some(state) = self.partitions.get(&due.partition) else {
                 continue;
             };

@@ -30,8 +30,8 @@ pub const VERSION: u32 = 1;
 /// When and how snapshots are written.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SnapshotConfig {
-    /// Write a partition's snapshot after this many state records since its last one (0: never
-    /// by count).
+    /// Write a partition's snapshot after this many state records since its last one, or as
+    /// many as the partition has open tasks if that is more (0: never by count).
     pub every_records: u64,
     /// Write a partition's snapshot this long after its last one, if it has new records (zero:
     /// never by time).
@@ -409,15 +409,17 @@ impl Schedule {
         }
     }
 
-    /// The snapshots due at `now`, marked busy until [`Schedule::done`].
-    pub fn due(&mut self, now: Instant) -> Vec<Due> {
+    /// The snapshots due at `now`, marked busy until [`Schedule::done`]. `open(p)` is how many
+    /// tasks partition `p` holds: a snapshot costs about that much, so one by count waits for at
+    /// least as many records (a restore would read them instead).
+    pub fn due(&mut self, now: Instant, open: impl Fn(i32) -> usize) -> Vec<Due> {
         if !self.config.enabled() {
             return Vec::new();
         }
         let mut due = Vec::new();
         for (p, clock) in &mut self.partitions {
-            let by_count =
-                self.config.every_records > 0 && clock.records >= self.config.every_records;
+            let by_count = self.config.every_records > 0
+                && clock.records >= self.config.every_records.max(open(*p) as u64);
             let by_time = !self.config.interval.is_zero()
                 && clock.records > 0
                 && now.duration_since(clock.last) >= self.config.interval;
@@ -543,7 +545,7 @@ mod tests {
             schedule.written(0, offset);
         }
         schedule.written(1, 205);
-        let due = schedule.due(t0);
+        let due = schedule.due(t0, |_| 0);
         assert_eq!(
             due,
             [Due {
@@ -558,7 +560,7 @@ mod tests {
             schedule.written(0, offset);
         }
         assert!(
-            schedule.due(t0).is_empty(),
+            schedule.due(t0, |_| 0).is_empty(),
             "partition 0 is busy, partition 1 not due yet"
         );
         schedule.done(
@@ -568,7 +570,7 @@ mod tests {
                 bytes: 10,
             },
         );
-        let later = schedule.due(t0 + Duration::from_secs(61));
+        let later = schedule.due(t0 + Duration::from_secs(61), |_| 0);
         assert_eq!(
             later,
             [
@@ -587,5 +589,27 @@ mod tests {
             ],
             "by time; partition 1 has foreign records in (200, 205]"
         );
+    }
+
+    #[test]
+    fn a_snapshot_by_count_waits_for_as_many_records_as_the_partition_has_tasks() {
+        let t0 = Instant::now();
+        let mut schedule = Schedule::new(SnapshotConfig {
+            every_records: 3,
+            interval: Duration::ZERO,
+            chunk_bytes: 1024,
+        });
+        schedule.owned(0, 0, t0, None);
+        for offset in 1..=5 {
+            schedule.written(0, offset);
+        }
+        assert!(
+            schedule.due(t0, |_| 10).is_empty(),
+            "5 records, 10 open tasks"
+        );
+        for offset in 6..=10 {
+            schedule.written(0, offset);
+        }
+        assert_eq!(schedule.due(t0, |_| 10).len(), 1);
     }
 }
