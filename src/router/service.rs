@@ -317,6 +317,8 @@ pub struct Router {
     schedule: Schedule,
     /// Effectively-once batches whose writes are in flight.
     pipeline: Pipeline,
+    /// A batch landed since the input positions were last committed.
+    uncommitted: bool,
     /// Snapshots that ended, from their background tasks.
     snapshots_done: mpsc::UnboundedSender<(Due, Ended)>,
     snapshots_done_rx: Option<mpsc::UnboundedReceiver<(Due, Ended)>>,
@@ -431,6 +433,7 @@ impl Router {
             store,
             schedule: Schedule::new(config.snapshots.clone()),
             pipeline: Pipeline::default(),
+            uncommitted: false,
             snapshots_done,
             snapshots_done_rx: Some(snapshots_done_rx),
             max_record: config
@@ -488,6 +491,9 @@ impl Router {
         loop {
             while let Ok(event) = rebalances.try_recv() {
                 self.rebalance(event, &consumer).await?;
+            }
+            if self.uncommitted {
+                self.commit_positions(&consumer);
             }
             tokio::select! {
                 _ = shutdown.changed() => break,
@@ -565,7 +571,8 @@ impl Router {
 
     /// Commits the consumer group's offsets where no transaction does (informational: the state
     /// topic is authoritative).
-    fn commit_positions(&self, consumer: &TasksConsumer) {
+    fn commit_positions(&mut self, consumer: &TasksConsumer) {
+        self.uncommitted = false;
         if self.config.consistency.offsets_in_transaction() {
             return;
         }
@@ -649,6 +656,7 @@ impl Router {
         for (p, offset) in states {
             self.schedule.written(p, offset);
         }
+        self.uncommitted = true;
         let elapsed = flight.started.elapsed().as_secs_f64();
         self.metrics.commit_latency.observe(elapsed);
         for _ in 0..flight.decided {
