@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -38,7 +39,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// One skill of an agent (A2A `AgentSkill`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Skill {
     /// Unique id of the skill.
@@ -57,7 +58,7 @@ pub struct Skill {
 }
 
 /// How an agent runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Runtime {
     /// A program that reads one JSON work item on stdin and writes one JSON result on stdout.
@@ -92,7 +93,7 @@ pub enum Runtime {
 }
 
 /// Retry policy of a card: what happens when an attempt fails (`FAILED`) or times out.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Attempts in all, including the first (1 = no retry).
@@ -118,17 +119,19 @@ impl Default for RetryPolicy {
 
 /// The wait before a retry: `initial` before the second attempt, multiplied by `multiplier` for
 /// each later one, at most `max`. The wait is a durable timer, recorded on the state topic.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Backoff {
     /// The wait before the second attempt, e.g. `1s`; `0s` retries at once.
     #[serde(default = "default_initial", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub initial: Duration,
     /// What each later wait is multiplied by (at least 1).
     #[serde(default = "default_multiplier")]
     pub multiplier: f64,
     /// The longest wait.
     #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub max: Duration,
     /// Shortens each wait by up to this fraction (0 to 1), so that many retries of one card do
     /// not arrive together. The amount is derived from the task, step and attempt, never drawn
@@ -176,7 +179,7 @@ impl Backoff {
 }
 
 /// What a card's open circuit breaker does with new work for the card.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WhenOpen {
     /// Send it to the card's `fallback` card.
@@ -190,7 +193,7 @@ pub enum WhenOpen {
 /// `window` of the last, new work for the card goes to its fallback (or waits) for `open_for`;
 /// then one probe step is let through, and its answer closes the breaker (or opens it again).
 /// Each router partition keeps its own breakers, recorded on its state topic.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerPolicy {
     /// Consecutive failures that open the breaker (1 to 100).
@@ -198,9 +201,11 @@ pub struct BreakerPolicy {
     pub failures: u32,
     /// How recent the failures must be, e.g. `1m`.
     #[serde(default = "default_breaker_window", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub window: Duration,
     /// How long the breaker stays open before a probe, e.g. `30s`.
     #[serde(default = "default_open_for", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub open_for: Duration,
     /// `fallback` (the card's `fallback` card takes the work) or `wait`.
     #[serde(default)]
@@ -220,7 +225,7 @@ fn default_open_for() -> Duration {
 }
 
 /// An agent card.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Card {
     /// Unique name: lower-case letters, digits, `_` and `-`. Also names the inbox topic.
@@ -250,6 +255,7 @@ pub struct Card {
     pub concurrency: usize,
     /// How long one attempt may take, e.g. `30s`.
     #[serde(default = "default_timeout", with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub timeout: Duration,
     /// What happens when an attempt fails.
     #[serde(default)]

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -15,7 +16,7 @@ use serde_json::Value;
 pub const JSON: &str = "application/json";
 
 /// What a task event says happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum EventKind {
     /// A client submitted a new task.
@@ -48,7 +49,7 @@ impl EventKind {
 }
 
 /// Tokens and cost reported with a result.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Usage {
     /// Prompt tokens.
     #[serde(default)]
@@ -77,7 +78,7 @@ impl Usage {
 
 /// An event on the tasks topic: a submission, an agent's result or failure, a human decision, a
 /// cancellation. Keyed by `task_id`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskEvent {
     /// Unique id of this event.
     pub event_id: String,
@@ -226,7 +227,7 @@ pub fn decode_task_event(bytes: &[u8]) -> Result<TaskEvent, DecodeError> {
 }
 
 /// A unit of work for one agent card, written to the card's inbox topic. Keyed by `task_id`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct WorkItem {
     /// The task.
     pub task_id: String,
@@ -253,7 +254,7 @@ pub struct WorkItem {
 /// Where a state event's input came from. A record that does not copy its input (it could not
 /// be decoded, or it is too large to copy) refers to it by position, size and SHA-256, which
 /// replay, audit and redrive follow.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct InputRef {
     /// The input event's id, when it could be decoded.
     pub event_id: Option<String>,
@@ -272,7 +273,7 @@ pub struct InputRef {
 }
 
 /// What kind of timer fell due.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TimerKind {
     /// The task's `deadline` passed.
@@ -302,7 +303,7 @@ impl TimerKind {
 
 /// A timer that fell due, recorded as the input of the decision that follows from it: restore
 /// and replay read the firing, never the clock.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Firing {
     /// What fell due.
     pub kind: TimerKind,
@@ -325,7 +326,7 @@ pub struct Firing {
 /// A record the broker refused for good (too large for the topic, invalid, no such topic),
 /// recorded with the decision that follows from it, so that restore and replay know that the
 /// earlier decision's writes did not all happen.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Rejection {
     /// The topic the record was for.
     pub topic: String,
@@ -338,7 +339,7 @@ pub struct Rejection {
 }
 
 /// One step a decision creates.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Step {
     /// Step id within the task.
     pub step_id: u32,
@@ -369,7 +370,7 @@ impl Step {
 }
 
 /// Who made a routing decision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "by", rename_all = "snake_case")]
 pub enum DecidedBy {
     /// A rule of the rule table.
@@ -397,7 +398,7 @@ pub enum DecidedBy {
 }
 
 /// What the router decided for one input event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Decision {
     /// An instance took over the partition; the record's offset is its epoch.
@@ -505,7 +506,7 @@ impl Decision {
 
 /// A record on the state topic: one decision about one input event. The state topic is the
 /// event-sourced source of truth of the router; folding it restores every task's state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct StateEvent {
     /// The task (empty for ownership records and undecodable input).
     pub task_id: String,
@@ -546,7 +547,7 @@ pub struct StateEvent {
 }
 
 /// Where a card's circuit breaker stands after a change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum BreakerPhase {
     /// Work goes to the card.
@@ -559,7 +560,7 @@ pub enum BreakerPhase {
 
 /// A change of one card's circuit breaker in this partition, recorded with the decision that
 /// made it, so that restore and replay hold the same breakers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct BreakerChange {
     /// The card.
     pub card: String,
@@ -629,7 +630,7 @@ impl StateEvent {
 }
 
 /// One call of the LLM decider, as recorded with the decision it led to.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct LlmRecord {
     /// The model that answered (as the endpoint named it).
     pub model: String,

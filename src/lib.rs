@@ -20,6 +20,7 @@ pub mod registry;
 pub mod replay;
 pub mod router;
 pub mod rules;
+pub mod schema;
 pub mod signing;
 pub mod state;
 pub mod topics;

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use schemars::JsonSchema;
 use serde::de::{self, Deserializer, IntoDeserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -40,7 +41,7 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A numeric comparison; every bound that is set must hold.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Compare {
     /// Greater than.
@@ -75,7 +76,7 @@ impl Compare {
 }
 
 /// A condition on one field of the payload, addressed by a JSON pointer (RFC 6901).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PayloadCondition {
     /// JSON pointer into the payload, e.g. `/intent` or `/scores/0`.
@@ -113,7 +114,7 @@ impl PayloadCondition {
 }
 
 /// What a rule can be about: the kind of a task event, or what a timer made of a task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Kind {
     /// A client submitted a new task.
@@ -158,15 +159,17 @@ impl Kind {
 }
 
 /// When a rule applies. Every condition that is set must hold.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct When {
     /// Kinds (one or a list): `SUBMITTED`, `RESULT`, `FAILED`, `HUMAN_DECISION`, `CANCEL`,
     /// `TIMED_OUT`, `DEADLINE_EXCEEDED`. Default: `RESULT` and `HUMAN_DECISION`.
     #[serde(default, deserialize_with = "one_or_many")]
+    #[schemars(with = "crate::schema::OneOrMany<Kind>")]
     pub kind: Vec<Kind>,
     /// The card whose step the event answers (one or a list).
     #[serde(default, deserialize_with = "one_or_many")]
+    #[schemars(with = "crate::schema::OneOrMany<String>")]
     pub source: Vec<String>,
     /// Join after fan-out: the event answers one of these cards and the latest step of every one
     /// of them has finished.
@@ -248,7 +251,7 @@ pub enum Action {
 const ACTIONS: &[&str] = &["route", "complete", "escalate", "dead_letter", "llm"];
 
 /// An escalation to a (human) card, and how long it may wait for the answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Escalation {
     /// The card that answers.
@@ -259,6 +262,7 @@ pub struct Escalation {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<crate::schema::HumanDuration>")]
     pub timeout: Option<std::time::Duration>,
     /// What happens when `timeout` passes without an answer: `{route: [card]}`, `complete`,
     /// `{escalate: ...}`, `{dead_letter: reason}`, or `dead_letter` (reason `human_timeout`,
@@ -268,6 +272,7 @@ pub struct Escalation {
         deserialize_with = "timeout_action",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<crate::schema::TimeoutAction>")]
     pub then: Option<Box<Action>>,
     /// Send the work item again this often while no answer came (before `timeout`), e.g. `1h`.
     #[serde(
@@ -275,6 +280,7 @@ pub struct Escalation {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<crate::schema::HumanDuration>")]
     pub remind_every: Option<std::time::Duration>,
 }
 
@@ -357,7 +363,7 @@ fn escalation<'de, A: de::MapAccess<'de>>(
 /// An LLM routing decision: the model chooses among `candidates` (and `COMPLETE` / `HUMAN` where
 /// allowed). Its answer is validated against exactly this set; anything else, an error, a timeout
 /// or an open circuit breaker ends in `fallback`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LlmRoute {
     /// The cards the model may choose from (at least one).
@@ -399,7 +405,7 @@ pub const HUMAN: &str = "HUMAN";
 
 /// Tokens and cost one task may spend, counted from the usage of agents' results and of the LLM
 /// decider's calls.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Budget {
     /// Most tokens (prompt + completion).
@@ -550,7 +556,7 @@ impl<'de> Deserialize<'de> for Action {
 }
 
 /// One rule.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// Unique id, recorded with every decision the rule makes.
@@ -579,7 +585,7 @@ pub struct Facts<'a> {
 }
 
 /// A rule table.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RuleTable {
     /// Most steps one task may take; a task that would take more is dead-lettered.

@@ -34,6 +34,13 @@ pub(super) enum SchemasCommand {
         #[arg(long, default_value = "schemas")]
         dir: PathBuf,
     },
+    /// Write the JSON Schemas of cards, rule tables, topic specs, the config file, state events
+    /// and dead-letter headers (generated from the code) to `DIR/*.schema.json`.
+    Export {
+        /// Where to write them.
+        #[arg(long, default_value = "schemas")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -62,7 +69,10 @@ pub(super) async fn schemas(
     kafka: &KafkaConfig,
     command: SchemasCommand,
 ) -> Result<()> {
-    let SchemasCommand::Register { workflow, dir } = command;
+    let (workflow, dir) = match command {
+        SchemasCommand::Register { workflow, dir } => (workflow, dir),
+        SchemasCommand::Export { dir } => return export(&dir),
+    };
     let wf = Workflow::load(&workflow.workflow, workflow.rules.as_deref())?;
     for r in crate::registry::client::register(&global.registry_url, kafka, &wf.cards, &dir).await?
     {
@@ -72,6 +82,18 @@ pub(super) async fn schemas(
             r.subject,
             r.id
         );
+    }
+    Ok(())
+}
+
+/// Writes the JSON Schemas.
+fn export(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (name, schema) in crate::schema::all() {
+        let path = dir.join(name);
+        let text = serde_json::to_string_pretty(&schema)? + "\n";
+        std::fs::write(&path, text)?;
+        println!("wrote {}", path.display());
     }
     Ok(())
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -71,16 +72,16 @@ struct Global {
     llm_model: Option<String>,
 }
 
-/// The config file.
-#[derive(Debug, Default, Deserialize)]
+/// The config file (`--config`).
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct FileConfig {
+pub struct FileConfig {
     /// Kafka settings.
     #[serde(default)]
-    kafka: KafkaConfig,
+    pub kafka: KafkaConfig,
     /// The LLM endpoint (the router's decider and `llm` agents).
     #[serde(default)]
-    llm: Option<LlmConfig>,
+    pub llm: Option<LlmConfig>,
 }
 
 impl Global {

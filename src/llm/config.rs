@@ -3,13 +3,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::envelope::Usage;
 
 /// How switchyard talks to an OpenAI-compatible chat-completions endpoint (the router's LLM
 /// decider and `llm` agents). The API key is read from the environment, never from this file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct LlmConfig {
     /// Base URL up to and including `/v1`, e.g. `https://api.openai.com/v1`. Default: the local
@@ -26,11 +27,13 @@ pub struct LlmConfig {
     pub max_tokens: u32,
     /// Time limit of one request, e.g. `30s`.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub timeout: Duration,
     /// Requests after the first when an answer is invalid, times out or fails. Default 2.
     pub retries: u32,
     /// Wait before the first retry, doubled for each further one. Default `200ms`.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub backoff: Duration,
     /// Most LLM decisions in flight at once in one router instance. Default 8.
     pub concurrency: usize,
@@ -118,7 +121,7 @@ impl LlmConfig {
 }
 
 /// How answers are constrained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StructuredOutput {
     /// `response_format: {type: json_schema}` with the allowed answers as an enum.
@@ -130,13 +133,14 @@ pub enum StructuredOutput {
 /// The circuit breaker: after `failures` failed calls in a row the endpoint is not asked for
 /// `open_for`; decisions go straight to their fallback (reason `circuit_open`). Then one call is
 /// let through; its success closes the breaker.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BreakerConfig {
     /// Failed calls in a row (after their retries) that open the breaker. Default 5.
     pub failures: u32,
     /// How long it stays open, e.g. `30s`.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "crate::schema::HumanDuration")]
     pub open_for: Duration,
 }
 
@@ -150,7 +154,7 @@ impl Default for BreakerConfig {
 }
 
 /// Price of a model per million tokens.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Price {
     /// Per million prompt tokens.
