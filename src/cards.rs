@@ -14,29 +14,8 @@ use sha2::{Digest, Sha256};
 
 use crate::signing::{Secret, Secrets};
 
-/// Errors loading cards.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A file or directory could not be read.
-    #[error("{path}: {source}")]
-    Io {
-        /// The path.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// A card failed to parse or validate.
-    #[error("{path}: {message}")]
-    Invalid {
-        /// The card file.
-        path: PathBuf,
-        /// What is wrong: the field and what is allowed.
-        message: String,
-    },
-}
-
-/// Result type of this module.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+/// Errors loading cards: the file and what is wrong.
+pub use crate::files::{Error, Result};
 
 /// One skill of an agent (A2A `AgentSkill`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

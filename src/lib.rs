@@ -12,6 +12,7 @@ pub mod codec;
 pub mod commit;
 pub mod dlq;
 pub mod envelope;
+pub mod files;
 pub mod journey;
 pub mod kafka;
 pub mod llm;

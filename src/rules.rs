@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use schemars::JsonSchema;
 use serde::de::{self, Deserializer, IntoDeserializer, SeqAccess, Visitor};
@@ -16,29 +16,8 @@ use serde_json::Value;
 use crate::cards::Cards;
 use crate::envelope::EventKind;
 
-/// Errors loading a rule table.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The table failed to parse or validate.
-    #[error("{path}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong: the field and what is allowed.
-        message: String,
-    },
-}
-
-/// Result type of this module.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+/// Errors loading a rule table: the file and what is wrong.
+pub use crate::files::{Error, Result};
 
 /// A numeric comparison; every bound that is set must hold.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -925,7 +904,7 @@ mod tests {
                 serde_yaml_ng::from_str(&format!("name: {name}\nruntime: {{kind: handler}}"))
                     .unwrap();
             cards
-                .insert(card, PathBuf::from(format!("{name}.yaml")))
+                .insert(card, std::path::PathBuf::from(format!("{name}.yaml")))
                 .unwrap();
         }
         assert!(cards.iter().all(|c| c.runtime == Runtime::Handler));

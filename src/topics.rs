@@ -1,7 +1,7 @@
 //! Topic specs (`topics/*.yaml`) and `switchyard topics apply`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -11,22 +11,18 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::cards::Cards;
-use crate::kafka::KafkaConfig;
+use crate::files;
+use crate::kafka::{self, KafkaConfig};
 
 /// Errors applying topics.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The spec file could not be read or parsed.
-    #[error("{path}: {message}")]
-    Spec {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// A client call failed.
-    #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The spec file could not be read or is not valid.
+    #[error(transparent)]
+    File(#[from] files::Error),
+    /// Kafka failed.
+    #[error(transparent)]
+    Kafka(#[from] kafka::Error),
     /// Creating a topic failed.
     #[error("cannot create `{topic}`: {code}")]
     Create {
@@ -38,6 +34,13 @@ pub enum Error {
     /// An existing topic breaks the design.
     #[error("{0}")]
     Conflict(String),
+}
+
+/// A client error is a Kafka error ([`kafka::Error::Kafka`]).
+impl From<rdkafka::error::KafkaError> for Error {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        Error::Kafka(e.into())
+    }
 }
 
 /// Result type of this module.
@@ -82,9 +85,11 @@ pub struct TopicSpecs {
 impl TopicSpecs {
     /// Loads and checks a spec file.
     pub fn load(path: &Path) -> Result<Self> {
-        let spec_err = |message: String| Error::Spec {
-            path: path.to_path_buf(),
-            message,
+        let spec_err = |message: String| {
+            Error::from(files::Error::Invalid {
+                path: path.to_path_buf(),
+                message,
+            })
         };
         let text = std::fs::read_to_string(path).map_err(|e| spec_err(e.to_string()))?;
         let specs: TopicSpecs =

@@ -2,23 +2,12 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::cards::{self, Cards};
+use crate::cards::Cards;
 use crate::router::Engine;
-use crate::rules::{self, RuleTable};
+use crate::rules::RuleTable;
 
-/// Errors loading a workflow.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A card is bad.
-    #[error(transparent)]
-    Card(#[from] cards::Error),
-    /// The rule table is bad.
-    #[error(transparent)]
-    Rules(#[from] rules::Error),
-}
-
-/// Result type of this module.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+/// Errors loading a workflow: the card or rule file and what is wrong.
+pub use crate::files::{Error, Result};
 
 /// A loaded, checked workflow.
 #[derive(Debug, Clone)]

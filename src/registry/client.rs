@@ -13,13 +13,8 @@ use crate::kafka::KafkaConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A schema file could not be read.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] crate::files::Error),
     /// The registry refused a schema or could not be reached.
     #[error("registering {path} as `{subject}` failed: {message}")]
     Refused {
@@ -70,7 +65,7 @@ pub async fn register(
     let settings = SrSettings::new(url.to_string());
     let mut out = Vec::new();
     for (subject, path) in subjects(kafka, cards, dir) {
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        let text = std::fs::read_to_string(&path).map_err(|source| crate::files::Error::Io {
             path: path.clone(),
             source,
         })?;
