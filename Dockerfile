@@ -1,5 +1,5 @@
 # Image for docker-compose.yml (not built or run on the development machines, which have no Docker engine).
-FROM rust:1.85-bookworm AS build
+FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked
@@ -10,3 +10,4 @@ WORKDIR /app
 COPY --from=build /src/target/release/switchyard /usr/local/bin/switchyard
 COPY agents agents
 COPY topics topics
+COPY schemas schemas

@@ -102,12 +102,19 @@ impl LlmMetrics {
                 &["reason"],
             )?,
             latency,
-            tokens: counter(
-                r,
-                "switchyard_llm_tokens_total",
-                "LLM tokens by kind",
-                &["kind"],
-            )?,
+            tokens: {
+                let tokens = counter(
+                    r,
+                    "switchyard_llm_tokens_total",
+                    "LLM tokens by kind",
+                    &["kind"],
+                )?;
+                // Both kinds exist from the start, at 0, so dashboards see them before a call.
+                for kind in ["prompt", "completion"] {
+                    tokens.with_label_values(&[kind]);
+                }
+                tokens
+            },
             cost,
             fallbacks: counter(
                 r,
@@ -139,6 +146,9 @@ pub struct RouterMetrics {
     pub dropped: IntCounterVec,
     /// Tasks active in this instance.
     pub inflight_tasks: IntGauge,
+    /// Task events in the owned tasks partitions past the committed positions (librdkafka's
+    /// statistics, every 5 s).
+    pub consumer_lag: IntGauge,
     /// Partitions this instance owns.
     pub partitions: IntGauge,
     /// Time from reading an event to its work items being acknowledged.
@@ -221,6 +231,11 @@ impl RouterMetrics {
                 &r,
                 "switchyard_inflight_tasks",
                 "Active tasks held by this instance",
+            )?,
+            consumer_lag: gauge(
+                &r,
+                "switchyard_consumer_lag",
+                "Task events in the owned partitions not decided yet",
             )?,
             partitions: gauge(
                 &r,

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -54,17 +53,7 @@ async fn run_history(kafka: &KafkaConfig, messages: &[(String, String, Option<f6
 }
 
 fn switchyard(kafka: &KafkaConfig, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "--bootstrap-servers",
-            &kafka.bootstrap_servers,
-            "--topic-prefix",
-            &kafka.topic_prefix,
-        ])
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap();
+    let out = switchyard_command(kafka).args(args).output().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

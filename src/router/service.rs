@@ -203,9 +203,24 @@ enum RebalanceEvent {
 
 struct RebalanceContext {
     events: mpsc::UnboundedSender<RebalanceEvent>,
+    /// `switchyard_consumer_lag`, set from librdkafka's statistics.
+    lag: prometheus::IntGauge,
 }
 
-impl ClientContext for RebalanceContext {}
+impl ClientContext for RebalanceContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): the consumer lag of the owned
+    /// partitions, from the broker's high watermark and the committed positions.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let lag = statistics
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
+            .map(|p| p.consumer_lag)
+            .sum();
+        self.lag.set(lag);
+    }
+}
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
     tpl.elements().iter().map(|e| e.partition()).collect()
@@ -468,6 +483,7 @@ impl Router {
             .set_log_level(RDKafkaLogLevel::Warning);
         kafka::service_consumer_defaults(&mut config);
         set_default(&mut config, "isolation.level", "read_committed");
+        set_default(&mut config, "statistics.interval.ms", "5000");
         // Incremental rebalancing: a partition that stays with this instance is neither revoked
         // nor restored again.
         set_default(
@@ -478,8 +494,10 @@ impl Router {
         if self.config.static_membership {
             config.set("group.instance.id", &self.config.instance_id);
         }
-        let consumer: TasksConsumer =
-            config.create_with_context(RebalanceContext { events: tx })?;
+        let consumer: TasksConsumer = config.create_with_context(RebalanceContext {
+            events: tx,
+            lag: self.metrics.consumer_lag.clone(),
+        })?;
         consumer.subscribe(&[&self.topics.tasks()])?;
         tracing::info!(
             instance = %self.config.instance_id, group = %self.config.group_id,

@@ -230,31 +230,41 @@ impl RunningRouter {
     }
 }
 
-/// Starts `switchyard router` as a process for the workflow in `workflow` (relative to the
-/// repository root, or absolute) with `extra` arguments; its log goes to
-/// `$TMPDIR/<prefix>-router-<n>.log`.
-pub fn spawn_router(kafka: &KafkaConfig, workflow: &Path, n: usize, extra: &[&str]) -> Child {
-    let log = std::fs::File::create(
-        std::env::temp_dir().join(format!("{}-router-{n}.log", kafka.topic_prefix)),
-    )
-    .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+/// The `switchyard` binary with `kafka`'s broker and topic prefix, run from the repository root.
+pub fn switchyard_command(kafka: &KafkaConfig) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    command
         .args([
             "--bootstrap-servers",
             &kafka.bootstrap_servers,
             "--topic-prefix",
             &kafka.topic_prefix,
         ])
-        .arg("router")
-        .arg("--workflow")
-        .arg(workflow)
-        .args(["--http-addr", "127.0.0.1:0", "--session-timeout", "3s"])
-        .args(extra)
-        .current_dir(root())
+        .current_dir(root());
+    command
+}
+
+/// Starts `switchyard` with `args` as a process; its log goes to `$TMPDIR/<log>`.
+pub fn spawn_switchyard(kafka: &KafkaConfig, args: &[&str], log: &str) -> Child {
+    let log = std::fs::File::create(std::env::temp_dir().join(log)).unwrap();
+    switchyard_command(kafka)
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()
-        .expect("router binary starts")
+        .expect("the switchyard binary starts")
+}
+
+/// Starts `switchyard router` as a process for the workflow in `workflow` (relative to the
+/// repository root, or absolute) with `extra` arguments; its log goes to
+/// `$TMPDIR/<prefix>-router-<n>.log`.
+pub fn spawn_router(kafka: &KafkaConfig, workflow: &Path, n: usize, extra: &[&str]) -> Child {
+    let workflow = workflow.to_string_lossy();
+    let mut args = vec!["router", "--workflow", &workflow];
+    args.extend(["--http-addr", "127.0.0.1:0", "--session-timeout", "3s"]);
+    args.extend(extra);
+    let log = format!("{}-router-{n}.log", kafka.topic_prefix);
+    spawn_switchyard(kafka, &args, &log)
 }
 
 /// Agents running in this process.
