@@ -422,8 +422,15 @@ impl PartitionState {
         }
     }
 
-    /// Takes a decision back (undo points are applied newest first).
-    pub fn undo(&mut self, undo: Undo) {
+    /// Takes a decision back (undo points are applied newest first); returns the task it was
+    /// about.
+    pub fn undo(&mut self, undo: Undo) -> String {
+        let task_id = undo.task_id.clone();
+        self.undo_into(undo);
+        task_id
+    }
+
+    fn undo_into(&mut self, undo: Undo) {
         match undo.task {
             Some(task) => self.tasks.insert(undo.task_id.clone(), task),
             None => self.tasks.remove(&undo.task_id),

@@ -115,16 +115,18 @@ impl Partition<'_> {
     /// The timers of this partition that are due at `now`, oldest first. A task whose deadline
     /// passed fires nothing else.
     pub fn due(&self) -> Vec<(String, Firing)> {
-        self.due_and_pending().0
+        self.due_among(self.state.tasks.keys())
     }
 
-    /// [`Partition::due`], with the count of every timer the partition holds (due or not), from
-    /// the same pass over its tasks.
-    pub fn due_and_pending(&self) -> (Vec<(String, Firing)>, usize) {
-        let (mut due, mut pending) = (Vec::new(), 0);
-        for task in self.state.tasks.values() {
+    /// [`Partition::due`] of the tasks `ids` only (those a [`super::timers::TimerIndex`] says
+    /// have a timer due).
+    pub fn due_among<'i>(
+        &self,
+        ids: impl IntoIterator<Item = &'i String>,
+    ) -> Vec<(String, Firing)> {
+        let mut due = Vec::new();
+        for task in ids.into_iter().filter_map(|id| self.state.tasks.get(id)) {
             let mut timers = self.engine.timers(task);
-            pending += timers.len();
             timers.retain(|f| f.due <= self.now);
             if let Some(deadline) = timers.iter().position(|f| f.kind == TimerKind::Deadline) {
                 timers.swap(0, deadline);
@@ -133,7 +135,7 @@ impl Partition<'_> {
             due.extend(timers.into_iter().map(|f| (task.task_id.clone(), f)));
         }
         due.sort_by(|(a, f), (b, g)| (f.due, a, f.step_id).cmp(&(g.due, b, g.step_id)));
-        (due, pending)
+        due
     }
 
     /// Fires a due timer of `task_id`: the decision that follows from it, recorded with the

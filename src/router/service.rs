@@ -38,6 +38,7 @@ use super::partition::{Partition, Position, Step};
 use super::pipeline::{Flight, Landed, Pipeline};
 use super::resend;
 use super::snapshot::{self, Due, Ended, Schedule, SnapshotConfig};
+use super::timers::TimerIndex;
 use crate::codec::{Codec, Encoding};
 use crate::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use crate::dlq;
@@ -316,6 +317,8 @@ pub struct Router {
     codec: Codec,
     card_topics: HashMap<String, String>,
     partitions: HashMap<i32, PartitionState>,
+    /// The owned partitions' tasks by their next timer.
+    timers: HashMap<i32, TimerIndex>,
     gaps: HashMap<i32, Gap>,
     ready: Arc<AtomicBool>,
     llm: Option<Arc<LlmClient>>,
@@ -438,6 +441,7 @@ impl Router {
             engine: Arc::new(engine),
             metrics,
             partitions: HashMap::new(),
+            timers: HashMap::new(),
             gaps: HashMap::new(),
             ready: Arc::new(AtomicBool::new(false)),
             llm,
@@ -771,7 +775,10 @@ impl Router {
         let mut touched = Vec::new();
         for (p, undo) in undo.into_iter().rev() {
             if let Some(state) = self.partitions.get_mut(&p) {
-                state.undo(undo);
+                let task_id = state.undo(undo);
+                if let Some(index) = self.timers.get_mut(&p) {
+                    index.refresh(&self.engine, &task_id, state.tasks.get(&task_id));
+                }
             }
             if !touched.contains(&p) {
                 touched.push(p);
@@ -940,6 +947,7 @@ impl Router {
             RebalanceEvent::Revoked(parts) => {
                 for p in parts {
                     self.partitions.remove(&p);
+                    self.timers.remove(&p);
                     self.schedule.revoked(p);
                     self.gaps.remove(&p);
                     self.asking.retain(|(q, _)| *q != p);
@@ -995,6 +1003,8 @@ impl Router {
                     .inc();
                 pending.push(work_item(task, &step, *p));
             }
+            self.timers
+                .insert(*p, TimerIndex::build(&self.engine, &state));
             self.partitions.insert(*p, state);
             self.gaps.remove(p);
         }
@@ -1342,12 +1352,16 @@ impl Router {
         let mut out = Decided::default();
         let owned: Vec<i32> = self.partitions.keys().copied().collect();
         for p in owned {
+            let Some(index) = self.timers.get(&p) else {
+                continue;
+            };
+            pending += index.pending();
+            let ids = index.due(now_ms());
             let Some(mut partition) = self.partition(p) else {
                 continue;
             };
             let mut fired = Vec::new();
-            let (due, held) = partition.due_and_pending();
-            pending += held;
+            let due = partition.due_among(&ids);
             for (task_id, firing) in due {
                 let task = partition.state.tasks.get(&task_id);
                 let submission = task.map(submission);
@@ -1427,6 +1441,13 @@ impl Router {
         let Some(state) = self.partitions.get(&p) else {
             return Ok(());
         };
+        if let Some(index) = self.timers.get_mut(&p) {
+            index.refresh(
+                &self.engine,
+                &record.task_id,
+                state.tasks.get(&record.task_id),
+            );
+        }
         if let Some(undo) = undo {
             out.undo.push((p, undo));
         }

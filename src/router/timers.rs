@@ -6,12 +6,13 @@
 //! records the firing and the decision that follows (see [`super::Partition::fire`]); restore
 //! and replay read that record, never the clock.
 
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use super::engine::{Engine, Outcome};
 use crate::envelope::{DecidedBy, Decision, Firing, Step, TimerKind};
 use crate::rules::{Facts, Kind, HUMAN_TIMEOUT};
-use crate::state::{StepStatus, TaskState};
+use crate::state::{PartitionState, StepStatus, TaskState};
 
 fn ms(d: Duration) -> i64 {
     d.as_millis() as i64
@@ -212,6 +213,33 @@ rules:
     }
 
     #[test]
+    fn the_index_names_the_tasks_with_a_timer_due_and_counts_every_timer() {
+        let mut run = flow();
+        for id in ["t1", "t2"] {
+            let mut e = submitted(&[]);
+            e.task_id = id.into();
+            run.send_at(0, e);
+        }
+        let mut index = super::TimerIndex::build(&run.engine, &run.state);
+        assert_eq!(index.pending(), 2, "one step timeout each");
+        assert!(index.due(999).is_empty());
+        assert_eq!(
+            index.due(run.engine.timers(&run.state.tasks["t1"])[0].due),
+            ["t1", "t2"]
+        );
+        let full = run.partition_at(5_000).due();
+        let among = run.partition_at(5_000).due_among(&index.due(5_000));
+        assert_eq!(
+            full, among,
+            "the index finds what a scan of every task finds"
+        );
+        run.state.tasks.remove("t2");
+        index.refresh(&run.engine, "t2", None);
+        assert_eq!(index.pending(), 1);
+        assert_eq!(index.due(5_000), ["t1"]);
+    }
+
+    #[test]
     fn a_timed_out_step_is_retried_after_its_backoff_and_its_late_answer_is_stale() {
         let mut run = flow();
         run.send_at(0, submitted(&[]));
@@ -364,5 +392,57 @@ rules:
         );
         let capped = crate::cards::Backoff::default().delay_ms("t", 1, 30);
         assert_eq!(capped, 60_000, "at most `max`");
+    }
+}
+
+/// A partition's tasks by when their next timer falls due, so that a tick looks only at the tasks
+/// with a timer due instead of at every task. The router refreshes a task's entry after each
+/// decision about it (and after taking one back); timers depend on the task and the engine only.
+#[derive(Debug, Default)]
+pub struct TimerIndex {
+    by_due: BTreeSet<(i64, String)>,
+    tasks: HashMap<String, (i64, usize)>,
+    pending: usize,
+}
+
+impl TimerIndex {
+    /// The index of every task of `state`.
+    pub fn build(engine: &Engine, state: &PartitionState) -> Self {
+        let mut index = Self::default();
+        for (id, task) in &state.tasks {
+            index.refresh(engine, id, Some(task));
+        }
+        index
+    }
+
+    /// Files `task_id` again by its next timer (`task`: its state now, `None` when it is gone).
+    pub fn refresh(&mut self, engine: &Engine, task_id: &str, task: Option<&TaskState>) {
+        if let Some((due, held)) = self.tasks.remove(task_id) {
+            self.by_due.remove(&(due, task_id.to_string()));
+            self.pending -= held;
+        }
+        let Some(task) = task else {
+            return;
+        };
+        let timers = engine.timers(task);
+        if let Some(next) = timers.iter().map(|f| f.due).min() {
+            self.by_due.insert((next, task_id.to_string()));
+            self.tasks.insert(task_id.to_string(), (next, timers.len()));
+            self.pending += timers.len();
+        }
+    }
+
+    /// The tasks with a timer due at `now`.
+    pub fn due(&self, now: i64) -> Vec<String> {
+        self.by_due
+            .iter()
+            .take_while(|(due, _)| *due <= now)
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
+    /// Timers the partition holds, due or not.
+    pub fn pending(&self) -> usize {
+        self.pending
     }
 }
