@@ -4,6 +4,7 @@
 pub mod breaker;
 pub mod engine;
 pub mod guard;
+pub mod inbox;
 pub mod partition;
 pub mod pipeline;
 pub mod resend;

@@ -20,20 +20,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
-    StreamConsumer,
-};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerGroupMetadata, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::Producer;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
 use super::engine::{work_item, Engine, Outcome};
 use super::guard::Raw;
+use super::inbox::{Inbox, RebalanceContext, RebalanceEvent, TasksConsumer};
 use super::partition::{Partition, Position, Step};
 use super::pipeline::{Flight, Landed, Pipeline};
 use super::resend;
@@ -197,56 +194,6 @@ impl RouterConfig {
     }
 }
 
-enum RebalanceEvent {
-    Assigned(Vec<i32>),
-    Revoked(Vec<i32>),
-}
-
-struct RebalanceContext {
-    events: mpsc::UnboundedSender<RebalanceEvent>,
-    /// `switchyard_consumer_lag`, set from librdkafka's statistics.
-    lag: prometheus::IntGauge,
-}
-
-impl ClientContext for RebalanceContext {
-    /// librdkafka's statistics (every `statistics.interval.ms`): the consumer lag of the owned
-    /// partitions, from the broker's high watermark and the committed positions.
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        let lag = statistics
-            .topics
-            .values()
-            .flat_map(|t| t.partitions.values())
-            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
-            .map(|p| p.consumer_lag)
-            .sum();
-        self.lag.set(lag);
-    }
-}
-
-fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
-    tpl.elements().iter().map(|e| e.partition()).collect()
-}
-
-impl ConsumerContext for RebalanceContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            let _ = self.events.send(RebalanceEvent::Revoked(partitions(tpl)));
-        }
-    }
-
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            // Nothing is processed from a partition before its state is restored.
-            if let Err(e) = consumer.pause(tpl) {
-                tracing::warn!(error = %e, "could not pause newly assigned partitions");
-            }
-            let _ = self.events.send(RebalanceEvent::Assigned(partitions(tpl)));
-        }
-    }
-}
-
-type TasksConsumer = StreamConsumer<RebalanceContext>;
-
 /// A hole in a tasks partition: records past `expected` arrived before `expected` itself.
 ///
 /// Kafka never shows a record before the ones below it, but a broker that assigns offsets to
@@ -333,6 +280,8 @@ pub struct Router {
     store: Option<snapshot::store::Store>,
     /// When each owned partition's next snapshot is due.
     schedule: Schedule,
+    /// The owned tasks partitions' queues, read in turn.
+    inbox: Inbox,
     /// Effectively-once batches whose writes are in flight.
     pipeline: Pipeline,
     /// A batch landed since the input positions were last committed.
@@ -451,6 +400,7 @@ impl Router {
             refused: Refusals::default(),
             store,
             schedule: Schedule::new(config.snapshots.clone()),
+            inbox: Inbox::default(),
             pipeline: Pipeline::default(),
             uncommitted: false,
             snapshots_done,
@@ -498,10 +448,11 @@ impl Router {
         if self.config.static_membership {
             config.set("group.instance.id", &self.config.instance_id);
         }
-        let consumer: TasksConsumer = config.create_with_context(RebalanceContext {
-            events: tx,
-            lag: self.metrics.consumer_lag.clone(),
-        })?;
+        let consumer: Arc<TasksConsumer> =
+            Arc::new(config.create_with_context(RebalanceContext {
+                events: tx,
+                lag: self.metrics.consumer_lag.clone(),
+            })?);
         consumer.subscribe(&[&self.topics.tasks()])?;
         tracing::info!(
             instance = %self.config.instance_id, group = %self.config.group_id,
@@ -535,12 +486,25 @@ impl Router {
                     }
                     self.resolve(batch).await?;
                 }
+                first = self.inbox.next(), if !self.inbox.is_empty() => {
+                    let first = match first {
+                        Ok(m) => m,
+                        Err(e) => { tracing::warn!(error = %e, "consumer error"); continue; }
+                    };
+                    let batch = self.gather(first).await;
+                    while let Ok(event) = rebalances.try_recv() {
+                        self.rebalance(event, &consumer).await?;
+                    }
+                    let batch = self.decide(batch).await?;
+                    self.commit(batch, &consumer).await?;
+                }
+                // Errors, and records of a partition whose queue could not be split.
                 first = consumer.recv() => {
                     let first = match first {
                         Ok(m) => m.detach(),
                         Err(e) => { tracing::warn!(error = %e, "consumer error"); continue; }
                     };
-                    let batch = self.gather(&consumer, first).await;
+                    let batch = self.gather(first).await;
                     while let Ok(event) = rebalances.try_recv() {
                         self.rebalance(event, &consumer).await?;
                     }
@@ -555,29 +519,28 @@ impl Router {
         Ok(())
     }
 
-    /// Gathers a batch: what is already fetched (effectively-once), or what arrives within the
-    /// commit interval (exactly-once, where each batch costs a transaction).
-    async fn gather(&self, consumer: &TasksConsumer, first: OwnedMessage) -> Vec<OwnedMessage> {
+    /// Gathers a batch, one record of each owned partition in turn: what is already fetched
+    /// (effectively-once), or what arrives within the commit interval (exactly-once, where each
+    /// batch costs a transaction).
+    async fn gather(&self, first: OwnedMessage) -> Vec<OwnedMessage> {
+        let max = self.config.max_batch;
         let mut batch = vec![first];
         let window = self
             .config
             .consistency
             .gather_window(self.config.commit_interval);
         let deadline = tokio::time::Instant::now() + window.unwrap_or_default();
-        while batch.len() < self.config.max_batch {
-            let next = match window {
-                None => consumer.recv().now_or_never(),
-                Some(_) => tokio::time::timeout_at(deadline, consumer.recv())
-                    .await
-                    .ok(),
-            };
-            match next {
-                Some(Ok(m)) => batch.push(m.detach()),
-                Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-                None => break,
+        loop {
+            self.inbox.take_ready(&mut batch, max);
+            if window.is_none() || batch.len() >= max || self.inbox.is_empty() {
+                return batch;
+            }
+            match tokio::time::timeout_at(deadline, self.inbox.next()).await {
+                Ok(Ok(m)) => batch.push(m),
+                Ok(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+                Err(_) => return batch,
             }
         }
-        batch
     }
 
     /// The next offset of every owned partition.
@@ -941,10 +904,15 @@ impl Router {
         Ok(())
     }
 
-    async fn rebalance(&mut self, event: RebalanceEvent, consumer: &TasksConsumer) -> Result<()> {
+    async fn rebalance(
+        &mut self,
+        event: RebalanceEvent,
+        consumer: &Arc<TasksConsumer>,
+    ) -> Result<()> {
         self.drain().await?;
         match event {
             RebalanceEvent::Revoked(parts) => {
+                self.inbox.remove(&parts);
                 for p in parts {
                     self.partitions.remove(&p);
                     self.timers.remove(&p);
@@ -969,7 +937,7 @@ impl Router {
 
     /// Takes over partitions: ownership records, restore up to them, re-send pending work,
     /// then read the tasks partitions from the restored positions.
-    async fn take_over(&mut self, parts: Vec<i32>, consumer: &TasksConsumer) -> Result<()> {
+    async fn take_over(&mut self, parts: Vec<i32>, consumer: &Arc<TasksConsumer>) -> Result<()> {
         self.ready.store(false, Ordering::Relaxed);
         let started = Instant::now();
         let instance = &self.config.instance_id;
@@ -1061,6 +1029,7 @@ impl Router {
                 "asked the LLM again for decisions that were never recorded"
             );
         }
+        self.inbox.split(consumer, &self.topics.tasks(), &parts);
         self.seek(consumer, &parts)?;
         let seconds = started.elapsed().as_secs_f64();
         self.metrics.restore_seconds.observe(seconds);
