@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -115,21 +115,24 @@ impl Inbox {
     /// Adds to `batch`, up to `max` records, what the partition queues already hold, one record
     /// of each partition in turn.
     pub fn take_ready(&self, batch: &mut Vec<OwnedMessage>, max: usize) {
-        loop {
-            let before = batch.len();
-            for queue in self.queues.values() {
+        let mut streams: Vec<_> = self.queues.values().map(|q| q.stream()).collect();
+        while !streams.is_empty() && batch.len() < max {
+            streams.retain_mut(|stream| {
                 if batch.len() >= max {
-                    return;
+                    return true;
                 }
-                match queue.recv().now_or_never() {
-                    Some(Ok(m)) => batch.push(m.detach()),
-                    Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-                    None => {}
+                match stream.next().now_or_never() {
+                    Some(Some(Ok(m))) => {
+                        batch.push(m.detach());
+                        true
+                    }
+                    Some(Some(Err(e))) => {
+                        tracing::warn!(error = %e, "consumer error");
+                        true
+                    }
+                    _ => false,
                 }
-            }
-            if batch.len() == before {
-                return;
-            }
+            });
         }
     }
 }
