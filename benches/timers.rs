@@ -61,6 +61,7 @@ fn partition<'a>(engine: &'a Engine, state: &'a mut PartitionState, now: i64) ->
         instance: "bench",
         now,
         keep_undo: false,
+        trace: None,
     }
 }
 

@@ -21,6 +21,7 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::cards::{Card, Runtime};
 use crate::codec::{self, Codec, Encoding};
@@ -29,6 +30,7 @@ use crate::envelope::{EventKind, TaskEvent, Usage, WorkItem};
 use crate::kafka::{self, KafkaConfig};
 use crate::metrics::AgentMetrics;
 use crate::signing::Secret;
+use crate::trace;
 
 /// Errors that stop an agent.
 #[derive(Debug, thiserror::Error)]
@@ -377,6 +379,7 @@ pub async fn run<H: Handler>(
                     Err(e) => { tracing::warn!(error = %e, "consumer error"); continue; }
                 };
                 let (partition, offset) = (message.partition(), message.offset());
+                let parent = trace::extract(message.headers());
                 offsets.entry(partition).or_default().inflight.insert(offset);
                 let item = match publisher.codec.decode_work_item(message.payload().unwrap_or_default()).await {
                     Ok(item) => Some(item),
@@ -400,10 +403,19 @@ pub async fn run<H: Handler>(
                     let Some(item) = fresh else { return (partition, offset, None) };
                     metrics.inflight.inc();
                     let started = Instant::now();
-                    let result = handler.handle(item.clone()).await;
+                    let span = tracing::info_span!(
+                        "agent_step",
+                        card = %name,
+                        task_id = %item.task_id,
+                        step_id = item.step_id,
+                        attempt = item.attempt,
+                    );
+                    trace::continue_in(&span, parent);
+                    let result = handler.handle(item.clone()).instrument(span.clone()).await;
                     metrics.handle_seconds.with_label_values(&[&name]).observe(started.elapsed().as_secs_f64());
                     metrics.inflight.dec();
-                    (partition, offset, Some(Outcome { item, result }))
+                    let trace = trace::traceparent(&span);
+                    (partition, offset, Some(Outcome { item, result, trace }))
                 });
             }
             else => break,
@@ -420,6 +432,8 @@ pub async fn run<H: Handler>(
 struct Outcome {
     item: WorkItem,
     result: Result<Reply, String>,
+    /// The `traceparent` of the step's span, put on the answer.
+    trace: Option<String>,
 }
 
 /// Publishes agents' answers.
@@ -444,7 +458,7 @@ impl Publisher<'_> {
         outcome: Outcome,
         commit: impl Fn() -> Option<(TopicPartitionList, ConsumerGroupMetadata)>,
     ) -> Result<()> {
-        let item = outcome.item.clone();
+        let (item, trace) = (outcome.item.clone(), outcome.trace.clone());
         let record = self.record(outcome).await?;
         let size = record.size();
         let Some(refused) = self.send(record, commit()).await? else {
@@ -453,7 +467,13 @@ impl Publisher<'_> {
         let result = Err(format!(
             "the broker refused the result ({size} bytes): {refused}"
         ));
-        let record = self.record(Outcome { item, result }).await?;
+        let record = self
+            .record(Outcome {
+                item,
+                result,
+                trace,
+            })
+            .await?;
         if let Some(refused) = self.send(record, commit()).await? {
             tracing::error!(error = %refused, "the broker refused the failure too; the work item waits for the router's timeout");
         }
@@ -536,7 +556,11 @@ async fn result_record(
     outcome: Outcome,
     metrics: &AgentMetrics,
 ) -> Result<Outgoing> {
-    let Outcome { item, result } = outcome;
+    let Outcome {
+        item,
+        result,
+        trace,
+    } = outcome;
     let (kind, label) = if result.is_ok() {
         (EventKind::Result, "result")
     } else {
@@ -559,7 +583,11 @@ async fn result_record(
     }
     metrics.work_items.with_label_values(&[card, label]).inc();
     let payload = codec.encode_task_event(tasks_topic, &event).await?;
-    let headers = secret.map(|s| s.headers(&event.task_id, event.step_id, event.attempt, &payload));
+    let mut headers =
+        secret.map(|s| s.headers(&event.task_id, event.step_id, event.attempt, &payload));
+    if let Some(traceparent) = &trace {
+        headers = Some(trace::add(headers, traceparent));
+    }
     let mut record = Outgoing::bytes(
         tasks_topic.to_string(),
         Some(item.reply_partition),

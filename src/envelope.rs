@@ -542,6 +542,10 @@ pub struct StateEvent {
     /// Circuit breakers this decision opened or closed (see [`BreakerChange`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub breakers: Vec<BreakerChange>,
+    /// The W3C `traceparent` of this decision's span: decisions that follow without an input of
+    /// their own (timers, LLM answers) continue the trace from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
     /// When, milliseconds since the Unix epoch.
     pub at: i64,
 }
@@ -598,6 +602,7 @@ impl StateEvent {
             rejected: None,
             timer: None,
             breakers: Vec::new(),
+            trace: None,
             at,
         }
     }
@@ -723,6 +728,7 @@ mod tests {
             rejected: None,
             timer: None,
             breakers: Vec::new(),
+            trace: None,
             at: 0,
         };
         let bytes = serde_json::to_vec(&s).unwrap();

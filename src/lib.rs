@@ -25,4 +25,5 @@ pub mod schema;
 pub mod signing;
 pub mod state;
 pub mod topics;
+pub mod trace;
 pub mod workflow;

@@ -85,6 +85,9 @@ pub struct TaskState {
     pub queue: VecDeque<Queued>,
     /// Tokens and cost spent so far (agents' results and LLM decisions).
     pub spent: Usage,
+    /// The `traceparent` of the task's latest decision (see [`StateEvent::trace`]).
+    #[serde(default)]
+    pub trace: Option<String>,
 }
 
 /// An LLM decision a task waits for.
@@ -123,6 +126,7 @@ impl TaskState {
             awaiting: None,
             queue: VecDeque::new(),
             spent: Usage::default(),
+            trace: None,
         }
     }
 
@@ -478,6 +482,9 @@ impl PartitionState {
             return;
         };
         task.seq = record.seq;
+        if record.trace.is_some() {
+            task.trace = record.trace.clone();
+        }
         if record.dequeued {
             task.queue.pop_front();
         }

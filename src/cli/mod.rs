@@ -70,6 +70,10 @@ struct Global {
     /// The LLM's model; overrides `llm.model`.
     #[arg(long, global = true, env = "SWITCHYARD_LLM_MODEL")]
     llm_model: Option<String>,
+    /// Export trace spans over OTLP/HTTP to this base URL, e.g. `http://127.0.0.1:4318`
+    /// (`OTEL_EXPORTER_OTLP_PROTOCOL=http/json` for JSON); nothing is exported without it.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 /// The config file (`--config`).
@@ -148,6 +152,11 @@ impl Global {
                 .flat_map(|c| ["--config".into(), c.display().to_string()]),
         )
         .chain(self.options.iter().flat_map(|o| ["-X".into(), o.clone()]))
+        .chain(
+            self.otlp_endpoint
+                .iter()
+                .flat_map(|e| ["--otlp-endpoint".into(), e.clone()]),
+        )
         .chain([
             "--encoding".into(),
             self.encoding.to_string(),
@@ -211,6 +220,21 @@ impl Cli {
             }
             _ => "info,librdkafka=off,rdkafka=off",
         }
+    }
+
+    /// The `service.name` of this process's trace spans.
+    pub fn service_name(&self) -> &'static str {
+        match self.command {
+            Command::Router(_) => "switchyard-router",
+            Command::Agent(_) => "switchyard-agent",
+            Command::Submit(_) => "switchyard-submit",
+            _ => "switchyard",
+        }
+    }
+
+    /// Where trace spans are exported (`--otlp-endpoint`), if anywhere.
+    pub fn otlp_endpoint(&self) -> Option<&str> {
+        self.global.otlp_endpoint.as_deref()
     }
 
     /// Runs the chosen subcommand.

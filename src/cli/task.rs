@@ -46,6 +46,9 @@ pub(super) struct SubmitArgs {
     /// with `secret_env` must be signed with that card's secret.
     #[arg(long, value_name = "VAR")]
     sign_with_env: Option<String>,
+    /// Continue this W3C trace (`00-<trace id>-<span id>-<flags>`) instead of starting one.
+    #[arg(long)]
+    traceparent: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -102,29 +105,36 @@ pub(super) async fn submit(kafka: &KafkaConfig, codec: &Codec, args: SubmitArgs)
         })?),
         None => None,
     };
-    publish_signed(kafka, codec, &event, secret.as_ref()).await?;
+    let span = tracing::info_span!("submit", task_id = %task_id, kind = %event.kind.as_str());
+    if let Some(parent) = &args.traceparent {
+        crate::trace::continue_in(&span, crate::trace::context_of(parent));
+    }
+    publish_signed(kafka, codec, &event, secret.as_ref(), &span).await?;
     Ok(task_id)
 }
 
 /// Publishes a task event to the tasks topic, keyed by its task id.
 pub(super) async fn publish(kafka: &KafkaConfig, codec: &Codec, event: &TaskEvent) -> Result<()> {
-    publish_signed(kafka, codec, event, None).await
+    let span = tracing::info_span!("submit", task_id = %event.task_id, kind = %event.kind.as_str());
+    publish_signed(kafka, codec, event, None, &span).await
 }
 
-/// Publishes a task event, signed with `secret` when given (see [`crate::signing`]).
+/// Publishes a task event, signed with `secret` when given (see [`crate::signing`]), with the
+/// trace context of `span`.
 async fn publish_signed(
     kafka: &KafkaConfig,
     codec: &Codec,
     event: &TaskEvent,
     secret: Option<&Secret>,
+    span: &tracing::Span,
 ) -> Result<()> {
     let producer = kafka.producer()?;
     let topic = kafka.topics().tasks();
     let bytes = codec.encode_task_event(&topic, event).await?;
     let mut record = FutureRecord::to(&topic).key(&event.task_id).payload(&bytes);
-    if let Some(secret) = secret {
-        record =
-            record.headers(secret.headers(&event.task_id, event.step_id, event.attempt, &bytes));
+    let signed = secret.map(|s| s.headers(&event.task_id, event.step_id, event.attempt, &bytes));
+    if let Some(headers) = crate::trace::inject(span, signed) {
+        record = record.headers(headers);
     }
     producer
         .send(record, Duration::from_secs(30))

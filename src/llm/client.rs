@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
+use tracing::Instrument;
 
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
@@ -258,9 +259,22 @@ impl LlmClient {
             response_format,
             ..Default::default()
         };
+        // OpenTelemetry's GenAI semantic conventions; the span continues the caller's (a
+        // decision, an agent's step).
+        let span = tracing::info_span!(
+            "chat",
+            otel.name = format!("chat {model}"),
+            gen_ai.operation.name = "chat",
+            gen_ai.provider.name = "openai",
+            gen_ai.request.model = model,
+            gen_ai.response.model = tracing::field::Empty,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+        );
         let started = Instant::now();
-        let result =
-            tokio::time::timeout(self.config.timeout, self.client.chat().create(request)).await;
+        let result = tokio::time::timeout(self.config.timeout, self.client.chat().create(request))
+            .instrument(span.clone())
+            .await;
         self.metrics
             .latency
             .observe(started.elapsed().as_secs_f64());
@@ -307,6 +321,9 @@ impl LlmClient {
                 let (tokens_in, tokens_out) = response.usage.map_or((0, 0), |u| {
                     (u64::from(u.prompt_tokens), u64::from(u.completion_tokens))
                 });
+                span.record("gen_ai.usage.input_tokens", tokens_in);
+                span.record("gen_ai.usage.output_tokens", tokens_out);
+                span.record("gen_ai.response.model", response.model.as_str());
                 self.metrics
                     .tokens
                     .with_label_values(&["prompt"])

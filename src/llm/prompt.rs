@@ -301,6 +301,7 @@ mod tests {
             rejected: None,
             timer: None,
             breakers: Vec::new(),
+            trace: None,
             at: 0,
         });
         let prompt = user_prompt(&task.tasks["t"], &event.payload, 8, 2000);

@@ -118,6 +118,7 @@ impl Engine {
             instance: "decide_record",
             now: 0,
             keep_undo: false,
+            trace: None,
         };
         let at = Position {
             topic: "tasks",
@@ -347,6 +348,7 @@ mod tests {
             rejected: None,
             timer: None,
             breakers: Vec::new(),
+            trace: None,
             at: 0,
         });
         let first = super::super::engine::work_item(&state.tasks["t"], &step(1, "a"), i32::MAX);

@@ -44,6 +44,8 @@ pub struct Partition<'a> {
     pub now: i64,
     /// Whether each step keeps what undoes it.
     pub keep_undo: bool,
+    /// The `traceparent` of the span the decisions are made in, recorded with them.
+    pub trace: Option<String>,
 }
 
 impl Partition<'_> {
@@ -196,6 +198,7 @@ impl Partition<'_> {
             rejected: None,
             timer,
             breakers: outcome.breakers,
+            trace: self.trace.clone(),
             at: self.now,
         }
     }

@@ -27,6 +27,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 use super::engine::{work_item, Engine, Outcome};
 use super::guard::Raw;
@@ -49,6 +50,7 @@ use crate::metrics::RouterMetrics;
 use crate::rules::Action;
 use crate::signing::SIGNATURE_HEADER;
 use crate::state::{PartitionState, TaskState, Undo};
+use crate::trace;
 
 /// Errors that stop the router.
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +222,8 @@ struct Decided {
     states: Vec<Outgoing>,
     /// Work items, encoded when written.
     works: Vec<WorkItem>,
+    /// The `traceparent` of the decision that sent each work item (as many as `works`).
+    traces: Vec<Option<String>>,
     /// Exactly-once: how to take the decisions back if their transaction aborts.
     undo: Vec<(i32, Undo)>,
     /// Tasks that started waiting for the LLM: asked once the decisions are written.
@@ -580,10 +584,11 @@ impl Router {
             let Decided {
                 states,
                 works: items,
+                traces,
                 asks,
                 ..
             } = batch.out;
-            let works = self.encode_works(&items).await?;
+            let works = self.encode_works(&items, &traces).await?;
             let flight = Flight {
                 positions: self.positions(),
                 decided: batch.decided,
@@ -684,12 +689,13 @@ impl Router {
             dead,
             states,
             works: mut items,
+            traces,
             undo,
             asks,
         } = out;
         let (n_dead, n_states) = (dead.len(), states.len());
         let state_parts: Vec<i32> = states.iter().filter_map(|r| r.partition).collect();
-        let works = self.encode_works(&items).await?;
+        let works = self.encode_works(&items, &traces).await?;
         let written = match self.writer.mode() {
             ConsistencyMode::EffectivelyOnce => {
                 self.deliver(dead, states, works, std::mem::take(&mut items))
@@ -754,11 +760,15 @@ impl Router {
     /// way effectively-once does at once: a refused work item ends its task (a decision that
     /// carries the refusal), a refused dead letter is written without its value.
     async fn apply_refusals(&mut self, out: &mut Decided) -> Result<()> {
-        for item in std::mem::take(&mut out.works) {
+        let traces = std::mem::take(&mut out.traces);
+        for (i, item) in std::mem::take(&mut out.works).into_iter().enumerate() {
             let key = (item.task_id.clone(), item.step_id, item.attempt);
             match self.refused.works.remove(&key) {
                 Some((record, error)) => self.refuse_work(&item, &record, &error, out).await?,
-                None => out.works.push(item),
+                None => {
+                    out.works.push(item);
+                    out.traces.push(traces.get(i).cloned().flatten());
+                }
             }
         }
         for record in &mut out.dead {
@@ -871,9 +881,11 @@ impl Router {
             bytes: record.size() as u64,
             error: error.to_string(),
         };
+        let followed = self.follow_up(p, &item.task_id, "refused_write");
         let Some(mut partition) = self.partition(p) else {
             return Ok(());
         };
+        partition.trace = followed;
         let step = partition.refuse(&item.task_id, rejection, outcome);
         let source = dlq::Source {
             topic: record.topic.clone(),
@@ -959,7 +971,7 @@ impl Router {
         )
         .await?;
         let committed = self.committed(consumer, &parts);
-        let mut pending = Vec::new();
+        let (mut pending, mut traces) = (Vec::new(), Vec::new());
         let now = Instant::now();
         for ((p, (state, previous)), epoch) in parts.iter().zip(restored).zip(&epochs) {
             self.schedule.owned(*p, *epoch, now, previous);
@@ -970,6 +982,7 @@ impl Router {
                     .with_label_values(&[&step.card])
                     .inc();
                 pending.push(work_item(task, &step, *p));
+                traces.push(task.trace.clone());
             }
             self.timers
                 .insert(*p, TimerIndex::build(&self.engine, &state));
@@ -979,6 +992,7 @@ impl Router {
         let resent = pending.len();
         let reemit = Decided {
             works: pending,
+            traces,
             ..Decided::default()
         };
         if self.write(reemit, None).await?.is_some() {
@@ -1006,9 +1020,11 @@ impl Router {
         }
         let mut drained = Decided::default();
         for (p, id) in drains {
+            let followed = self.follow_up(p, &id, "queued");
             let Some(mut partition) = self.partition(p) else {
                 continue;
             };
+            partition.trace = followed;
             let steps = partition.drain(&id);
             self.emit_all(p, steps, None, &mut drained).await?;
         }
@@ -1169,7 +1185,12 @@ impl Router {
         };
         let (epoch, answers) = (state.epoch, self.answers.clone());
         self.metrics.llm_pending.set(self.asking.len() as i64);
-        tokio::spawn(async move {
+        // The LLM call continues the trace of the decision that asked.
+        let span = tracing::info_span!("ask_llm", task_id = %task_id);
+        if let Some(parent) = task.trace.as_deref() {
+            trace::continue_in(&span, trace::context_of(parent));
+        }
+        let asking = async move {
             let call = match question {
                 Some((ask, llm)) => llm.decide(&ask).await,
                 None => LlmRecord {
@@ -1184,7 +1205,8 @@ impl Router {
                 task_id,
                 call,
             });
-        });
+        };
+        tokio::spawn(asking.instrument(span));
     }
 
     /// Records the LLM's answers as decisions, decides the events queued behind them, and writes
@@ -1208,9 +1230,11 @@ impl Router {
                 .get(&answer.task_id)
                 .and_then(|t| t.awaiting.as_ref())
                 .and_then(|a| a.input.clone());
+            let followed = self.follow_up(p, &answer.task_id, "llm_answer");
             let Some(mut partition) = self.partition(p) else {
                 continue;
             };
+            partition.trace = followed;
             let steps = partition.resolve(&answer.task_id, &answer.call);
             if steps.is_empty() {
                 continue;
@@ -1326,12 +1350,17 @@ impl Router {
             };
             pending += index.pending();
             let ids = index.due(now_ms());
+            let followed: HashMap<String, Option<String>> = ids
+                .iter()
+                .map(|id| (id.clone(), self.follow_up(p, id, "timer")))
+                .collect();
             let Some(mut partition) = self.partition(p) else {
                 continue;
             };
             let mut fired = Vec::new();
             let due = partition.due_among(&ids);
             for (task_id, firing) in due {
+                partition.trace = followed.get(&task_id).cloned().flatten();
                 let task = partition.state.tasks.get(&task_id);
                 let submission = task.map(submission);
                 let card = task
@@ -1374,7 +1403,26 @@ impl Router {
             instance: &self.config.instance_id,
             now: now_ms(),
             keep_undo: self.config.consistency.keeps_undo(),
+            trace: None,
         })
+    }
+
+    /// The span of a decision about `task_id` that has no input record of its own (`cause`: a
+    /// timer, an LLM answer, a queued event, a refused write), continuing the task's trace; its
+    /// `traceparent`, or `None` when the task carries no trace.
+    fn follow_up(&self, p: i32, task_id: &str, cause: &'static str) -> Option<String> {
+        let parent = self
+            .partitions
+            .get(&p)?
+            .tasks
+            .get(task_id)?
+            .trace
+            .as_deref()
+            .map(trace::context_of)?;
+        let consistency = self.config.consistency.to_string();
+        let span = tracing::info_span!("decide", task_id, cause, consistency);
+        trace::continue_in(&span, parent);
+        trace::traceparent(&span)
     }
 
     /// Emits decisions about events read earlier (an LLM answer, queued events): their dead
@@ -1422,8 +1470,10 @@ impl Router {
         }
         count_decision(&self.metrics, &record);
         if let Some(task) = state.tasks.get(&record.task_id) {
-            out.works
-                .extend(self.engine.work_items(task, &record.decision, p));
+            let items = self.engine.work_items(task, &record.decision, p);
+            out.traces
+                .extend(std::iter::repeat_n(record.trace.clone(), items.len()));
+            out.works.extend(items);
         }
         match &record.decision {
             Decision::AwaitingLlm { .. } => out.asks.push((p, record.task_id.clone())),
@@ -1453,12 +1503,10 @@ impl Router {
             }
             _ => {}
         }
-        out.states.push(Outgoing::json(
-            self.topics.state(),
-            Some(p),
-            &record.task_id,
-            &record,
-        ));
+        let mut state_record =
+            Outgoing::json(self.topics.state(), Some(p), &record.task_id, &record);
+        state_record.headers = record.trace.as_deref().map(trace::headers);
+        out.states.push(state_record);
         Ok(())
     }
 
@@ -1482,17 +1530,24 @@ impl Router {
         })
     }
 
-    /// Work items as records for their cards' topics.
-    async fn encode_works(&self, items: &[WorkItem]) -> Result<Vec<Outgoing>> {
+    /// Work items as records for their cards' topics, with the trace context of the decision
+    /// that sent each (`traces`, by index).
+    async fn encode_works(
+        &self,
+        items: &[WorkItem],
+        traces: &[Option<String>],
+    ) -> Result<Vec<Outgoing>> {
         let mut out = Vec::with_capacity(items.len());
-        for item in items {
+        for (i, item) in items.iter().enumerate() {
             let topic = self
                 .card_topics
                 .get(&item.card)
                 .cloned()
                 .unwrap_or_default();
             let payload = self.codec.encode_work_item(&topic, item).await?;
-            out.push(Outgoing::bytes(topic, None, &item.task_id, payload));
+            let mut record = Outgoing::bytes(topic, None, &item.task_id, payload);
+            record.headers = traces.get(i).cloned().flatten().map(|t| trace::headers(&t));
+            out.push(record);
         }
         Ok(out)
     }
@@ -1558,10 +1613,24 @@ impl Router {
                 partition: p,
                 offset: message.offset(),
             };
+            let consistency = self.config.consistency.to_string();
+            let span = tracing::info_span!(
+                "decide",
+                task_id = tracing::field::Empty,
+                kind = tracing::field::Empty,
+                decision = tracing::field::Empty,
+                decided_by = tracing::field::Empty,
+                answers_step = tracing::field::Empty,
+                cards = tracing::field::Empty,
+                consistency,
+            );
+            trace::continue_in(&span, trace::extract(message.headers()));
             let Some(mut partition) = self.partition(p) else {
                 continue;
             };
+            partition.trace = trace::traceparent(&span);
             let step = partition.decide(at, raw, decoded);
+            record_decision(&span, &step.record);
             let kind = step
                 .record
                 .event
@@ -1575,6 +1644,44 @@ impl Router {
             decided,
             refetch,
         })
+    }
+}
+
+/// What a decision span says about its decision: the task, the event's kind, the decision, the
+/// rule or LLM that made it, the step it answers and the cards it sends work to.
+fn record_decision(span: &tracing::Span, record: &StateEvent) {
+    span.record("task_id", record.task_id.as_str());
+    if let Some(event) = &record.event {
+        span.record("kind", event.kind.as_str());
+    }
+    span.record("decision", record.decision.name());
+    let cards: Vec<&str> = match &record.decision {
+        Decision::Routed { steps, decided_by } => {
+            span.record("decided_by", decided_by_name(decided_by).as_str());
+            steps.iter().map(|s| s.card.as_str()).collect()
+        }
+        Decision::Escalated { step, rule_id } => {
+            span.record("decided_by", format!("rule:{rule_id}").as_str());
+            vec![step.card.as_str()]
+        }
+        _ => Vec::new(),
+    };
+    if let Some(step) = record.answers_step {
+        span.record("answers_step", step);
+    }
+    if !cards.is_empty() {
+        span.record("cards", cards.join(",").as_str());
+    }
+}
+
+/// `rule:<id>`, `llm:<rule>`, `llm_fallback:<rule>` or `fallback:<card>`.
+fn decided_by_name(by: &crate::envelope::DecidedBy) -> String {
+    use crate::envelope::DecidedBy;
+    match by {
+        DecidedBy::Rule { rule_id } => format!("rule:{rule_id}"),
+        DecidedBy::Llm { rule_id } => format!("llm:{rule_id}"),
+        DecidedBy::LlmFallback { rule_id, .. } => format!("llm_fallback:{rule_id}"),
+        DecidedBy::Fallback { failed_card } => format!("fallback:{failed_card}"),
     }
 }
 

@@ -87,6 +87,7 @@ impl Run {
             instance: "test",
             now,
             keep_undo: false,
+            trace: None,
         }
     }
 
