@@ -397,6 +397,28 @@ pub enum DecidedBy {
     },
 }
 
+impl DecidedBy {
+    /// What decided, as a metric label: `rule`, `fallback`, `llm` or `llm_fallback`.
+    pub fn source(&self) -> &'static str {
+        match self {
+            DecidedBy::Rule { .. } => "rule",
+            DecidedBy::Fallback { .. } => "fallback",
+            DecidedBy::Llm { .. } => "llm",
+            DecidedBy::LlmFallback { .. } => "llm_fallback",
+        }
+    }
+
+    /// The rule that decided, or the card whose failure sent the step to its fallback.
+    pub fn subject(&self) -> &str {
+        match self {
+            DecidedBy::Rule { rule_id }
+            | DecidedBy::Llm { rule_id }
+            | DecidedBy::LlmFallback { rule_id, .. } => rule_id,
+            DecidedBy::Fallback { failed_card } => failed_card,
+        }
+    }
+}
+
 /// What the router decided for one input event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]

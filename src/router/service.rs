@@ -490,37 +490,37 @@ impl Router {
                     }
                     self.resolve(batch).await?;
                 }
-                first = self.inbox.next(), if !self.inbox.is_empty() => {
-                    let first = match first {
-                        Ok(m) => m,
-                        Err(e) => { tracing::warn!(error = %e, "consumer error"); continue; }
-                    };
-                    let batch = self.gather(first).await;
-                    while let Ok(event) = rebalances.try_recv() {
-                        self.rebalance(event, &consumer).await?;
-                    }
-                    let batch = self.decide(batch).await?;
-                    self.commit(batch, &consumer).await?;
-                }
+                first = self.inbox.next(), if !self.inbox.is_empty() => match first {
+                    Ok(m) => self.route(m, &mut rebalances, &consumer).await?,
+                    Err(e) => tracing::warn!(error = %e, "consumer error"),
+                },
                 // Errors, and records of a partition whose queue could not be split.
-                first = consumer.recv() => {
-                    let first = match first {
-                        Ok(m) => m.detach(),
-                        Err(e) => { tracing::warn!(error = %e, "consumer error"); continue; }
-                    };
-                    let batch = self.gather(first).await;
-                    while let Ok(event) = rebalances.try_recv() {
-                        self.rebalance(event, &consumer).await?;
-                    }
-                    let batch = self.decide(batch).await?;
-                    self.commit(batch, &consumer).await?;
-                }
+                first = consumer.recv() => match first {
+                    Ok(m) => self.route(m.detach(), &mut rebalances, &consumer).await?,
+                    Err(e) => tracing::warn!(error = %e, "consumer error"),
+                },
             }
         }
         self.drain().await?;
         self.commit_positions(&consumer);
         tracing::info!("router stopped");
         Ok(())
+    }
+
+    /// Routes a batch that starts with `first`: gathers it, takes in the rebalances that came
+    /// meanwhile, decides it and writes it.
+    async fn route(
+        &mut self,
+        first: OwnedMessage,
+        rebalances: &mut mpsc::UnboundedReceiver<RebalanceEvent>,
+        consumer: &Arc<TasksConsumer>,
+    ) -> Result<()> {
+        let batch = self.gather(first).await;
+        while let Ok(event) = rebalances.try_recv() {
+            self.rebalance(event, consumer).await?;
+        }
+        let batch = self.decide(batch).await?;
+        self.commit(batch, consumer).await
     }
 
     /// Gathers a batch, one record of each owned partition in turn: what is already fetched
@@ -617,11 +617,7 @@ impl Router {
             if let Some(touched) = self.write(batch.out, offsets).await? {
                 return self.seek(consumer, &touched);
             }
-            let elapsed = started.elapsed().as_secs_f64();
-            self.metrics.commit_latency.observe(elapsed);
-            for _ in 0..batch.decided {
-                self.metrics.routing_latency.observe(elapsed);
-            }
+            self.observe_batch(started, batch.decided);
         }
         self.seek(consumer, &batch.refetch)?;
         self.commit_positions(consumer);
@@ -647,11 +643,7 @@ impl Router {
             self.schedule.written(p, offset);
         }
         self.uncommitted = true;
-        let elapsed = flight.started.elapsed().as_secs_f64();
-        self.metrics.commit_latency.observe(elapsed);
-        for _ in 0..flight.decided {
-            self.metrics.routing_latency.observe(elapsed);
-        }
+        self.observe_batch(flight.started, flight.decided);
         for (p, id) in flight.asks {
             self.ask(p, id);
         }
@@ -663,6 +655,15 @@ impl Router {
             self.write(follow, None).await?;
         }
         Ok(())
+    }
+
+    /// Counts a batch of `decided` events written in the time since `started`.
+    fn observe_batch(&self, started: Instant, decided: u64) {
+        let elapsed = started.elapsed().as_secs_f64();
+        self.metrics.commit_latency.observe(elapsed);
+        for _ in 0..decided {
+            self.metrics.routing_latency.observe(elapsed);
+        }
     }
 
     /// Waits until every batch in flight has landed.
@@ -1657,7 +1658,8 @@ fn record_decision(span: &tracing::Span, record: &StateEvent) {
     span.record("decision", record.decision.name());
     let cards: Vec<&str> = match &record.decision {
         Decision::Routed { steps, decided_by } => {
-            span.record("decided_by", decided_by_name(decided_by).as_str());
+            let by = format!("{}:{}", decided_by.source(), decided_by.subject());
+            span.record("decided_by", by.as_str());
             steps.iter().map(|s| s.card.as_str()).collect()
         }
         Decision::Escalated { step, rule_id } => {
@@ -1671,17 +1673,6 @@ fn record_decision(span: &tracing::Span, record: &StateEvent) {
     }
     if !cards.is_empty() {
         span.record("cards", cards.join(",").as_str());
-    }
-}
-
-/// `rule:<id>`, `llm:<rule>`, `llm_fallback:<rule>` or `fallback:<card>`.
-fn decided_by_name(by: &crate::envelope::DecidedBy) -> String {
-    use crate::envelope::DecidedBy;
-    match by {
-        DecidedBy::Rule { rule_id } => format!("rule:{rule_id}"),
-        DecidedBy::Llm { rule_id } => format!("llm:{rule_id}"),
-        DecidedBy::LlmFallback { rule_id, .. } => format!("llm_fallback:{rule_id}"),
-        DecidedBy::Fallback { failed_card } => format!("fallback:{failed_card}"),
     }
 }
 
@@ -1709,12 +1700,7 @@ fn count_decision(metrics: &RouterMetrics, record: &StateEvent) {
     let name = decision.name();
     match decision {
         Decision::Routed { steps, decided_by } => {
-            let source = match decided_by {
-                crate::envelope::DecidedBy::Rule { .. } => "rule",
-                crate::envelope::DecidedBy::Fallback { .. } => "fallback",
-                crate::envelope::DecidedBy::Llm { .. } => "llm",
-                crate::envelope::DecidedBy::LlmFallback { .. } => "llm_fallback",
-            };
+            let source = decided_by.source();
             for step in steps {
                 metrics
                     .decisions
