@@ -424,7 +424,8 @@ pub async fn run<H: Handler>(
             break;
         }
     }
-    commit(&consumer, &inbox, &offsets, CommitMode::Sync);
+    commit(&consumer, &inbox, &offsets, CommitMode::Async);
+    kafka::close(&card.name, (consumer, publisher.writer)).await;
     tracing::info!(card = %card.name, "agent stopped");
     Ok(())
 }
@@ -604,17 +605,23 @@ fn commit(
     offsets: &BTreeMap<i32, PartitionOffsets>,
     mode: CommitMode,
 ) {
+    let tpl = to_commit(topic, offsets);
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            tracing::debug!(error = %e, "offset commit failed");
+        }
+    }
+}
+
+/// The offsets to commit for `topic`'s partitions.
+fn to_commit(topic: &str, offsets: &BTreeMap<i32, PartitionOffsets>) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     for (p, o) in offsets {
         if let Some(next) = o.committable() {
             let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(next));
         }
     }
-    if tpl.count() > 0 {
-        if let Err(e) = consumer.commit(&tpl, mode) {
-            tracing::debug!(error = %e, "offset commit failed");
-        }
-    }
+    tpl
 }
 
 #[cfg(test)]

@@ -283,6 +283,39 @@ pub fn service_consumer_defaults(config: &mut ClientConfig) {
     set_default(config, "auto.offset.reset", "earliest");
 }
 
+/// How long a stopping router or agent waits for its Kafka clients to close.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// Drops `clients` (a consumer's close commits and leaves its group; a producer's flushes) on a
+/// thread of its own and waits at most [`CLOSE_WAIT`]. librdkafka's close waits without bound
+/// while no broker answers, and a service told to stop must stop, without holding a runtime
+/// thread meanwhile: a close not done in time is left to finish, or to end with the process.
+/// `what` names the service in the warning.
+pub async fn close(what: &str, clients: impl Send + 'static) {
+    let (closed, done) = tokio::sync::oneshot::channel();
+    let closing = std::thread::Builder::new()
+        .name("kafka-close".into())
+        .spawn(move || {
+            drop(clients);
+            let _ = closed.send(());
+        });
+    let waited = match closing {
+        Ok(_) => tokio::time::timeout(CLOSE_WAIT, done).await.is_ok(),
+        Err(e) => {
+            tracing::warn!(what, error = %e, "no thread to close the Kafka clients on");
+            return;
+        }
+    };
+    if !waited {
+        tracing::warn!(
+            what,
+            wait = ?CLOSE_WAIT,
+            "the Kafka clients did not close in time (does the broker answer?); stopping \
+             anyway: what was not committed is delivered again to the next owner"
+        );
+    }
+}
+
 /// Sets `key` unless the user set it through the pass-through options.
 pub fn set_default(config: &mut ClientConfig, key: &str, value: &str) {
     if config.get(key).is_none() {

@@ -360,14 +360,7 @@ async fn a_work_item_refused_in_a_transaction_ends_its_task_and_routing_goes_on(
     let sending = RunningAgents::start(&kafka, &workflow, &["message_sender"], |n| {
         ExampleAgent(n.to_string())
     });
-    publish(&kafka, &submission("t2", "where is my other parcel?")).await;
-    eventually(WAIT, "t2 to complete", || async {
-        state_with(&kafka, "read_committed")
-            .iter()
-            .any(|e| e.task_id == "t2" && matches!(e.decision, Decision::Completed { .. }))
-            .then_some(())
-    })
-    .await;
+    submit_until_one_completes(&kafka, "t2").await;
     sending.stop().await;
     agents.stop().await;
     router.stop().await;

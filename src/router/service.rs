@@ -503,6 +503,7 @@ impl Router {
         }
         self.drain().await?;
         self.commit_positions(&consumer);
+        kafka::close("router", (self, consumer)).await;
         tracing::info!("router stopped");
         Ok(())
     }

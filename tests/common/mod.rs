@@ -135,7 +135,8 @@ pub fn mock_cluster_with(
     let kafka = KafkaConfig {
         bootstrap_servers: cluster.bootstrap_servers(),
         topic_prefix: prefix.into(),
-        options: Default::default(),
+        // Tests lift the errors they inject into the cluster; clients see that at a refresh.
+        options: [("topic.metadata.refresh.interval.ms".into(), "500".into())].into(),
     };
     let topics = kafka.topics();
     let mut names = vec![
@@ -484,6 +485,38 @@ pub fn submission(task_id: &str, message: &str) -> TaskEvent {
     let mut e = TaskEvent::new(task_id, EventKind::Submitted, "client");
     e.payload = serde_json::json!({ "customer_message": message });
     e
+}
+
+/// Submits tasks `<prefix>-1`, `<prefix>-2`, … one at a time, each waited for until it ends,
+/// until one completes; returns how many ended dead-lettered first. A router's producer learns
+/// that a topic accepts writes again only at its next metadata refresh (a test that lifts a
+/// broker's refusal sets `topic.metadata.refresh.interval.ms` low), so the first tasks after the
+/// refusal is lifted may still be refused.
+pub async fn submit_until_one_completes(kafka: &KafkaConfig, prefix: &str) -> usize {
+    for attempt in 1..=10 {
+        let task = format!("{prefix}-{attempt}");
+        publish(kafka, &submission(&task, "where is my other parcel?")).await;
+        let completed = eventually(
+            Duration::from_secs(60),
+            &format!("{task} to end"),
+            || async {
+                task_events(kafka, &task)
+                    .iter()
+                    .find_map(|e| match e.decision {
+                        Decision::Completed { .. } => Some(true),
+                        Decision::DeadLettered {
+                            ends_task: true, ..
+                        } => Some(false),
+                        _ => None,
+                    })
+            },
+        )
+        .await;
+        if completed {
+            return attempt - 1;
+        }
+    }
+    panic!("ten tasks in turn were refused after the refusal was lifted");
 }
 
 /// Every record of `topic`, read from the beginning up to the high watermarks.
