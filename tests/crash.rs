@@ -9,17 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use switchyard::envelope::Decision;
-use switchyard::kafka::KafkaConfig;
 
 const TASKS: usize = 2_000;
 const KILLS: usize = 3;
-
-fn finished(kafka: &KafkaConfig) -> usize {
-    state_events(kafka)
-        .iter()
-        .filter(|e| matches!(e.decision, Decision::Completed { .. }))
-        .count()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkilled_router_loses_and_duplicates_no_decision() {
@@ -42,7 +34,7 @@ async fn sigkilled_router_loses_and_duplicates_no_decision() {
         eventually(
             Duration::from_secs(300),
             &format!("{target} tasks to finish before kill {kill}"),
-            || async { (finished(&kafka) >= target).then_some(()) },
+            || async { (completed_tasks(&kafka) >= target).then_some(()) },
         )
         .await;
         router.kill().unwrap();
@@ -55,7 +47,7 @@ async fn sigkilled_router_loses_and_duplicates_no_decision() {
         );
     }
     eventually(Duration::from_secs(300), "every task to finish", || async {
-        (finished(&kafka) >= TASKS).then_some(())
+        (completed_tasks(&kafka) >= TASKS).then_some(())
     })
     .await;
     router.kill().unwrap();

@@ -10,17 +10,9 @@ use std::time::Duration;
 
 use common::*;
 use switchyard::envelope::Decision;
-use switchyard::kafka::KafkaConfig;
 
 const TASKS: usize = 2_000;
 const WAIT: Duration = Duration::from_secs(300);
-
-fn completed(kafka: &KafkaConfig) -> usize {
-    state_events(kafka)
-        .iter()
-        .filter(|e| matches!(e.decision, Decision::Completed { .. }))
-        .count()
-}
 
 fn six_partitions(specs: &mut switchyard::topics::TopicSpecs) {
     specs.set_partitions(6);
@@ -48,7 +40,7 @@ async fn routers_killed_in_turn_and_one_added_lose_and_duplicate_nothing() {
     for turn in 0..3 {
         let target = TASKS * (turn + 1) / 5;
         eventually(WAIT, &format!("{target} tasks to complete"), || async {
-            (completed(&kafka) >= target).then_some(())
+            (completed_tasks(&kafka) >= target).then_some(())
         })
         .await;
         routers[turn].kill().unwrap();
@@ -61,7 +53,7 @@ async fn routers_killed_in_turn_and_one_added_lose_and_duplicate_nothing() {
         }
     }
     eventually(WAIT, "every task to complete", || async {
-        (completed(&kafka) >= TASKS).then_some(())
+        (completed_tasks(&kafka) >= TASKS).then_some(())
     })
     .await;
     for router in &mut routers {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::*;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
-use switchyard::envelope::{Decision, StateEvent};
+use switchyard::envelope::StateEvent;
 use switchyard::kafka::KafkaConfig;
 use switchyard::router::snapshot::store::Store;
 use switchyard::router::snapshot::{self, Header, SnapshotConfig};
@@ -20,13 +20,6 @@ use switchyard::state::PartitionState;
 
 const TASKS: usize = 2_000;
 const KILLS: usize = 3;
-
-fn finished(kafka: &KafkaConfig) -> usize {
-    state_events(kafka)
-        .iter()
-        .filter(|e| matches!(e.decision, Decision::Completed { .. }))
-        .count()
-}
 
 /// Every snapshot record's header, with the offset and partition it was read at.
 fn snapshot_headers(kafka: &KafkaConfig) -> Vec<(i32, i64, Header)> {
@@ -92,7 +85,7 @@ async fn sigkills_while_snapshots_are_written_lose_and_duplicate_nothing() {
         eventually(
             Duration::from_secs(300),
             &format!("{target} tasks to finish before kill {kill}"),
-            || async { (finished(&kafka) >= target).then_some(()) },
+            || async { (completed_tasks(&kafka) >= target).then_some(()) },
         )
         .await;
         eventually(
@@ -106,7 +99,7 @@ async fn sigkills_while_snapshots_are_written_lose_and_duplicate_nothing() {
         router = spawn_router(&kafka, Path::new("agents/customer-service"), kill, &args);
     }
     eventually(Duration::from_secs(300), "every task to finish", || async {
-        (finished(&kafka) >= TASKS).then_some(())
+        (completed_tasks(&kafka) >= TASKS).then_some(())
     })
     .await;
     router.kill().unwrap();
@@ -189,7 +182,7 @@ async fn corrupt_unknown_and_foreign_snapshots_are_skipped_and_the_restore_is_st
         RunningRouter::start_with(&kafka, &workflow, |c| c.snapshots = snapshots.clone()).await;
     publish_tasks(&kafka, 0..100).await;
     eventually(Duration::from_secs(120), "100 tasks to finish", || async {
-        (finished(&kafka) >= 100).then_some(())
+        (completed_tasks(&kafka) >= 100).then_some(())
     })
     .await;
     router.stop().await;
@@ -204,7 +197,7 @@ async fn corrupt_unknown_and_foreign_snapshots_are_skipped_and_the_restore_is_st
     .await;
     publish_tasks(&kafka, 100..200).await;
     eventually(Duration::from_secs(120), "200 tasks to finish", || async {
-        (finished(&kafka) >= 200).then_some(())
+        (completed_tasks(&kafka) >= 200).then_some(())
     })
     .await;
     router.stop().await;
@@ -288,7 +281,7 @@ async fn corrupt_unknown_and_foreign_snapshots_are_skipped_and_the_restore_is_st
     .await;
     publish_tasks(&kafka, 200..300).await;
     eventually(Duration::from_secs(120), "300 tasks to finish", || async {
-        (finished(&kafka) >= 300).then_some(())
+        (completed_tasks(&kafka) >= 300).then_some(())
     })
     .await;
     router.stop().await;

@@ -572,6 +572,14 @@ pub fn state_events(kafka: &KafkaConfig) -> Vec<StateEvent> {
         .collect()
 }
 
+/// How many tasks the state topic records as completed.
+pub fn completed_tasks(kafka: &KafkaConfig) -> usize {
+    state_events(kafka)
+        .iter()
+        .filter(|e| matches!(e.decision, Decision::Completed { .. }))
+        .count()
+}
+
 /// The state events of one task.
 pub fn task_events(kafka: &KafkaConfig, task_id: &str) -> Vec<StateEvent> {
     state_events(kafka)
