@@ -605,23 +605,17 @@ fn commit(
     offsets: &BTreeMap<i32, PartitionOffsets>,
     mode: CommitMode,
 ) {
-    let tpl = to_commit(topic, offsets);
-    if tpl.count() > 0 {
-        if let Err(e) = consumer.commit(&tpl, mode) {
-            tracing::debug!(error = %e, "offset commit failed");
-        }
-    }
-}
-
-/// The offsets to commit for `topic`'s partitions.
-fn to_commit(topic: &str, offsets: &BTreeMap<i32, PartitionOffsets>) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     for (p, o) in offsets {
         if let Some(next) = o.committable() {
             let _ = tpl.add_partition_offset(topic, *p, Offset::Offset(next));
         }
     }
-    tpl
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            tracing::debug!(error = %e, "offset commit failed");
+        }
+    }
 }
 
 #[cfg(test)]
