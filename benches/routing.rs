@@ -9,9 +9,11 @@
 //! p50, p99, max. Run with `scripts/bench-routing`.
 //!
 //! `BENCH_MODE=effectively-once` (default) starts a fresh nisshi for each run on `BENCH_PORT`
-//! (default 19092) through `scripts/start-broker`, or uses `SWITCHYARD_TEST_BOOTSTRAP` when set;
-//! `BENCH_MODE=exactly-once` runs both against librdkafka's in-process mock cluster (the only
-//! transactional broker here), with the router committing a transaction per batch.
+//! (default 19092) through `scripts/start-broker`, or uses `SWITCHYARD_TEST_BOOTSTRAP` when set.
+//! `BENCH_MODE=exactly-once` starts a fresh transactional broker (crabka, `scripts/start-txn-broker`)
+//! for each run on `BENCH_PORT` (default 19392), or uses `SWITCHYARD_TXN_BOOTSTRAP`, and adds to
+//! the two runs the router in exactly-once mode at commit intervals of 10, 100 and 1,000 ms, with
+//! their ratios to the effectively-once router on the same broker.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -19,8 +21,6 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::FutureRecord;
 use switchyard::envelope::{EventKind, TaskEvent};
 use switchyard::kafka::KafkaConfig;
@@ -45,23 +45,9 @@ fn config(bootstrap: &str, prefix: &str) -> KafkaConfig {
     }
 }
 
-async fn prepare(
-    kafka: &KafkaConfig,
-    workflow: &Workflow,
-    events: usize,
-    mock: Option<&MockCluster<'static, DefaultProducerContext>>,
-) -> usize {
+async fn prepare(kafka: &KafkaConfig, workflow: &Workflow, events: usize) -> usize {
     let specs = TopicSpecs::load(Path::new("topics/switchyard.yaml")).unwrap();
-    match mock {
-        Some(cluster) => {
-            for (name, spec) in specs.wanted(kafka, &workflow.cards) {
-                cluster.create_topic(&name, spec.partitions, 1).unwrap();
-            }
-        }
-        None => {
-            topics::apply(kafka, &specs, &workflow.cards).await.unwrap();
-        }
-    }
+    topics::apply(kafka, &specs, &workflow.cards).await.unwrap();
     let producer = kafka.producer().unwrap();
     let topic = kafka.topics().tasks();
     let payloads: Vec<(String, Vec<u8>)> = (0..events)
@@ -134,11 +120,14 @@ async fn route(
     workflow: &Workflow,
     events: usize,
     mode: ConsistencyMode,
+    commit_interval: Duration,
 ) -> (f64, f64) {
     let metrics = RouterMetrics::new().unwrap();
     let spawned = Instant::now();
     let mut config = RouterConfig::new(kafka.clone());
     config.consistency = mode;
+    config.commit_interval = commit_interval;
+    let group = config.group_id.clone();
     let router = Router::new(config, workflow.engine(), metrics.clone())
         .await
         .unwrap();
@@ -150,14 +139,9 @@ async fn route(
     }
     let started = Instant::now();
     let startup = spawned.elapsed().as_secs_f64();
-    // A batch counts once its state events and work items are acknowledged.
-    let state = kafka.topics().state();
-    let watermarks: BaseConsumer = kafka.client_config().create().unwrap();
-    let partitions = kafka.partition_count(&state).unwrap();
-    let written =
-        || switchyard::kafka::high_watermark_sum(&watermarks, &state, partitions).unwrap();
-    while written() < (events as i64) + i64::from(partitions) {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    let done = Done::new(kafka, mode, &group);
+    while !done.all(events) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let rate = events as f64 / started.elapsed().as_secs_f64();
     let _ = stop.send(true);
@@ -165,30 +149,86 @@ async fn route(
     (startup, rate)
 }
 
-/// A fresh broker for the next run: `scripts/start-broker` on `BENCH_PORT` (default 19092) with
-/// its own `SWITCHYARD_HOME`, the previous one stopped. `None` when `SWITCHYARD_TEST_BOOTSTRAP`
-/// names a broker of the caller's (then every run shares it).
+/// When a router run is over. Effectively-once: its state events and work items are
+/// acknowledged (the state topic holds one record per event and one ownership record per
+/// partition). Exactly-once: its transactions committed (the group's committed offsets reach the
+/// end of the tasks topic; the state topic's watermarks count commit markers too).
+struct Done {
+    kafka: KafkaConfig,
+    mode: ConsistencyMode,
+    reader: BaseConsumer,
+}
+
+impl Done {
+    fn new(kafka: &KafkaConfig, mode: ConsistencyMode, group: &str) -> Self {
+        let mut config = kafka.client_config();
+        config.set("group.id", group);
+        Self {
+            kafka: kafka.clone(),
+            mode,
+            reader: config.create().unwrap(),
+        }
+    }
+
+    fn all(&self, events: usize) -> bool {
+        let written = match self.mode {
+            ConsistencyMode::EffectivelyOnce => {
+                let state = self.kafka.topics().state();
+                let partitions = self.kafka.partition_count(&state).unwrap();
+                switchyard::kafka::high_watermark_sum(&self.reader, &state, partitions).unwrap()
+                    - i64::from(partitions)
+            }
+            ConsistencyMode::ExactlyOnce => {
+                let tasks = self.kafka.topics().tasks();
+                let mut tpl = rdkafka::TopicPartitionList::new();
+                for p in 0..self.kafka.partition_count(&tasks).unwrap() {
+                    tpl.add_partition(&tasks, p);
+                }
+                let committed = self
+                    .reader
+                    .committed_offsets(tpl, Duration::from_secs(10))
+                    .unwrap();
+                committed
+                    .elements()
+                    .iter()
+                    .filter_map(|e| e.offset().to_raw())
+                    .filter(|o| *o > 0)
+                    .sum()
+            }
+        };
+        written >= events as i64
+    }
+}
+
+/// The broker each run starts afresh through the project's scripts, on `BENCH_PORT`, with its
+/// own `SWITCHYARD_HOME`, the previous one stopped: nisshi, or the transactional crabka.
+/// `None` when the caller names a broker of theirs (then every run shares it).
 struct Fresh {
     home: tempfile::TempDir,
     port: String,
+    /// `broker` or `txn-broker`: the scripts' suffix.
+    kind: &'static str,
 }
 
 impl Fresh {
-    fn new() -> Option<Self> {
-        if std::env::var("SWITCHYARD_TEST_BOOTSTRAP").is_ok() {
+    fn new(kind: &'static str, shared_variable: &str, default_port: &str) -> Option<Self> {
+        if std::env::var(shared_variable).is_ok() {
             return None;
         }
-        let port = std::env::var("BENCH_PORT").unwrap_or_else(|_| "19092".into());
+        let port = std::env::var("BENCH_PORT").unwrap_or_else(|_| default_port.into());
         Some(Self {
             home: tempfile::tempdir().unwrap(),
             port,
+            kind,
         })
     }
 
-    fn script(&self, name: &str) {
+    fn script(&self, verb: &str) {
+        let name = format!("{verb}-{}", self.kind);
         let status = std::process::Command::new(format!("scripts/{name}"))
             .env("SWITCHYARD_HOME", self.home.path())
             .env("SWITCHYARD_BROKER_PORT", &self.port)
+            .env("SWITCHYARD_TXN_BROKER_PORT", &self.port)
             .stderr(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .status()
@@ -198,15 +238,17 @@ impl Fresh {
 
     /// Stops the previous broker and starts a new one; returns its address.
     fn restart(&self) -> String {
-        self.script("stop-broker");
-        self.script("start-broker");
+        self.script("stop");
+        // A new data directory each time: crabka keeps its log there.
+        let _ = std::fs::remove_dir_all(self.home.path().join("txn-broker"));
+        self.script("start");
         format!("127.0.0.1:{}", self.port)
     }
 }
 
 impl Drop for Fresh {
     fn drop(&mut self) {
-        self.script("stop-broker");
+        self.script("stop");
     }
 }
 
@@ -218,7 +260,7 @@ async fn latency(
     rate: f64,
     seconds: f64,
 ) -> (f64, f64, f64) {
-    prepare(kafka, workflow, 0, None).await;
+    prepare(kafka, workflow, 0).await;
     let router = router::Running::start(kafka, workflow).await;
     router.restored().await;
     let inbox = format!("{}.agent.sentiment_analyzer", kafka.topic_prefix);
@@ -302,6 +344,25 @@ async fn latency(
     (at(0.5), at(0.99), at(1.0))
 }
 
+/// One kind of run.
+#[derive(Clone, Copy)]
+enum Run {
+    /// The bare consume→produce baseline.
+    Passthrough,
+    /// The router in a mode, with a commit interval (exactly-once only).
+    Router(ConsistencyMode, Duration),
+}
+
+impl Run {
+    fn name(self) -> String {
+        match self {
+            Run::Passthrough => "passthrough".into(),
+            Run::Router(ConsistencyMode::EffectivelyOnce, _) => "router effectively-once".into(),
+            Run::Router(mode, interval) => format!("router {mode} {}ms", interval.as_millis()),
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let events: usize = std::env::var("BENCH_EVENTS")
@@ -313,74 +374,90 @@ async fn main() {
         .parse()
         .unwrap();
     let workflow = Workflow::load(Path::new("agents/customer-service"), None).unwrap();
-    let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-    let fresh = (mode == ConsistencyMode::EffectivelyOnce)
-        .then(Fresh::new)
-        .flatten();
-    let shared =
-        std::env::var("SWITCHYARD_TEST_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let broker = |round: &str| -> (String, Option<MockCluster<'static, DefaultProducerContext>>) {
-        if mode == ConsistencyMode::ExactlyOnce {
-            let cluster = MockCluster::new(1).unwrap();
-            return (cluster.bootstrap_servers(), Some(cluster));
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let effectively = Run::Router(ConsistencyMode::EffectivelyOnce, Duration::ZERO);
+    let (kind, variable, default_bootstrap, default_port) = match mode {
+        ConsistencyMode::EffectivelyOnce => (
+            "broker",
+            "SWITCHYARD_TEST_BOOTSTRAP",
+            "127.0.0.1:9092",
+            "19092",
+        ),
+        ConsistencyMode::ExactlyOnce => (
+            "txn-broker",
+            "SWITCHYARD_TXN_BOOTSTRAP",
+            "127.0.0.1:9392",
+            "19392",
+        ),
+    };
+    let mut runs = vec![Run::Passthrough, effectively];
+    if mode == ConsistencyMode::ExactlyOnce {
+        for ms in [10, 100, 1000] {
+            runs.push(Run::Router(mode, Duration::from_millis(ms)));
         }
+    }
+    let fresh = Fresh::new(kind, variable, default_port);
+    let shared = std::env::var(variable).unwrap_or_else(|_| default_bootstrap.into());
+    let broker = |round: &str| -> String {
         let bootstrap = fresh
             .as_ref()
             .map_or_else(|| shared.clone(), Fresh::restart);
-        let probe = config(&bootstrap, &format!("bench-probe-{run}-{round}"));
+        let probe = config(&bootstrap, &format!("bench-probe-{run_id}-{round}"));
         probe
             .wait_for_broker(Duration::from_secs(20))
-            .expect("start the broker with scripts/start-broker");
-        (bootstrap, None)
+            .unwrap_or_else(|e| panic!("{e}: start the broker with scripts/start-{kind}"));
+        bootstrap
     };
-    let where_ = match (mode, &fresh) {
-        (ConsistencyMode::ExactlyOnce, _) => "a fresh librdkafka mock cluster per run".to_string(),
-        (_, Some(f)) => format!("a fresh nisshi per run on 127.0.0.1:{}", f.port),
-        (_, None) => {
-            format!("the broker at {shared} (SWITCHYARD_TEST_BOOTSTRAP), shared by every run")
-        }
+    let where_ = match &fresh {
+        Some(f) => format!("a fresh {kind} per run on 127.0.0.1:{}", f.port),
+        None => format!("the broker at {shared} ({variable}), shared by every run"),
     };
-    println!("{events} SUBMITTED events per run, mode {mode}, {where_}");
-    let (mut passes, mut routes) = (Vec::new(), Vec::new());
+    println!("{events} SUBMITTED events per run, {where_}");
+    let mut rates = vec![Vec::new(); runs.len()];
     for round in 1..=2 {
-        let (bootstrap, mock) = broker(&format!("p{round}"));
-        let base = config(&bootstrap, &format!("bench-pass-{run}-{round}"));
-        let size = prepare(&base, &workflow, events, mock.as_ref()).await;
-        let pass = passthrough(&base, events).await;
-        drop(mock);
-        let (bootstrap, mock) = broker(&format!("r{round}"));
-        let routed = config(&bootstrap, &format!("bench-route-{run}-{round}"));
-        prepare(&routed, &workflow, events, mock.as_ref()).await;
-        let (startup, rate) = route(&routed, &workflow, events, mode).await;
-        drop(mock);
-        println!(
-            "round {round}: (a) passthrough {pass:>8.0} events/s   (b) router {rate:>8.0} events/s   ratio {:.2}   ({size}-byte events; router start-up {startup:.2}s)",
-            rate / pass
-        );
-        passes.push(pass);
-        routes.push(rate);
+        let mut line = format!("round {round}:");
+        for (i, run) in runs.iter().enumerate() {
+            let kafka = config(
+                &broker(&format!("{round}-{i}")),
+                &format!("bench-{run_id}-{round}-{i}"),
+            );
+            let size = prepare(&kafka, &workflow, events).await;
+            let rate = match *run {
+                Run::Passthrough => passthrough(&kafka, events).await,
+                Run::Router(mode, interval) => {
+                    let (startup, rate) = route(&kafka, &workflow, events, mode, interval).await;
+                    line.push_str(&format!(" [start-up {startup:.2}s]"));
+                    rate
+                }
+            };
+            line.push_str(&format!(
+                "   {} {rate:.0}/s ({size}-byte events)",
+                run.name()
+            ));
+            rates[i].push(rate);
+        }
+        println!("{line}");
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let (pass, rate) = (mean(&passes), mean(&routes));
-    let interval = if mode == ConsistencyMode::ExactlyOnce {
-        ", a transaction per batch, commit interval 100ms"
-    } else {
-        ""
-    };
-    println!("(a) bare consume→produce passthrough: {pass:>10.0} events/s (mean of 2)");
-    println!("(b) router, rule decisions (state event + 2 work items each, {mode}{interval}): {rate:>10.0} events/s (mean of 2)");
-    println!("ratio router / passthrough: {:.2}", rate / pass);
+    let means: Vec<f64> = rates.iter().map(|r| mean(r)).collect();
+    println!("means of 2 (router: rule decisions, a state event + 2 work items each):");
+    for (run, rate) in runs.iter().zip(&means) {
+        let mut ratios = format!("{:.2} of the passthrough", rate / means[0]);
+        if let Run::Router(ConsistencyMode::ExactlyOnce, _) = run {
+            ratios.push_str(&format!(", {:.2} of effectively-once", rate / means[1]));
+        }
+        println!("  {:<32} {rate:>10.0} events/s   {ratios}", run.name());
+    }
     if mode == ConsistencyMode::EffectivelyOnce {
         let seconds: f64 = std::env::var("BENCH_LATENCY_SECONDS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(10.0);
-        let (bootstrap, _) = broker("latency");
-        let kafka = config(&bootstrap, &format!("bench-latency-{run}"));
+        let kafka = config(&broker("latency"), &format!("bench-latency-{run_id}"));
         let chosen: Option<f64> = std::env::var("BENCH_LATENCY_RATE")
             .ok()
             .and_then(|v| v.parse().ok());
-        let half = chosen.unwrap_or(rate / 2.0);
+        let half = chosen.unwrap_or(means[1] / 2.0);
         let which = match chosen {
             Some(_) => "BENCH_LATENCY_RATE",
             None => "half the router's rate",

@@ -490,8 +490,8 @@ async fn an_llm_agent_publishes_its_completion_with_usage_and_falls_back_to_its_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn llm_decisions_commit_in_transactions_in_exactly_once_mode() {
-    let workflow = faults_workflow();
-    let (_cluster, kafka) = mock_cluster_with(&workflow, "eos-llm");
+    let kafka = txn_kafka("eos-llm");
+    let workflow = setup_faults(&kafka).await;
     let fake = FakeLlm::start(Arc::new(|_: &str, _: &str| {
         Behaviour::Answer(choose("billing"), Duration::from_millis(100))
     }))

@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
@@ -78,32 +77,18 @@ async fn sigkills_while_snapshots_are_written_lose_and_duplicate_nothing() {
         "--snapshot-chunk-bytes",
         "2048",
     ];
-    let mut router = spawn_router(&kafka, Path::new("agents/customer-service"), 0, &args);
-    publish_example_tasks(&kafka, TASKS).await;
-    for kill in 1..=KILLS {
-        let target = TASKS * kill / (KILLS + 1);
-        eventually(
-            Duration::from_secs(300),
-            &format!("{target} tasks to finish before kill {kill}"),
-            || async { (completed_tasks(&kafka) >= target).then_some(()) },
-        )
-        .await;
-        eventually(
-            Duration::from_secs(60),
-            &format!("router run {} to be writing a snapshot", kill - 1),
-            || async { writing_snapshot(&log_of(&kafka, kill - 1)).then_some(()) },
-        )
-        .await;
-        router.kill().unwrap();
-        router.wait().unwrap();
-        router = spawn_router(&kafka, Path::new("agents/customer-service"), kill, &args);
-    }
-    eventually(Duration::from_secs(300), "every task to finish", || async {
-        (completed_tasks(&kafka) >= TASKS).then_some(())
+    run_tasks_through_sigkills(&kafka, &args, TASKS, KILLS, |kill| {
+        let kafka = kafka.clone();
+        async move {
+            eventually(
+                Duration::from_secs(60),
+                &format!("router run {} to be writing a snapshot", kill - 1),
+                || async { writing_snapshot(&log_of(&kafka, kill - 1)).then_some(()) },
+            )
+            .await;
+        }
     })
     .await;
-    router.kill().unwrap();
-    router.wait().unwrap();
     agents.stop().await;
     humans.stop().await;
 

@@ -41,8 +41,27 @@ pub fn root() -> PathBuf {
 
 /// Kafka settings with a topic prefix of this test's own; fails clearly when no broker answers.
 pub fn kafka(test: &str) -> KafkaConfig {
-    let bootstrap =
-        std::env::var("SWITCHYARD_TEST_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    kafka_at(
+        "SWITCHYARD_TEST_BOOTSTRAP",
+        "127.0.0.1:9092",
+        "scripts/start-broker",
+        test,
+    )
+}
+
+/// Like [`kafka`], on the broker with Kafka transactions (crabka) that the exactly-once tests
+/// need: `SWITCHYARD_TXN_BOOTSTRAP`, or 127.0.0.1:9392 where `scripts/start-txn-broker` puts it.
+pub fn txn_kafka(test: &str) -> KafkaConfig {
+    kafka_at(
+        "SWITCHYARD_TXN_BOOTSTRAP",
+        "127.0.0.1:9392",
+        "scripts/start-txn-broker",
+        test,
+    )
+}
+
+fn kafka_at(variable: &str, default: &str, start: &str, test: &str) -> KafkaConfig {
+    let bootstrap = std::env::var(variable).unwrap_or_else(|_| default.into());
     let prefix = format!(
         "t-{test}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -53,7 +72,7 @@ pub fn kafka(test: &str) -> KafkaConfig {
         options: Default::default(),
     };
     if let Err(e) = kafka.wait_for_broker(Duration::from_secs(10)) {
-        panic!("this test needs a Kafka-protocol broker: {e}\n(start it with `scripts/start-broker`, or set SWITCHYARD_TEST_BOOTSTRAP)");
+        panic!("this test needs a Kafka-protocol broker: {e}\n(start it with `{start}`, or set {variable})");
     }
     kafka
 }
@@ -266,6 +285,44 @@ pub fn spawn_router(kafka: &KafkaConfig, workflow: &Path, n: usize, extra: &[&st
     args.extend(extra);
     let log = format!("{}-router-{n}.log", kafka.topic_prefix);
     spawn_switchyard(kafka, &args, &log)
+}
+
+/// Runs `tasks` example tasks through `switchyard router` processes started with `args`: the
+/// router is SIGKILLed `kills` times, each time once a further share of the tasks finished and
+/// `before_kill(kill)` returned, and started again; returns when every task finished, with the
+/// last router killed too. The agents are the caller's.
+pub async fn run_tasks_through_sigkills<F, Fut>(
+    kafka: &KafkaConfig,
+    args: &[&str],
+    tasks: usize,
+    kills: usize,
+    mut before_kill: F,
+) where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let workflow = Path::new("agents/customer-service");
+    let mut router = spawn_router(kafka, workflow, 0, args);
+    publish_example_tasks(kafka, tasks).await;
+    for kill in 1..=kills {
+        let target = tasks * kill / (kills + 1);
+        eventually(
+            Duration::from_secs(300),
+            &format!("{target} tasks to finish before kill {kill}"),
+            || async { (completed_tasks(kafka) >= target).then_some(()) },
+        )
+        .await;
+        before_kill(kill).await;
+        router.kill().unwrap();
+        router.wait().unwrap();
+        router = spawn_router(kafka, workflow, kill, args);
+    }
+    eventually(Duration::from_secs(300), "every task to finish", || async {
+        (completed_tasks(kafka) >= tasks).then_some(())
+    })
+    .await;
+    router.kill().unwrap();
+    router.wait().unwrap();
 }
 
 /// Agents running in this process.
@@ -519,7 +576,10 @@ pub async fn submit_until_one_completes(kafka: &KafkaConfig, prefix: &str) -> us
     panic!("ten tasks in turn were refused after the refusal was lifted");
 }
 
-/// Every record of `topic`, read from the beginning up to the high watermarks.
+/// Every record of `topic` that a consumer with `kafka`'s settings sees (read_committed unless
+/// `isolation.level` says otherwise), from the beginning to the high watermarks when called. The
+/// consumer's position passes commit and abort markers and aborted records without returning
+/// them; with read_committed it waits for a transaction open below a watermark to end.
 pub fn read_all(kafka: &KafkaConfig, topic: &str) -> Vec<OwnedMessage> {
     let mut config = kafka.client_config();
     config
@@ -550,15 +610,15 @@ pub fn read_all(kafka: &KafkaConfig, topic: &str) -> Vec<OwnedMessage> {
             Instant::now() < deadline,
             "reading {topic} to its end took over 60s"
         );
-        if let Some(message) = consumer.poll(Duration::from_millis(500)) {
-            let message = message.unwrap().detach();
-            if ends
-                .get(&message.partition())
-                .is_some_and(|end| message.offset() + 1 >= *end)
-            {
-                ends.remove(&message.partition());
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            out.push(message.unwrap().detach());
+        }
+        for e in consumer.position().unwrap().elements() {
+            if let (Offset::Offset(at), Some(end)) = (e.offset(), ends.get(&e.partition())) {
+                if at >= *end {
+                    ends.remove(&e.partition());
+                }
             }
-            out.push(message);
         }
     }
     out
