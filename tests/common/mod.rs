@@ -287,10 +287,11 @@ pub fn spawn_router(kafka: &KafkaConfig, workflow: &Path, n: usize, extra: &[&st
     spawn_switchyard(kafka, &args, &log)
 }
 
-/// Runs `tasks` example tasks through `switchyard router` processes started with `args`: the
-/// router is SIGKILLed `kills` times, each time once a further share of the tasks finished and
-/// `before_kill(kill)` returned, and started again; returns when every task finished, with the
-/// last router killed too. The agents are the caller's.
+/// Runs `tasks` example tasks, all published at once, through `switchyard router` processes
+/// started with `args`, killed with SIGKILL `kills` times and started again: kill `k` once
+/// `k / (kills + 1)` of the tasks finished, the running router finished at least one of them,
+/// and `before_kill(k)` returned. Returns when every task finished, with the last router killed
+/// too. The agents are the caller's.
 pub async fn run_tasks_through_sigkills<F, Fut>(
     kafka: &KafkaConfig,
     args: &[&str],
@@ -302,27 +303,76 @@ pub async fn run_tasks_through_sigkills<F, Fut>(
     Fut: Future<Output = ()>,
 {
     let workflow = Path::new("agents/customer-service");
+    let completions = std::sync::Mutex::new(Completions::new(kafka));
+    let finished = || completions.lock().unwrap().count();
     let mut router = spawn_router(kafka, workflow, 0, args);
-    publish_example_tasks(kafka, tasks).await;
+    publish_example_tasks(kafka, 0..tasks).await;
+    let mut before = 0;
     for kill in 1..=kills {
-        let target = tasks * kill / (kills + 1);
+        let target = (tasks * kill / (kills + 1)).max(before + 1);
+        assert!(
+            target < tasks,
+            "router run {} started after every task finished: kill {kill} cannot land mid-flow",
+            kill - 1
+        );
         eventually(
             Duration::from_secs(300),
             &format!("{target} tasks to finish before kill {kill}"),
-            || async { (completed_tasks(kafka) >= target).then_some(()) },
+            || async { (finished() >= target).then_some(()) },
         )
         .await;
         before_kill(kill).await;
         router.kill().unwrap();
         router.wait().unwrap();
+        before = finished();
         router = spawn_router(kafka, workflow, kill, args);
     }
     eventually(Duration::from_secs(300), "every task to finish", || async {
-        (completed_tasks(kafka) >= tasks).then_some(())
+        (finished() >= tasks).then_some(())
     })
     .await;
     router.kill().unwrap();
     router.wait().unwrap();
+}
+
+/// Counts the tasks the state topic records as completed, reading on from where it stopped, so
+/// that a test polling it while thousands of tasks run sees the count within milliseconds.
+pub struct Completions {
+    consumer: BaseConsumer,
+    count: usize,
+}
+
+impl Completions {
+    /// A reader of `kafka`'s state topic from its beginning.
+    pub fn new(kafka: &KafkaConfig) -> Self {
+        let mut config = kafka.client_config();
+        config
+            .set("group.id", "switchyard-test-reader")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest");
+        let consumer: BaseConsumer = config.create().unwrap();
+        let state = kafka.topics().state();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..kafka.partition_count(&state).unwrap() {
+            tpl.add_partition_offset(&state, p, Offset::Offset(0))
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        Self { consumer, count: 0 }
+    }
+
+    /// The tasks completed so far.
+    pub fn count(&mut self) -> usize {
+        while let Some(message) = self.consumer.poll(Duration::from_millis(10)) {
+            let message = message.unwrap();
+            let event: StateEvent =
+                serde_json::from_slice(message.payload().unwrap()).expect("state events are JSON");
+            if matches!(event.decision, Decision::Completed { .. }) {
+                self.count += 1;
+            }
+        }
+        self.count
+    }
 }
 
 /// Agents running in this process.
@@ -659,10 +709,10 @@ pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-/// Publishes `tasks` submissions `task-0`, `task-1`, … for the example workflow: every tenth is
-/// furious (its review is not confident, so a human answers it), the rest ask about an order.
-pub async fn publish_example_tasks(kafka: &KafkaConfig, tasks: usize) {
-    let submissions: Vec<TaskEvent> = (0..tasks)
+/// Publishes submissions `task-<i>` for each `i` in `tasks` for the example workflow: every tenth
+/// is furious (its review is not confident, so a human answers it), the rest ask about an order.
+pub async fn publish_example_tasks(kafka: &KafkaConfig, tasks: std::ops::Range<usize>) {
+    let submissions: Vec<TaskEvent> = tasks
         .map(|i| {
             let message = if i % 10 == 0 {
                 "I am furious"
