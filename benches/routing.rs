@@ -422,16 +422,15 @@ async fn main() {
                 &format!("bench-{run_id}-{round}-{i}"),
             );
             let size = prepare(&kafka, &workflow, events).await;
-            let rate = match *run {
-                Run::Passthrough => passthrough(&kafka, events).await,
+            let (rate, startup) = match *run {
+                Run::Passthrough => (passthrough(&kafka, events).await, String::new()),
                 Run::Router(mode, interval) => {
                     let (startup, rate) = route(&kafka, &workflow, events, mode, interval).await;
-                    line.push_str(&format!(" [start-up {startup:.2}s]"));
-                    rate
+                    (rate, format!(", start-up {startup:.2}s"))
                 }
             };
             line.push_str(&format!(
-                "   {} {rate:.0}/s ({size}-byte events)",
+                "\n  {:<28} {rate:>8.0} events/s ({size}-byte events{startup})",
                 run.name()
             ));
             rates[i].push(rate);
