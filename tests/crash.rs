@@ -20,12 +20,21 @@ const KILLS: usize = 3;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkilled_router_loses_and_duplicates_no_decision() {
     let kafka = kafka("crash");
-    let workflow = setup(&kafka, &root().join("agents/customer-service")).await;
+    let dir = example_with_timeout("10m");
+    let workflow = setup(&kafka, dir.path()).await;
     let agents = RunningAgents::example(&kafka, &workflow, |_| {});
     let humans = RunningAgents::start(&kafka, &workflow, &["human_agent"], |_| {
         Human(kafka.clone())
     });
-    run_tasks_through_sigkills(&kafka, &["--max-batch", "50"], TASKS, KILLS, |_| async {}).await;
+    run_tasks_through_sigkills(
+        &kafka,
+        dir.path(),
+        &["--max-batch", "50"],
+        TASKS,
+        KILLS,
+        |_| async {},
+    )
+    .await;
     agents.stop().await;
     humans.stop().await;
 
@@ -45,7 +54,8 @@ async fn sigkilled_router_loses_and_duplicates_no_decision() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkilled_exactly_once_router_writes_each_work_item_once() {
     let kafka = txn_kafka("crash-eos");
-    let workflow = setup(&kafka, &root().join("agents/customer-service")).await;
+    let dir = example_with_timeout("10m");
+    let workflow = setup(&kafka, dir.path()).await;
     let transactional =
         |c: &mut switchyard::agent::AgentConfig| c.consistency = ConsistencyMode::ExactlyOnce;
     let agents = RunningAgents::example(&kafka, &workflow, transactional);
@@ -66,7 +76,7 @@ async fn sigkilled_exactly_once_router_writes_each_work_item_once() {
         "--instance-id",
         "router-eos",
     ];
-    run_tasks_through_sigkills(&kafka, &args, TASKS, KILLS, |_| async {}).await;
+    run_tasks_through_sigkills(&kafka, dir.path(), &args, TASKS, KILLS, |_| async {}).await;
     agents.stop().await;
     humans.stop().await;
 

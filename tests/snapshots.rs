@@ -62,7 +62,8 @@ fn writing_snapshot(log: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkills_while_snapshots_are_written_lose_and_duplicate_nothing() {
     let kafka = kafka("snapcrash");
-    let workflow = setup(&kafka, &root().join("agents/customer-service")).await;
+    let dir = example_with_timeout("10m");
+    let workflow = setup(&kafka, dir.path()).await;
     let agents = RunningAgents::example(&kafka, &workflow, |_| {});
     let humans = RunningAgents::start(&kafka, &workflow, &["human_agent"], |_| {
         Human(kafka.clone())
@@ -77,7 +78,7 @@ async fn sigkills_while_snapshots_are_written_lose_and_duplicate_nothing() {
         "--snapshot-chunk-bytes",
         "2048",
     ];
-    run_tasks_through_sigkills(&kafka, &args, TASKS, KILLS, |kill| {
+    run_tasks_through_sigkills(&kafka, dir.path(), &args, TASKS, KILLS, |kill| {
         let kafka = kafka.clone();
         async move {
             eventually(

@@ -129,6 +129,26 @@ pub fn workflow_copy(
     dir
 }
 
+/// The example workflow in a temporary directory with every card's timeout set to `timeout`.
+/// The SIGKILL tests use it: under their load on a slow broker a step may wait longer than the
+/// shipped minute for its agent, and a task ended by timeouts would never complete.
+pub fn example_with_timeout(timeout: &str) -> tempfile::TempDir {
+    let dir = workflow_copy("customer-service", &[], "");
+    for entry in std::fs::read_dir(dir.path().join("cards")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text: Vec<String> = text
+            .lines()
+            .map(|line| match line.starts_with("timeout:") {
+                true => format!("timeout: {timeout}"),
+                false => line.to_string(),
+            })
+            .collect();
+        std::fs::write(&path, text.join("\n")).unwrap();
+    }
+    dir
+}
+
 /// A workflow whose only card, `idle`, has no agent: every submission is routed to it and
 /// waits (its timeout is an hour).
 pub fn idle_workflow() -> tempfile::TempDir {
@@ -288,12 +308,13 @@ pub fn spawn_router(kafka: &KafkaConfig, workflow: &Path, n: usize, extra: &[&st
 }
 
 /// Runs `tasks` example tasks, all published at once, through `switchyard router` processes
-/// started with `args`, killed with SIGKILL `kills` times and started again: kill `k` once
+/// for `workflow` (a copy of the example's) started with `args`, killed with SIGKILL `kills` times and started again: kill `k` once
 /// `k / (kills + 1)` of the tasks finished, the running router finished at least one of them,
 /// and `before_kill(k)` returned. Returns when every task finished, with the last router killed
 /// too. The agents are the caller's.
 pub async fn run_tasks_through_sigkills<F, Fut>(
     kafka: &KafkaConfig,
+    workflow: &Path,
     args: &[&str],
     tasks: usize,
     kills: usize,
@@ -302,7 +323,6 @@ pub async fn run_tasks_through_sigkills<F, Fut>(
     F: FnMut(usize) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let workflow = Path::new("agents/customer-service");
     let completions = std::sync::Mutex::new(Completions::new(kafka));
     let finished = || completions.lock().unwrap().count();
     let mut router = spawn_router(kafka, workflow, 0, args);
