@@ -214,7 +214,7 @@ async fn every_metric_the_dashboard_queries_is_served_by_a_running_router_or_age
     let humans = RunningAgents::start(&kafka, &workflow, &["human_agent"], |_| {
         Human(kafka.clone())
     });
-    publish_example_tasks(&kafka, 0..3).await;
+    publish_example_tasks(&kafka, 3).await;
     publish_raw(&kafka, "poison", b"not json").await;
     eventually(
         Duration::from_secs(120),

@@ -35,7 +35,7 @@ async fn routers_killed_in_turn_and_one_added_lose_and_duplicate_nothing() {
     let spawn = |n| spawn_router(&kafka, workflow_dir, n, &["--max-batch", "100"]);
     let mut routers: Vec<Child> = (0..3).map(spawn).collect();
 
-    publish_example_tasks(&kafka, 0..TASKS).await;
+    publish_example_tasks(&kafka, TASKS).await;
     let mut next = 3;
     for turn in 0..3 {
         let target = TASKS * (turn + 1) / 5;

@@ -63,6 +63,28 @@ fn routed_per_task(events: &[StateEvent]) -> HashMap<String, usize> {
     out
 }
 
+/// Waits until `tasks` tasks have a committed routing decision, and checks each has exactly one.
+async fn each_routed_once(kafka: &KafkaConfig, tasks: usize, what: &str) {
+    let routed = eventually(WAIT, what, || async {
+        let routed = routed_per_task(&state_with(kafka, "read_committed"));
+        (routed.len() == tasks).then_some(routed)
+    })
+    .await;
+    assert!(
+        routed.values().all(|n| *n == 1),
+        "nothing decided twice: {routed:?}"
+    );
+}
+
+/// Waits until the router group's committed offsets reach the end of the tasks topic.
+async fn offsets_at_the_end(kafka: &KafkaConfig, what: &str) {
+    let (tasks, group) = (kafka.topics().tasks(), kafka.topics().router_group());
+    eventually(WAIT, what, || async {
+        (committed_offsets(kafka, &group, &tasks) == ends(kafka, &tasks)).then_some(())
+    })
+    .await;
+}
+
 /// The offsets `group` committed on each partition of `topic` (-1: none).
 fn committed_offsets(kafka: &KafkaConfig, group: &str, topic: &str) -> Vec<i64> {
     let mut config = kafka.client_config();
@@ -176,18 +198,11 @@ async fn an_aborted_transaction_is_invisible_and_moves_no_offset_a_committed_one
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn committed_batches_are_visible_with_the_offsets_advanced_and_a_new_instance_resumes() {
     let (kafka, workflow) = transactional("eos-commit").await;
-    let tasks = kafka.topics().tasks();
-    let group = kafka.topics().router_group();
     let router = RunningRouter::start_with(&kafka, &workflow, exactly_once).await;
     for i in 0..5 {
         publish(&kafka, &submission(&format!("c{i}"), "hello")).await;
     }
-    let routed = eventually(WAIT, "5 committed decisions", || async {
-        let routed = routed_per_task(&state_with(&kafka, "read_committed"));
-        (routed.len() == 5).then_some(routed)
-    })
-    .await;
-    assert!(routed.values().all(|n| *n == 1), "{routed:?}");
+    each_routed_once(&kafka, 5, "5 committed decisions").await;
     let work = read_all(
         &kafka,
         &format!("{}.agent.sentiment_analyzer", kafka.topic_prefix),
@@ -197,32 +212,14 @@ async fn committed_batches_are_visible_with_the_offsets_advanced_and_a_new_insta
         5,
         "the work items are committed with their decisions"
     );
-    eventually(
-        WAIT,
-        "the group's offsets at the tasks topic's end",
-        || async {
-            (committed_offsets(&kafka, &group, &tasks) == ends(&kafka, &tasks)).then_some(())
-        },
-    )
-    .await;
+    offsets_at_the_end(&kafka, "the group's offsets at the tasks topic's end").await;
     router.stop().await;
 
     // A new instance resumes from the committed offsets and state, and decides nothing twice.
     let router = RunningRouter::start_with(&kafka, &workflow, exactly_once).await;
     publish(&kafka, &submission("c5", "hello")).await;
-    let routed = eventually(WAIT, "the new instance's decision", || async {
-        let routed = routed_per_task(&state_with(&kafka, "read_committed"));
-        (routed.len() == 6).then_some(routed)
-    })
-    .await;
-    assert!(
-        routed.values().all(|n| *n == 1),
-        "nothing decided twice: {routed:?}"
-    );
-    eventually(WAIT, "the offsets to advance past c5", || async {
-        (committed_offsets(&kafka, &group, &tasks) == ends(&kafka, &tasks)).then_some(())
-    })
-    .await;
+    each_routed_once(&kafka, 6, "the new instance's decision").await;
+    offsets_at_the_end(&kafka, "the offsets to advance past c5").await;
     router.stop().await;
 }
 
@@ -245,10 +242,7 @@ async fn a_second_instance_fences_the_first_which_stops_and_the_second_resumes()
     let (stop, rx) = tokio::sync::watch::channel(false);
     let first = tokio::spawn(start(config.clone()).await.run(rx.clone()));
     publish(&kafka, &submission("before", "hello")).await;
-    eventually(WAIT, "the first instance to route", || async {
-        (routed_per_task(&state_with(&kafka, "read_committed")).len() == 1).then_some(())
-    })
-    .await;
+    each_routed_once(&kafka, 1, "the first instance to route").await;
 
     let second = start(config).await;
     publish(&kafka, &submission("after", "hello")).await;
@@ -266,15 +260,7 @@ async fn a_second_instance_fences_the_first_which_stops_and_the_second_resumes()
 
     let second = tokio::spawn(second.run(rx));
     publish(&kafka, &submission("later", "hello")).await;
-    let routed = eventually(WAIT, "the second instance to route the rest", || async {
-        let routed = routed_per_task(&state_with(&kafka, "read_committed"));
-        (routed.len() == 3).then_some(routed)
-    })
-    .await;
-    assert!(
-        routed.values().all(|n| *n == 1),
-        "nothing decided twice: {routed:?}"
-    );
+    each_routed_once(&kafka, 3, "the second instance to route the rest").await;
     stop.send(true).unwrap();
     tokio::time::timeout(WAIT, second)
         .await

@@ -3,10 +3,9 @@
 
 # The directory for pid files, logs and data: $SWITCHYARD_HOME or .switchyard/ in the repository.
 service_home() {
-  local here
-  here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-  mkdir -p "${SWITCHYARD_HOME:-$here/../.switchyard}"
-  (cd "${SWITCHYARD_HOME:-$here/../.switchyard}" && pwd)
+  local dir="${SWITCHYARD_HOME:-$(dirname "${BASH_SOURCE[0]}")/../../.switchyard}"
+  mkdir -p "$dir"
+  (cd "$dir" && pwd)
 }
 
 # Whether something accepts TCP connections on 127.0.0.1:$1.

@@ -308,9 +308,9 @@ pub fn spawn_router(kafka: &KafkaConfig, workflow: &Path, n: usize, extra: &[&st
 }
 
 /// Runs `tasks` example tasks, all published at once, through `switchyard router` processes
-/// for `workflow` (a copy of the example's) started with `args`, killed with SIGKILL `kills` times and started again: kill `k` once
-/// `k / (kills + 1)` of the tasks finished, the running router finished at least one of them,
-/// and `before_kill(k)` returned. Returns when every task finished, with the last router killed
+/// for `workflow` (a copy of the example's) started with `args`, killed with SIGKILL `kills`
+/// times and started again: kill `k` once `k / (kills + 1)` of the tasks finished, the running
+/// router finished at least one of them, and `before_kill(k)` returned. Returns when every task finished, with the last router killed
 /// too. The agents are the caller's.
 pub async fn run_tasks_through_sigkills<F, Fut>(
     kafka: &KafkaConfig,
@@ -326,7 +326,7 @@ pub async fn run_tasks_through_sigkills<F, Fut>(
     let completions = std::sync::Mutex::new(Completions::new(kafka));
     let finished = || completions.lock().unwrap().count();
     let mut router = spawn_router(kafka, workflow, 0, args);
-    publish_example_tasks(kafka, 0..tasks).await;
+    publish_example_tasks(kafka, tasks).await;
     let mut before = 0;
     for kill in 1..=kills {
         let target = (tasks * kill / (kills + 1)).max(before + 1);
@@ -729,10 +729,10 @@ pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-/// Publishes submissions `task-<i>` for each `i` in `tasks` for the example workflow: every tenth
-/// is furious (its review is not confident, so a human answers it), the rest ask about an order.
-pub async fn publish_example_tasks(kafka: &KafkaConfig, tasks: std::ops::Range<usize>) {
-    let submissions: Vec<TaskEvent> = tasks
+/// Publishes `tasks` submissions `task-0`, `task-1`, … for the example workflow: every tenth is
+/// furious (its review is not confident, so a human answers it), the rest ask about an order.
+pub async fn publish_example_tasks(kafka: &KafkaConfig, tasks: usize) {
+    let submissions: Vec<TaskEvent> = (0..tasks)
         .map(|i| {
             let message = if i % 10 == 0 {
                 "I am furious"
