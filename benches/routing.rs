@@ -154,35 +154,40 @@ async fn route(
 /// partition). Exactly-once: its transactions committed (the group's committed offsets reach the
 /// end of the tasks topic; the state topic's watermarks count commit markers too).
 struct Done {
-    kafka: KafkaConfig,
     mode: ConsistencyMode,
     reader: BaseConsumer,
+    /// The topic whose progress says it: state (effectively-once) or tasks (exactly-once).
+    topic: String,
+    partitions: i32,
 }
 
 impl Done {
     fn new(kafka: &KafkaConfig, mode: ConsistencyMode, group: &str) -> Self {
         let mut config = kafka.client_config();
         config.set("group.id", group);
+        let topic = match mode {
+            ConsistencyMode::EffectivelyOnce => kafka.topics().state(),
+            ConsistencyMode::ExactlyOnce => kafka.topics().tasks(),
+        };
         Self {
-            kafka: kafka.clone(),
             mode,
             reader: config.create().unwrap(),
+            partitions: kafka.partition_count(&topic).unwrap(),
+            topic,
         }
     }
 
     fn all(&self, events: usize) -> bool {
         let written = match self.mode {
             ConsistencyMode::EffectivelyOnce => {
-                let state = self.kafka.topics().state();
-                let partitions = self.kafka.partition_count(&state).unwrap();
-                switchyard::kafka::high_watermark_sum(&self.reader, &state, partitions).unwrap()
-                    - i64::from(partitions)
+                switchyard::kafka::high_watermark_sum(&self.reader, &self.topic, self.partitions)
+                    .unwrap()
+                    - i64::from(self.partitions)
             }
             ConsistencyMode::ExactlyOnce => {
-                let tasks = self.kafka.topics().tasks();
                 let mut tpl = rdkafka::TopicPartitionList::new();
-                for p in 0..self.kafka.partition_count(&tasks).unwrap() {
-                    tpl.add_partition(&tasks, p);
+                for p in 0..self.partitions {
+                    tpl.add_partition(&self.topic, p);
                 }
                 let committed = self
                     .reader
