@@ -24,61 +24,14 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::cards::{Card, Runtime};
-use crate::codec::{self, Codec, Encoding};
+use crate::codec::{Codec, Encoding};
 use crate::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use crate::envelope::{EventKind, TaskEvent, Usage, WorkItem};
+use crate::error::{Error, Result};
 use crate::kafka::{self, KafkaConfig};
 use crate::metrics::AgentMetrics;
 use crate::signing::Secret;
 use crate::trace;
-
-/// Errors that stop an agent.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Kafka failed.
-    #[error(transparent)]
-    Kafka(#[from] kafka::Error),
-    /// The card cannot be run by `switchyard agent`.
-    #[error("card `{card}` has runtime `{runtime}`, which {why}")]
-    NotRunnable {
-        /// The card.
-        card: String,
-        /// Its runtime kind.
-        runtime: &'static str,
-        /// Why it cannot run here.
-        why: &'static str,
-    },
-    /// Metrics could not be served.
-    #[error(transparent)]
-    Metrics(#[from] crate::metrics::Error),
-    /// Publishing a result failed.
-    #[error(transparent)]
-    Write(#[from] commit::Error),
-    /// A result could not be encoded.
-    #[error(transparent)]
-    Codec(#[from] codec::Error),
-    /// The card signs its answers but its secret is not in the environment.
-    #[error("card `{card}` signs its answers with the secret in `{var}`, which is not set; set it (the secret never goes in the card)")]
-    MissingSecret {
-        /// The card.
-        card: String,
-        /// Its `secret_env`.
-        var: String,
-    },
-    /// Exactly-once: a result's transaction was aborted; a restart re-delivers the work item.
-    #[error("the transaction publishing a result was aborted ({0}); restart to receive the work item again")]
-    Aborted(rdkafka::error::KafkaError),
-}
-
-/// A client error is a Kafka error ([`kafka::Error::Kafka`]), the one Kafka variant.
-impl From<rdkafka::error::KafkaError> for Error {
-    fn from(e: rdkafka::error::KafkaError) -> Self {
-        Error::Kafka(e.into())
-    }
-}
-
-/// Result type of this module.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// An agent's answer to one work item.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -203,11 +156,10 @@ pub fn not_runnable(card: &Card) -> Error {
         ),
         Runtime::Llm { .. } => ("llm", "runs through `switchyard::llm::LlmHandler`"),
     };
-    Error::NotRunnable {
-        card: card.name.clone(),
-        runtime,
-        why,
-    }
+    Error::Setup(format!(
+        "card `{}` has runtime `{runtime}`, which {why}",
+        card.name
+    ))
 }
 
 /// How an agent runs.
@@ -304,10 +256,10 @@ pub async fn run<H: Handler>(
 ) -> Result<()> {
     let card = config.card.clone();
     if let (Some(var), None) = (&card.secret_env, &config.secret) {
-        return Err(Error::MissingSecret {
-            card: card.name.clone(),
-            var: var.clone(),
-        });
+        return Err(Error::Setup(format!(
+            "card `{}` signs its answers with the secret in `{var}`, which is not set; set it (the secret never goes in the card)",
+            card.name
+        )));
     }
     let topics = config.kafka.topics();
     let inbox = card.topic(&config.kafka.topic_prefix);
@@ -498,7 +450,7 @@ impl Publisher<'_> {
         }
         match self.writer.write(vec![vec![record]], commit).await? {
             Written::Committed(_) => Ok(None),
-            Written::Aborted(e) => Err(Error::Aborted(e)),
+            Written::Aborted(e) => Err(kafka::Error::Aborted(e).into()),
             Written::Refused(refused) => Ok(refused.into_iter().next().map(|(_, _, e)| e)),
         }
     }
@@ -534,7 +486,7 @@ async fn publish_again_on_failure(
     loop {
         match writer.write(vec![vec![record.clone()]], None).await {
             Ok(_) => return Ok(None),
-            Err(commit::Error::Produce { source, .. }) if commit::refuses_record(&source) => {
+            Err(kafka::Error::Produce { source, .. }) if commit::refuses_record(&source) => {
                 return Ok(Some(source))
             }
             Err(e) if tries < PUBLISH_TRIES => {

@@ -24,7 +24,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::TopicPartitionList;
 
-use crate::kafka::KafkaConfig;
+use crate::kafka::{Error, KafkaConfig, Result};
 
 /// The processing guarantee.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -93,37 +93,6 @@ impl FromStr for ConsistencyMode {
         }
     }
 }
-
-/// Errors writing a batch.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The broker does not do transactions.
-    #[error(
-        "the broker at {bootstrap} refused transactions ({source}); exactly-once needs Apache Kafka, Confluent or \
-         Redpanda. Use `--consistency effectively-once`, which needs no transactions"
-    )]
-    TransactionsUnsupported {
-        /// The bootstrap servers.
-        bootstrap: String,
-        /// The broker's answer to InitProducerId.
-        source: KafkaError,
-    },
-    /// A fatal producer error: fenced by a newer instance with the same transactional id, or
-    /// another error after which the producer cannot go on. The instance must restart.
-    #[error("fatal producer error, restart this instance: {0}")]
-    Fatal(KafkaError),
-    /// A write was not acknowledged.
-    #[error("write to `{topic}` failed: {source}")]
-    Produce {
-        /// The topic.
-        topic: String,
-        /// The error.
-        source: KafkaError,
-    },
-}
-
-/// Result type of this module.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// One record to write.
 #[derive(Clone)]

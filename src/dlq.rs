@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::commit::{refuses_record, Outgoing};
 use crate::envelope::now_ms;
-use crate::kafka::{self, read_at, read_topic, KafkaConfig};
+use crate::kafka::{self, read_at, read_topic, Error, KafkaConfig, Result};
 use crate::signing::sha256_hex;
 
 /// Header names of dead-letter records (in the spirit of KIP-1034).
@@ -158,34 +158,6 @@ pub fn record(
         headers: Some(hs),
     }
 }
-
-/// Errors of this module.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Kafka failed.
-    #[error(transparent)]
-    Kafka(#[from] kafka::Error),
-    /// No dead letter at that position.
-    #[error("no dead letter at {topic}[{partition}]@{offset}")]
-    NotFound {
-        /// The dead-letter topic.
-        topic: String,
-        /// Partition.
-        partition: i32,
-        /// Offset.
-        offset: i64,
-    },
-}
-
-/// A client error is a Kafka error ([`kafka::Error::Kafka`]), the one Kafka variant.
-impl From<rdkafka::error::KafkaError> for Error {
-    fn from(e: rdkafka::error::KafkaError) -> Self {
-        Error::Kafka(e.into())
-    }
-}
-
-/// Result type of this module.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// One dead letter with its headers decoded.
 #[derive(Debug, Clone, Serialize)]
@@ -352,7 +324,7 @@ pub fn show(kafka: &KafkaConfig, partition: i32, offset: i64) -> Result<DeadLett
     };
     list(kafka, &selection)?
         .pop()
-        .ok_or_else(|| Error::NotFound {
+        .ok_or_else(|| Error::NoRecord {
             topic: kafka.topics().dlq(),
             partition,
             offset,

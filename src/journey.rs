@@ -252,7 +252,7 @@ pub struct Timeline {
 }
 
 /// Reads a task's timeline, touching only the partitions its key maps to.
-pub fn audit(kafka: &KafkaConfig, task_id: &str) -> Result<Timeline, crate::dlq::Error> {
+pub fn audit(kafka: &KafkaConfig, task_id: &str) -> Result<Timeline, crate::kafka::Error> {
     use rdkafka::message::Message;
     let topics = kafka.topics();
     let partition = partition_for_key(task_id.as_bytes(), kafka.partition_count(&topics.state())?);

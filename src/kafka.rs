@@ -11,7 +11,7 @@ use rdkafka::producer::FutureProducer;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Errors talking to Kafka.
+/// Errors talking to Kafka: client calls, topics, reads and writes.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A client call failed.
@@ -30,6 +30,62 @@ pub enum Error {
     /// A topic is missing from the cluster.
     #[error("topic `{0}` does not exist; create it with `switchyard topics apply`")]
     MissingTopic(String),
+    /// Creating a topic failed.
+    #[error("cannot create `{topic}`: {code}")]
+    Create {
+        /// The topic.
+        topic: String,
+        /// The broker's error.
+        code: rdkafka::types::RDKafkaErrorCode,
+    },
+    /// No record at a position that was asked for.
+    #[error("no record at {topic}[{partition}]@{offset}")]
+    NoRecord {
+        /// The topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// Offset.
+        offset: i64,
+    },
+    /// The broker does not do transactions.
+    #[error(
+        "the broker at {bootstrap} refused transactions ({source}); exactly-once needs Apache Kafka, Confluent or \
+         Redpanda. Use `--consistency effectively-once`, which needs no transactions"
+    )]
+    TransactionsUnsupported {
+        /// The bootstrap servers.
+        bootstrap: String,
+        /// The broker's answer to InitProducerId.
+        source: KafkaError,
+    },
+    /// A fatal producer error: fenced by a newer instance with the same transactional id, or
+    /// another error after which the producer cannot go on. The instance must restart.
+    #[error("fatal producer error, restart this instance: {0}")]
+    Fatal(KafkaError),
+    /// A write was not acknowledged.
+    #[error("write to `{topic}` failed: {source}")]
+    Produce {
+        /// The topic.
+        topic: String,
+        /// The error.
+        source: KafkaError,
+    },
+    /// Exactly-once: an agent's transaction publishing a result was aborted.
+    #[error("the transaction publishing a result was aborted ({0}); restart to receive the work item again")]
+    Aborted(KafkaError),
+    /// The broker refused a state event. State events are bounded by the rule table's
+    /// `max_event_bytes` (plus a small envelope), so this means the state topic accepts less
+    /// than that; no input record can cause it.
+    #[error("the broker refused a state event of {bytes} bytes on `{topic}` ({source}); the state topic must accept records of `max_event_bytes` plus 64 KiB: raise its max.message.bytes, or lower `max_event_bytes` in the rule table")]
+    StateRefused {
+        /// The state topic.
+        topic: String,
+        /// The record's size.
+        bytes: usize,
+        /// The broker's answer.
+        source: KafkaError,
+    },
 }
 
 /// Result type of this module.

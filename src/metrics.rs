@@ -12,24 +12,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Errors of this module.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A metric could not be registered.
-    #[error("metrics: {0}")]
-    Prometheus(#[from] prometheus::Error),
-    /// The HTTP listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-}
-
-/// Result type of this module.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+use crate::error::Result;
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
@@ -430,12 +413,7 @@ pub async fn serve(
     registry: Registry,
     ready: Arc<AtomicBool>,
 ) -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| Error::Bind { addr, source })?;
+    let (listener, bound) = crate::http::listen(addr).await?;
     let app = axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { "ok" }))

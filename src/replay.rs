@@ -17,33 +17,11 @@ use serde::Serialize;
 
 use crate::codec::Codec;
 use crate::envelope::{Decision, DecodeError, LlmRecord, StateEvent, TaskEvent};
+use crate::error::{Error, Result};
 use crate::kafka::{self, read_topic, KafkaConfig};
 use crate::router::{Engine, Outcome, Raw};
 use crate::signing::{sha256_hex, SIGNATURE_HEADER};
 use crate::state::PartitionState;
-
-/// Errors of a replay.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Reading the topics failed.
-    #[error(transparent)]
-    Kafka(#[from] kafka::Error),
-    /// A state record could not be read.
-    #[error("{topic}[{partition}] offset {offset} is not a state event: {message}")]
-    Corrupt {
-        /// The state topic.
-        topic: String,
-        /// Partition.
-        partition: i32,
-        /// Offset.
-        offset: i64,
-        /// The decoding error.
-        message: String,
-    },
-}
-
-/// Result type of this module.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Which recorded decisions to check. The fold always starts at the beginning of each partition.
 #[derive(Debug, Clone, Default)]
@@ -212,6 +190,7 @@ pub async fn replay(
                     topic: state_topic.clone(),
                     partition,
                     offset,
+                    what: "state event",
                     message: e.to_string(),
                 });
                 return;

@@ -11,40 +11,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::cards::Cards;
+use crate::error::{Error, Result};
 use crate::files;
 use crate::kafka::{self, KafkaConfig};
-
-/// Errors applying topics.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The spec file could not be read or is not valid.
-    #[error(transparent)]
-    File(#[from] files::Error),
-    /// Kafka failed.
-    #[error(transparent)]
-    Kafka(#[from] kafka::Error),
-    /// Creating a topic failed.
-    #[error("cannot create `{topic}`: {code}")]
-    Create {
-        /// The topic.
-        topic: String,
-        /// The broker's error.
-        code: RDKafkaErrorCode,
-    },
-    /// An existing topic breaks the design.
-    #[error("{0}")]
-    Conflict(String),
-}
-
-/// A client error is a Kafka error ([`kafka::Error::Kafka`]).
-impl From<rdkafka::error::KafkaError> for Error {
-    fn from(e: rdkafka::error::KafkaError) -> Self {
-        Error::Kafka(e.into())
-    }
-}
-
-/// Result type of this module.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The spec of one kind of topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -171,7 +140,7 @@ pub async fn apply(kafka: &KafkaConfig, specs: &TopicSpecs, cards: &Cards) -> Re
     ] {
         let op = count(&other, spec);
         if op != sp {
-            return Err(Error::Conflict(format!(
+            return Err(Error::Setup(format!(
                 "`{other}` has {op} partitions and `{state}` would have {sp}: they must be co-partitioned; \
                  recreate them with equal counts or change topics/ to match"
             )));
@@ -216,7 +185,7 @@ pub async fn apply(kafka: &KafkaConfig, specs: &TopicSpecs, cards: &Cards) -> Re
                 Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
                     report.push(format!("exists  {name}"))
                 }
-                Err((topic, code)) => return Err(Error::Create { topic, code }),
+                Err((topic, code)) => return Err(kafka::Error::Create { topic, code }.into()),
             }
         }
     }

@@ -264,3 +264,75 @@ async fn one_task_is_one_trace_from_submit_through_every_decision_and_agent_step
         );
     }
 }
+
+/// Counts the connections accepted on `addr` (an OTLP default endpoint); fails saying what holds
+/// the port when it cannot be bound.
+async fn connection_counter(addr: &str) -> Arc<std::sync::atomic::AtomicUsize> {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap_or_else(|e| {
+        panic!("cannot listen on {addr} ({e}); this test needs the default OTLP port free: stop what listens there (`ss -ltnp | grep {addr}`)")
+    });
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        while listener.accept().await.is_ok() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_an_endpoint_nothing_connects_to_an_otlp_port() {
+    let kafka = kafka("trace-off");
+    setup(&kafka, &root().join("agents/customer-service")).await;
+    // The OTLP defaults (HTTP and gRPC) on this host: where an exporter would go unconfigured.
+    let http = connection_counter("127.0.0.1:4318").await;
+    let grpc = connection_counter("127.0.0.1:4317").await;
+    let without_otel = |command: &mut std::process::Command| {
+        for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("OTEL_")) {
+            command.env_remove(name);
+        }
+    };
+    let log = std::fs::File::create(
+        std::env::temp_dir().join(format!("{}-router.log", kafka.topic_prefix)),
+    )
+    .unwrap();
+    let mut router = switchyard_command(&kafka);
+    without_otel(&mut router);
+    let mut router = router
+        .args(["router", "--workflow", "agents/customer-service"])
+        .args(["--http-addr", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    let mut submit = switchyard_command(&kafka);
+    without_otel(&mut submit);
+    let submitted = submit
+        .args(["submit", "--task-id", "untraced-1", "--payload", "{}"])
+        .output()
+        .unwrap();
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    eventually(Duration::from_secs(60), "the task to be routed", || async {
+        task_events(&kafka, "untraced-1")
+            .iter()
+            .any(|e| matches!(e.decision, Decision::Routed { .. }))
+            .then_some(())
+    })
+    .await;
+    let _ = router.kill();
+    let _ = router.wait();
+    let seen = (
+        http.load(std::sync::atomic::Ordering::SeqCst),
+        grpc.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    assert_eq!(
+        seen,
+        (0, 0),
+        "connections to the OTLP HTTP and gRPC ports with no endpoint set"
+    );
+}

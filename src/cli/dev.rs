@@ -10,12 +10,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
-use super::task::publish;
+use super::task::{publish, timeline_printer};
 use super::{Global, WorkflowArgs};
 use crate::cards::{Card, Runtime};
 use crate::codec::Codec;
 use crate::envelope::{Decision, EventKind, TaskEvent};
-use crate::journey::{describe, follow, is_final};
+use crate::journey::{follow, is_final};
 use crate::kafka::KafkaConfig;
 use crate::llm::LlmConfig;
 use crate::topics::{self, TopicSpecs};
@@ -84,6 +84,17 @@ fn scripts_dir() -> PathBuf {
     } else {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts")
     }
+}
+
+/// Runs `scripts/<name>`; its output goes to the terminal.
+async fn script(name: &str) -> Result<()> {
+    let status = tokio::process::Command::new(scripts_dir().join(name))
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("scripts/{name} failed (see its output above)");
+    }
+    Ok(())
 }
 
 /// `<workflow>/samples.yaml`: what `dev` submits as sample tasks, and how it answers as a human.
@@ -162,12 +173,7 @@ pub(super) async fn dev(
             bail!("no broker answers at {}", kafka.bootstrap_servers);
         }
         println!("no broker at {}; starting one with scripts/start-broker (the first build takes ~17 min)", kafka.bootstrap_servers);
-        let status = tokio::process::Command::new(scripts_dir().join("start-broker"))
-            .status()
-            .await?;
-        if !status.success() {
-            bail!("scripts/start-broker failed");
-        }
+        script("start-broker").await?;
         started_broker = true;
     }
     kafka.wait_for_broker(Duration::from_secs(30))?;
@@ -248,14 +254,10 @@ pub(super) async fn dev(
         child.stop().await;
     }
     if started_llm {
-        let _ = tokio::process::Command::new(scripts_dir().join("stop-llm"))
-            .status()
-            .await;
+        let _ = script("stop-llm").await;
     }
     if started_broker {
-        let _ = tokio::process::Command::new(scripts_dir().join("stop-broker"))
-            .status()
-            .await;
+        let _ = script("stop-broker").await;
     }
     result
 }
@@ -287,12 +289,7 @@ async fn dev_llm(llm: LlmConfig, workflow: &Workflow) -> Result<(Vec<String>, bo
             "no LLM at {}; starting the local one with scripts/start-llm (the first time installs it, ~2 min)",
             llm.base_url
         );
-        let status = tokio::process::Command::new(scripts_dir().join("start-llm"))
-            .status()
-            .await?;
-        if !status.success() {
-            bail!("scripts/start-llm failed (see its output above)");
-        }
+        script("start-llm").await?;
         started = true;
     }
     println!("LLM endpoint {} (model {})", llm.base_url, llm.model);
@@ -349,16 +346,7 @@ async fn run_samples(
         publish(kafka, codec, &event).await?;
         println!("\ntask {task_id}: {}", sample.payload);
         let mut escalated = None;
-        let start = std::cell::Cell::new(None);
-        let print = |record: &crate::envelope::StateEvent| {
-            let t0 = start.get().unwrap_or(record.at);
-            start.set(Some(t0));
-            println!(
-                "  {:>7.3}s  {}",
-                (record.at - t0) as f64 / 1000.0,
-                describe(record)
-            );
-        };
+        let print = timeline_printer("  ");
         let finished = follow(kafka, &task_id, Duration::from_secs(60), |record| {
             print(record);
             if let Decision::Escalated { step, .. } = &record.decision {

@@ -260,28 +260,26 @@ pub(super) async fn dlq(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> 
             max_redrives,
         } => {
             for r in crate::dlq::redrive(kafka, &filter.selection(), max_redrives).await? {
-                match r {
-                    crate::dlq::Redriven::Sent { dead_letter: d } => {
-                        println!(
-                            "redriven {}:{} ({}) to {}",
-                            d.partition, d.offset, d.reason, d.source_topic
-                        )
+                let (verb, d, outcome) = match r {
+                    crate::dlq::Redriven::Sent { dead_letter } => {
+                        let to = format!(" to {}", dead_letter.source_topic);
+                        ("redriven", dead_letter, to)
                     }
-                    crate::dlq::Redriven::Refused {
-                        dead_letter: d,
-                        max,
-                    } => println!(
-                        "refused  {}:{} ({}): redriven {} times already, the limit is {max}",
-                        d.partition, d.offset, d.reason, d.redrives
-                    ),
-                    crate::dlq::Redriven::NotSent {
-                        dead_letter: d,
-                        why,
-                    } => println!(
-                        "not sent {}:{} ({}): {why}",
-                        d.partition, d.offset, d.reason
-                    ),
-                }
+                    crate::dlq::Redriven::Refused { dead_letter, max } => {
+                        let why = format!(
+                            ": redriven {} times already, the limit is {max}",
+                            dead_letter.redrives
+                        );
+                        ("refused ", dead_letter, why)
+                    }
+                    crate::dlq::Redriven::NotSent { dead_letter, why } => {
+                        ("not sent", dead_letter, format!(": {why}"))
+                    }
+                };
+                println!(
+                    "{verb} {}:{} ({}){outcome}",
+                    d.partition, d.offset, d.reason
+                );
             }
         }
     }

@@ -1,6 +1,6 @@
 //! The `switchyard` command line: the global flags and the config file here, and one module
-//! per family of commands: [`run`] (router, agent), [`task`] (submit, tail), [`dev`],
-//! [`inspect`] (audit, replay, dlq) and [`admin`] (topics, schemas, registry).
+//! per family of commands: `run` (router, agent), `task` (submit, tail), `dev`,
+//! `inspect` (audit, replay, dlq) and `admin` (topics, schemas, registry).
 
 mod admin;
 mod dev;

@@ -8,7 +8,7 @@ use clap::Args;
 use rdkafka::producer::FutureRecord;
 
 use crate::codec::Codec;
-use crate::envelope::{EventKind, TaskEvent};
+use crate::envelope::{EventKind, StateEvent, TaskEvent};
 use crate::journey::{describe, follow, is_final};
 use crate::kafka::KafkaConfig;
 use crate::signing::Secret;
@@ -144,16 +144,24 @@ async fn publish_signed(
     Ok(())
 }
 
-pub(super) async fn tail(kafka: &KafkaConfig, args: TailArgs) -> Result<()> {
+/// Prints each record of a task's timeline after `indent`, with the seconds since the first one.
+pub(super) fn timeline_printer(indent: &str) -> impl Fn(&StateEvent) + '_ {
     let start = std::cell::Cell::new(None);
-    let done = follow(kafka, &args.task_id, args.idle_timeout, |record| {
+    move |record| {
         let t0 = start.get().unwrap_or(record.at);
         start.set(Some(t0));
         println!(
-            "{:>8.3}s  {}",
+            "{indent}{:>8.3}s  {}",
             (record.at - t0) as f64 / 1000.0,
             describe(record)
         );
+    }
+}
+
+pub(super) async fn tail(kafka: &KafkaConfig, args: TailArgs) -> Result<()> {
+    let print = timeline_printer("");
+    let done = follow(kafka, &args.task_id, args.idle_timeout, |record| {
+        print(record);
         args.until_done && is_final(&record.decision)
     })
     .await?;

@@ -23,7 +23,7 @@ pub struct LlmHandler {
 
 impl LlmHandler {
     /// The handler for `card` through `client`.
-    pub fn new(card: &Card, client: Arc<LlmClient>) -> agent::Result<Self> {
+    pub fn new(card: &Card, client: Arc<LlmClient>) -> crate::error::Result<Self> {
         let Runtime::Llm {
             system_prompt,
             model,

@@ -7,25 +7,8 @@ use schema_registry_converter::async_impl::schema_registry::{post_schema, SrSett
 use schema_registry_converter::schema_registry_common::{SchemaType, SuppliedSchema};
 
 use crate::cards::Cards;
+use crate::error::Error;
 use crate::kafka::KafkaConfig;
-
-/// Errors registering schemas.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A schema file could not be read.
-    #[error(transparent)]
-    File(#[from] crate::files::Error),
-    /// The registry refused a schema or could not be reached.
-    #[error("registering {path} as `{subject}` failed: {message}")]
-    Refused {
-        /// The schema file.
-        path: PathBuf,
-        /// The subject.
-        subject: String,
-        /// What the registry (or the client) said.
-        message: String,
-    },
-}
 
 /// One registered schema.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +55,7 @@ pub async fn register(
         let supplied = SuppliedSchema::new(None, SchemaType::Avro, text);
         let registered = post_schema(&settings, subject.clone(), supplied)
             .await
-            .map_err(|e| Error::Refused {
+            .map_err(|e| Error::Register {
                 path: path.clone(),
                 subject: subject.clone(),
                 message: match &e.cause {

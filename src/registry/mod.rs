@@ -11,5 +11,5 @@ pub mod client;
 pub mod server;
 pub mod store;
 
-pub use server::{serve, Error};
+pub use server::serve;
 pub use store::{ApiError, Change, Level, Store};

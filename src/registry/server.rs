@@ -18,40 +18,8 @@ use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
 use super::store::{ApiError, Change, Level, Store};
-use crate::kafka::{self, read_topic, KafkaConfig};
-
-/// Errors starting the registry.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Kafka failed.
-    #[error(transparent)]
-    Kafka(#[from] kafka::Error),
-    /// A record of the schemas topic is not a registry change.
-    #[error("`{topic}` offset {offset} is not a registry record: {message}")]
-    Corrupt {
-        /// The topic.
-        topic: String,
-        /// Offset.
-        offset: i64,
-        /// The decoding error.
-        message: String,
-    },
-    /// The listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-}
-
-/// A client error is a Kafka error ([`kafka::Error::Kafka`]), the one Kafka variant.
-impl From<rdkafka::error::KafkaError> for Error {
-    fn from(e: rdkafka::error::KafkaError) -> Self {
-        Error::Kafka(e.into())
-    }
-}
+use crate::error::Error;
+use crate::kafka::{read_topic, KafkaConfig};
 
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
@@ -328,7 +296,9 @@ pub async fn serve(
                 });
                 corrupt.get_or_insert(Error::Corrupt {
                     topic: topic.to_string(),
+                    partition: 0,
                     offset: m.offset(),
+                    what: "registry record",
                     message,
                 });
             }
@@ -363,12 +333,7 @@ pub async fn serve(
         .route("/config", get(get_global).put(put_global))
         .route("/config/{subject}", get(get_subject).put(put_subject))
         .with_state(registry);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| Error::Bind { addr, source })?;
+    let (listener, bound) = crate::http::listen(addr).await?;
     tracing::info!(%bound, %topic, replayed, "schema registry listening");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

@@ -16,9 +16,11 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::TopicPartitionList;
 use tokio::task::JoinHandle;
 
-use super::service::{Error, Result};
+use super::service::state_refused;
 use crate::commit::{self, Outgoing};
 use crate::envelope::WorkItem;
+use crate::error::{Error, Result};
+use crate::kafka;
 
 /// Most batches in flight.
 pub const MAX_BATCHES: usize = 4;
@@ -82,12 +84,10 @@ impl Pipeline {
         for record in &states {
             match commit::enqueue(producer, record).await {
                 Ok(ack) => acks.push(ack),
-                Err(e) if commit::refuses_record(&e) => {
-                    return Err(Error::state_refused(record, e))
-                }
+                Err(e) if commit::refuses_record(&e) => return Err(state_refused(record, e)),
                 Err(source) => {
                     let topic = record.topic.clone();
-                    return Err(commit::Error::Produce { topic, source }.into());
+                    return Err(kafka::Error::Produce { topic, source }.into());
                 }
             }
         }
@@ -99,16 +99,16 @@ impl Pipeline {
                 let delivery = ack.await.map_err(|_| {
                     let source = KafkaError::Canceled;
                     let topic = record.topic.clone();
-                    Error::from(commit::Error::Produce { topic, source })
+                    Error::from(kafka::Error::Produce { topic, source })
                 })?;
                 match delivery {
                     Ok(d) => landed.push((d.partition, d.offset)),
                     Err((e, _)) if commit::refuses_record(&e) => {
-                        return Err(Error::state_refused(record, e))
+                        return Err(state_refused(record, e))
                     }
                     Err((source, _)) => {
                         let topic = record.topic.clone();
-                        return Err(commit::Error::Produce { topic, source }.into());
+                        return Err(kafka::Error::Produce { topic, source }.into());
                     }
                 }
             }

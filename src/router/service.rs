@@ -44,6 +44,7 @@ use crate::envelope::{
     now_ms, BreakerPhase, Decision, DecodeError, EventKind, InputRef, LlmRecord, Rejection,
     StateEvent, TaskEvent, TimerKind, WorkItem,
 };
+use crate::error::{Error, Result};
 use crate::kafka::{self, set_default, KafkaConfig, Topics};
 use crate::llm::{LlmClient, LlmConfig};
 use crate::metrics::RouterMetrics;
@@ -52,83 +53,15 @@ use crate::signing::SIGNATURE_HEADER;
 use crate::state::{PartitionState, TaskState, Undo};
 use crate::trace;
 
-/// Errors that stop the router.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Kafka failed.
-    #[error(transparent)]
-    Kafka(#[from] kafka::Error),
-    /// Writing a batch failed; a restart restores from the log.
-    #[error(transparent)]
-    Write(#[from] commit::Error),
-    /// Restoring a partition failed.
-    #[error("restore of {topic}[{partition}] failed: {message}")]
-    Restore {
-        /// The state topic.
-        topic: String,
-        /// The partition.
-        partition: i32,
-        /// What went wrong.
-        message: String,
-    },
-    /// The tasks and state topics are not co-partitioned.
-    #[error("`{tasks}` has {task_partitions} partitions but `{state}` has {state_partitions}; they must be equal (run `switchyard topics apply`)")]
-    NotCoPartitioned {
-        /// Tasks topic.
-        tasks: String,
-        /// Its partitions.
-        task_partitions: i32,
-        /// State topic.
-        state: String,
-        /// Its partitions.
-        state_partitions: i32,
-    },
-    /// Metrics could not be served.
-    #[error(transparent)]
-    Metrics(#[from] crate::metrics::Error),
-    /// A work item could not be encoded.
-    #[error(transparent)]
-    Codec(#[from] crate::codec::Error),
-    /// The rule table asks the LLM but no endpoint is configured, or its configuration is bad.
-    #[error("LLM decider: {0}")]
-    Llm(String),
-    /// A card signs its answers but its secret is not in the environment.
-    #[error("{0}")]
-    Secrets(String),
-    /// The broker refused a state event. State events are bounded by the rule table's
-    /// `max_event_bytes` (plus a small envelope), so this means the state topic accepts less
-    /// than that; no input record can cause it.
-    #[error("the broker refused a state event of {bytes} bytes on `{topic}` ({source}); the state topic must accept records of `max_event_bytes` plus 64 KiB: raise its max.message.bytes, or lower `max_event_bytes` in the rule table")]
-    StateRefused {
-        /// The state topic.
-        topic: String,
-        /// The record's size.
-        bytes: usize,
-        /// The broker's answer.
-        source: KafkaError,
-    },
-}
-
-/// A client error is a Kafka error ([`kafka::Error::Kafka`]), the one Kafka variant.
-impl From<rdkafka::error::KafkaError> for Error {
-    fn from(e: rdkafka::error::KafkaError) -> Self {
-        Error::Kafka(e.into())
+/// The error for a state event the broker refused.
+pub(super) fn state_refused(record: &Outgoing, source: KafkaError) -> Error {
+    kafka::Error::StateRefused {
+        topic: record.topic.clone(),
+        bytes: record.size(),
+        source,
     }
+    .into()
 }
-
-impl Error {
-    /// The error for a state event the broker refused.
-    pub(super) fn state_refused(record: &Outgoing, source: KafkaError) -> Self {
-        Error::StateRefused {
-            topic: record.topic.clone(),
-            bytes: record.size(),
-            source,
-        }
-    }
-}
-
-/// Result type of this module.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// How the router runs.
 #[derive(Debug, Clone)]
@@ -327,7 +260,7 @@ impl Router {
                     )
                 })
                 .collect();
-            return Err(Error::Secrets(format!(
+            return Err(Error::Setup(format!(
                 "the signing secret of {} is not set; the router checks every signed card's answers, so set the variable (the secret never goes in a card)",
                 vars.join(", ")
             )));
@@ -368,11 +301,12 @@ impl Router {
             .collect();
         let llm = match (&config.llm, engine.rules.uses_llm()) {
             (Some(llm), _) => Some(Arc::new(
-                LlmClient::new(llm.clone(), metrics.llm.clone()).map_err(Error::Llm)?,
+                LlmClient::new(llm.clone(), metrics.llm.clone())
+                    .map_err(|e| Error::Setup(format!("LLM decider: {e}")))?,
             )),
             (None, true) => {
-                return Err(Error::Llm(
-                    "the rule table has `llm` rules but no LLM endpoint is configured (`llm:` in the config file, or --llm-url)".into(),
+                return Err(Error::Setup(
+                    "LLM decider: the rule table has `llm` rules but no LLM endpoint is configured (`llm:` in the config file, or --llm-url)".into(),
                 ))
             }
             (None, false) => None,
@@ -728,7 +662,7 @@ impl Router {
                     if i < n_dead {
                         self.refused.dead.extend(dlq::source_of(&record));
                     } else if i < n_dead + n_states {
-                        return Err(Error::state_refused(&record, error));
+                        return Err(state_refused(&record, error));
                     } else if let Some(item) = items.get(i - n_dead - n_states) {
                         let key = (item.task_id.clone(), item.step_id, item.attempt);
                         self.refused.works.insert(key, (record, error));
@@ -801,7 +735,7 @@ impl Router {
                     Ok(offset) => self
                         .schedule
                         .written(record.partition.unwrap_or(-1), offset),
-                    Err(source) => return Err(Error::state_refused(record, source)),
+                    Err(source) => return Err(state_refused(record, source)),
                 }
             }
             let sent = self.writer.send_each(&works).await?;
@@ -965,7 +899,7 @@ impl Router {
             Written::Aborted(e) => return Err(e.into()),
             Written::Refused(refused) => {
                 let (_, record, source) = refused.into_iter().next().expect("one at least");
-                return Err(Error::state_refused(&record, source));
+                return Err(state_refused(&record, source));
             }
         };
         let restored = futures::future::try_join_all(

@@ -6,11 +6,11 @@
 //! snapshot topic. Its JSON body is cut into chunks, one record each, keyed `p/covers/chunk`; every
 //! chunk carries the whole [`Header`]: the format version, the body's size and SHA-256, and the
 //! chunk's place. A restore trusts a snapshot only when all its chunks are there, the checksum
-//! matches and the version is known ([`newest`]); anything else is skipped with a reason, and the
+//! matches and the version is known ([`Gathered::newest`]); anything else is skipped with a reason, and the
 //! restore falls back to an older snapshot or to the full fold.
 //!
 //! The owner writes a snapshot covering `covers` only after it checked that no other instance
-//! took the partition over in between ([`store::foreign_owner`]): a fenced instance's memory holds
+//! took the partition over in between ([`store::Store::foreign_owner`]): a fenced instance's memory holds
 //! decisions the fold ignores, so its snapshot would be wrong. This module is the format and the
 //! choice, pure; [`store`] does the reading and writing, [`Schedule`] says when.
 
