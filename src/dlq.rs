@@ -47,6 +47,10 @@ pub mod headers {
     pub const ORIGINAL_KEY_SIZE: &str = "switchyard.error.original.key.size";
 }
 
+/// How often a dead letter may be redriven by default (`dlq redrive --max-redrives`, the
+/// console's `--console-max-redrives`).
+pub const DEFAULT_MAX_REDRIVES: u32 = 3;
+
 /// How many bytes of a value that cannot be written whole a dead letter keeps.
 pub const PREFIX_BYTES: usize = 64 * 1024;
 
@@ -198,7 +202,8 @@ impl DeadLetter {
         self.headers.contains_key(headers::TRUNCATED)
     }
 
-    fn from_message(m: &impl Message) -> Self {
+    /// The dead letter `m` is.
+    pub fn from_message(m: &impl Message) -> Self {
         let headers: BTreeMap<String, String> = m
             .headers()
             .map(|hs| {

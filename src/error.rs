@@ -74,6 +74,9 @@ pub enum Error {
         /// Its partitions.
         state_partitions: i32,
     },
+    /// The console's index (an SQLite file) failed.
+    #[error("console index: {0}")]
+    Index(#[from] rusqlite::Error),
     /// A schema registry refused a schema or could not be reached.
     #[error("registering {path} as `{subject}` failed: {message}")]
     Register {

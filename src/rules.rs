@@ -409,7 +409,7 @@ impl Budget {
 
 impl Action {
     /// The cards this action may send work to.
-    fn targets(&self) -> Vec<&str> {
+    pub fn targets(&self) -> Vec<&str> {
         match self {
             Action::Route(t) => t.iter().map(String::as_str).collect(),
             Action::Escalate(e) => {

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Deserialize;
 
+use super::console::ConsoleArgs;
 use super::task::{publish, timeline_printer};
 use super::{Global, WorkflowArgs};
 use crate::cards::{Card, Runtime};
@@ -35,6 +36,8 @@ pub(super) struct DevArgs {
     /// Keep the router and agents running after the samples finish (Ctrl-C stops).
     #[arg(long)]
     keep_running: bool,
+    #[command(flatten)]
+    console: ConsoleArgs,
 }
 
 /// A child process started by `dev`, stopped by PID.
@@ -245,11 +248,14 @@ pub(super) async fn dev(
         runnable.len(),
         logs.display()
     );
+    let console = args.console.start(global, &kafka, workflow.clone()).await?;
+    println!("{}", args.console.describe(&console));
     let result = run_samples(&kafka, &global.codec(), &workflow, &samples).await;
     if args.keep_running && result.is_ok() {
         println!("running; Ctrl-C stops");
         let _ = tokio::signal::ctrl_c().await;
     }
+    console.stop();
     for child in children {
         child.stop().await;
     }

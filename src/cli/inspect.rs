@@ -84,7 +84,7 @@ pub(super) enum DlqCommand {
         #[command(flatten)]
         filter: DlqFilter,
         /// Refuse records already redriven this many times.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = crate::dlq::DEFAULT_MAX_REDRIVES)]
         max_redrives: u32,
     },
 }

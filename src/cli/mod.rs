@@ -1,8 +1,9 @@
 //! The `switchyard` command line: the global flags and the config file here, and one module
 //! per family of commands: `run` (router, agent), `task` (submit, tail), `dev`,
-//! `inspect` (audit, replay, dlq) and `admin` (topics, schemas, registry).
+//! `inspect` (audit, replay, dlq), `admin` (topics, schemas, registry) and `console`.
 
 mod admin;
+mod console;
 mod dev;
 mod inspect;
 mod run;
@@ -194,6 +195,8 @@ enum Command {
     /// Manage Avro schemas.
     #[command(subcommand)]
     Schemas(admin::SchemasCommand),
+    /// Serve the web console: watch, search, answer escalations, redrive dead letters.
+    Console(console::Command),
 }
 
 #[derive(Debug, Args)]
@@ -215,9 +218,11 @@ impl Cli {
     /// one-line errors.
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
-            Command::Router(_) | Command::Agent(_) | Command::Registry(_) | Command::Dev(_) => {
-                "info,librdkafka=warn,rdkafka=warn"
-            }
+            Command::Router(_)
+            | Command::Agent(_)
+            | Command::Registry(_)
+            | Command::Dev(_)
+            | Command::Console(_) => "info,librdkafka=warn,rdkafka=warn",
             _ => "info,librdkafka=off,rdkafka=off",
         }
     }
@@ -248,6 +253,7 @@ impl Cli {
                 | Command::Replay(_)
                 | Command::Dlq(_)
                 | Command::Topics(_)
+                | Command::Console(_)
         ) {
             kafka.wait_for_broker(BROKER_WAIT)?;
         }
@@ -267,6 +273,7 @@ impl Cli {
             Command::Dlq(command) => inspect::dlq(&kafka, command).await,
             Command::Schemas(command) => admin::schemas(&self.global, &kafka, command).await,
             Command::Registry(args) => admin::registry(&kafka, args).await,
+            Command::Console(args) => console::run(&self.global, kafka, args).await,
         }
     }
 }

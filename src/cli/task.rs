@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use rdkafka::producer::FutureRecord;
 
 use crate::codec::Codec;
 use crate::envelope::{EventKind, StateEvent, TaskEvent};
@@ -109,39 +108,14 @@ pub(super) async fn submit(kafka: &KafkaConfig, codec: &Codec, args: SubmitArgs)
     if let Some(parent) = &args.traceparent {
         crate::trace::continue_in(&span, crate::trace::context_of(parent));
     }
-    publish_signed(kafka, codec, &event, secret.as_ref(), &span).await?;
+    crate::publish::publish(kafka, codec, &event, secret.as_ref(), &span).await?;
     Ok(task_id)
 }
 
 /// Publishes a task event to the tasks topic, keyed by its task id.
 pub(super) async fn publish(kafka: &KafkaConfig, codec: &Codec, event: &TaskEvent) -> Result<()> {
     let span = tracing::info_span!("submit", task_id = %event.task_id, kind = %event.kind.as_str());
-    publish_signed(kafka, codec, event, None, &span).await
-}
-
-/// Publishes a task event, signed with `secret` when given (see [`crate::signing`]), with the
-/// trace context of `span`.
-async fn publish_signed(
-    kafka: &KafkaConfig,
-    codec: &Codec,
-    event: &TaskEvent,
-    secret: Option<&Secret>,
-    span: &tracing::Span,
-) -> Result<()> {
-    let producer = kafka.producer()?;
-    let topic = kafka.topics().tasks();
-    let bytes = codec.encode_task_event(&topic, event).await?;
-    let mut record = FutureRecord::to(&topic).key(&event.task_id).payload(&bytes);
-    let signed = secret.map(|s| s.headers(&event.task_id, event.step_id, event.attempt, &bytes));
-    if let Some(headers) = crate::trace::inject(span, signed) {
-        record = record.headers(headers);
-    }
-    producer
-        .send(record, Duration::from_secs(30))
-        .await
-        .map_err(|(e, _)| e)
-        .with_context(|| format!("publishing to `{topic}`"))?;
-    Ok(())
+    Ok(crate::publish::publish(kafka, codec, event, None, &span).await?)
 }
 
 /// Prints each record of a task's timeline after `indent`, with the seconds since the first one.
