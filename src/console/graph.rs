@@ -20,6 +20,8 @@ pub fn rule_edges(rules: &RuleTable) -> BTreeMap<(String, String), Vec<String>> 
     for rule in &rules.rules {
         let sources: Vec<String> = if !rule.when.source.is_empty() {
             rule.when.source.clone()
+        } else if !rule.when.join.is_empty() {
+            rule.when.join.clone()
         } else if rule.when.kinds().contains(&Kind::Submitted) {
             vec!["start".into()]
         } else {
@@ -78,7 +80,7 @@ pub fn svg(nodes: &BTreeSet<String>, edges: &[(String, String, i64)]) -> String 
     let width = 200 * (column.values().max().copied().unwrap_or(0) as i64 + 1) + 80;
     let height = 70 * rows.values().max().copied().unwrap_or(1) as i64 + 40;
     let mut out = format!(
-        "<svg id=\"graph\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-size=\"12\">\
+        "<svg id=\"graph\" xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 {width} {height}\" width=\"100%\" style=\"max-width:{width}px\" font-size=\"12\">\
          <defs><marker id=\"arrow\" viewBox=\"0 0 10 10\" refX=\"10\" refY=\"5\" markerWidth=\"6\" markerHeight=\"6\" orient=\"auto\">\
          <path d=\"M0,0 L10,5 L0,10 z\" fill=\"#6b7785\"/></marker></defs>"
     );

@@ -99,7 +99,7 @@ th{background:#f3f6f9}pre{background:#f6f8fa;padding:8px;overflow:auto;max-heigh
 .llm{background:#eef5ff;border-left:3px solid #4b84d6;padding:4px 8px;margin:4px 0}
 .status-completed{color:#1a7f37}.status-dead_lettered,.status-cancelled{color:#b42318}
 .status-escalated{color:#9a6700}form.inline{display:inline}.muted{color:#6b7785}
-.bar{display:inline-block;background:#4b84d6;height:10px}";
+.bar{display:inline-block;background:#4b84d6;height:10px}li.decision code{white-space:pre}";
 
 /// A whole page: the navigation with `here` marked, an optional flash message, and `body`.
 pub fn page(title: &str, here: &str, flash: Option<&str>, body: &str) -> String {

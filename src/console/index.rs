@@ -134,6 +134,21 @@ pub struct Minute {
     pub failed: i64,
 }
 
+/// What one tenant spent through one kind of caller.
+#[derive(Debug, Clone, Serialize)]
+pub struct Spend {
+    /// The tenant.
+    pub tenant: String,
+    /// `llm_decider` or `agents`.
+    pub by: String,
+    /// LLM decisions, or results that reported usage.
+    pub calls: i64,
+    /// Tokens in and out.
+    pub tokens: i64,
+    /// Cost.
+    pub cost: f64,
+}
+
 /// A card's answers over a window.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CardStats {
@@ -379,14 +394,23 @@ impl Index {
         )
     }
 
-    /// Tokens and cost by tenant and by whom (`llm_decider` or `agents`).
-    pub fn spend(&self) -> Result<Vec<(String, String, i64, f64)>, Error> {
+    /// Calls (LLM decisions, or agents' results with usage), tokens and cost by tenant and by
+    /// whom (`llm_decider` or `agents`).
+    pub fn spend(&self) -> Result<Vec<Spend>, Error> {
         let db = self.db();
         let mut q = db.prepare(
-            "SELECT tenant, who, sum(tokens), sum(cost) FROM spend GROUP BY tenant, who
+            "SELECT tenant, who, count(*), sum(tokens), sum(cost) FROM spend GROUP BY tenant, who
              ORDER BY tenant, who",
         )?;
-        let rows = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        let rows = q.query_map([], |r| {
+            Ok(Spend {
+                tenant: r.get(0)?,
+                by: r.get(1)?,
+                calls: r.get(2)?,
+                tokens: r.get(3)?,
+                cost: r.get(4)?,
+            })
+        })?;
         rows.collect()
     }
 

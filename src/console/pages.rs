@@ -77,22 +77,38 @@ pub async fn overview(State(console): State<Arc<Console>>) -> Response {
             .map(|(k, n)| format!("<tr><td>{}</td><td>{n}</td></tr>", esc(k)))
             .collect()
     };
+    let in_flight: i64 = statuses
+        .iter()
+        .filter(|(s, _)| matches!(s.as_str(), "running" | "awaiting_llm" | "escalated"))
+        .map(|(_, n)| n)
+        .sum();
+    let _ = write!(
+        body,
+        "<p id=\"in-flight\"><b>{in_flight}</b> tasks in flight</p>"
+    );
     body += "<h2>Tasks by status</h2>";
     body += &table(&["status", "tasks"], &pairs(&statuses), "statuses");
     body += "<h2>Dead letters by reason</h2>";
     body += &table(&["reason", "dead letters"], &pairs(&reasons), "reasons");
-    body += "<h2>LLM and agent spend by tenant</h2>";
+    body += "<h2>LLM decisions and spend by tenant</h2>";
     let rows: String = spend
         .iter()
-        .map(|(tenant, who, tokens, cost)| {
+        .map(|s| {
             format!(
-                "<tr><td>{}</td><td>{}</td><td>{tokens}</td><td>{cost:.4}</td></tr>",
-                esc(tenant),
-                esc(who)
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4}</td></tr>",
+                esc(&s.tenant),
+                esc(&s.by),
+                s.calls,
+                s.tokens,
+                s.cost
             )
         })
         .collect();
-    body += &table(&["tenant", "by", "tokens", "cost"], &rows, "spend");
+    body += &table(
+        &["tenant", "by", "decisions or results", "tokens", "cost"],
+        &rows,
+        "spend",
+    );
     body += "<h2>Slowest cards (last hour)</h2>";
     body += &cards_table(&cards, &[]);
     Html(page("Overview", "/", None, &body)).into_response()
