@@ -21,6 +21,9 @@ use switchyard::kafka::{read_topic, KafkaConfig};
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 
+#[path = "support/env.rs"]
+mod env;
+
 const CARDS: [&str; 6] = [
     "sentiment_analyzer",
     "intent_classifier",
@@ -147,28 +150,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let number = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
     let (tasks, requests) = (
-        number("BENCH_TASKS", 100_000),
-        number("BENCH_REQUESTS", 100),
+        env::number("BENCH_TASKS", 100_000),
+        env::number("BENCH_REQUESTS", 100),
     );
-    let kafka = KafkaConfig {
-        bootstrap_servers: std::env::var("SWITCHYARD_TEST_BOOTSTRAP")
-            .unwrap_or_else(|_| "127.0.0.1:9092".into()),
-        topic_prefix: format!(
-            "bench-console-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        ),
-        options: Default::default(),
-    };
-    kafka
-        .wait_for_broker(Duration::from_secs(10))
-        .expect("start the broker with scripts/start-broker");
+    let kafka = env::kafka("console");
     let workflow = Workflow::load(Path::new("agents/customer-service"), None).unwrap();
     let specs = TopicSpecs::load(Path::new("topics/switchyard.yaml")).unwrap();
     topics::apply(&kafka, &specs, &workflow.cards)

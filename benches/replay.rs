@@ -10,33 +10,20 @@ use futures::future::join_all;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::producer::FutureRecord;
 use switchyard::envelope::{EventKind, TaskEvent};
-use switchyard::kafka::{read_topic, KafkaConfig};
+use switchyard::kafka::read_topic;
 use switchyard::metrics::RouterMetrics;
 use switchyard::replay::{replay, Filter};
 use switchyard::router::{Router, RouterConfig};
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 
+#[path = "support/env.rs"]
+mod env;
+
 #[tokio::main]
 async fn main() {
-    let events: usize = std::env::var("BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
-    let bootstrap =
-        std::env::var("SWITCHYARD_TEST_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let prefix = format!(
-        "bench-replay-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let kafka = KafkaConfig {
-        bootstrap_servers: bootstrap,
-        topic_prefix: prefix,
-        options: Default::default(),
-    };
-    kafka
-        .wait_for_broker(Duration::from_secs(10))
-        .expect("start the broker with scripts/start-broker");
+    let events = env::number("BENCH_EVENTS", 100_000);
+    let kafka = env::kafka("replay");
     let workflow = Workflow::load(Path::new("agents/customer-service"), None).unwrap();
     let specs = TopicSpecs::load(Path::new("topics/switchyard.yaml")).unwrap();
     topics::apply(&kafka, &specs, &workflow.cards)

@@ -21,6 +21,8 @@ use switchyard::state::PartitionState;
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 
+#[path = "support/env.rs"]
+mod env;
 #[path = "support/heap.rs"]
 mod heap;
 #[path = "support/router.rs"]
@@ -69,28 +71,11 @@ fn record_at(kafka: &KafkaConfig, i: usize, open: bool, epoch: i64) -> StateEven
 
 #[tokio::main]
 async fn main() {
-    let number = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
     let (finished, open) = (
-        number("BENCH_FINISHED", 1_000_000),
-        number("BENCH_OPEN", 10_000),
+        env::number("BENCH_FINISHED", 1_000_000),
+        env::number("BENCH_OPEN", 10_000),
     );
-    let kafka = KafkaConfig {
-        bootstrap_servers: std::env::var("SWITCHYARD_TEST_BOOTSTRAP")
-            .unwrap_or_else(|_| "127.0.0.1:9092".into()),
-        topic_prefix: format!(
-            "bench-restore-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        ),
-        options: Default::default(),
-    };
-    kafka
-        .wait_for_broker(Duration::from_secs(10))
-        .expect("start the broker with scripts/start-broker");
+    let kafka = env::kafka("restore");
     let workflow = Workflow::load(Path::new("agents/customer-service"), None).unwrap();
     let mut specs = TopicSpecs::load(Path::new("topics/switchyard.yaml")).unwrap();
     specs.set_partitions(1);
@@ -171,7 +156,7 @@ async fn main() {
     let snapshot_bytes = first.metrics.snapshot_bytes.get_sample_sum();
     first.stop().await;
 
-    let tail: Vec<StateEvent> = (0..number("BENCH_TAIL", 50_000))
+    let tail: Vec<StateEvent> = (0..env::number("BENCH_TAIL", 50_000))
         .map(|i| record_at(&kafka, finished + open + i, false, epoch))
         .collect();
     write_records(&kafka, &producer, &tail).await;

@@ -28,6 +28,8 @@ use switchyard::state::PartitionState;
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 
+#[path = "support/env.rs"]
+mod env;
 #[path = "support/heap.rs"]
 mod heap;
 #[path = "support/router.rs"]
@@ -258,17 +260,11 @@ async fn produce(kafka: &KafkaConfig, workflow: &Workflow, count: usize, size: u
 
 #[tokio::main]
 async fn main() {
-    let number = |name: &str, default: usize| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
     let dir = tempfile::tempdir().unwrap();
     let workflow = workflow(dir.path());
-    let size = in_process(&workflow, number("BENCH_PENDING", 100_000));
+    let size = in_process(&workflow, env::number("BENCH_PENDING", 100_000));
 
-    let timers = number("BENCH_TIMERS", 20_000);
+    let timers = env::number("BENCH_TIMERS", 20_000);
     let bootstrap =
         std::env::var("SWITCHYARD_TEST_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();

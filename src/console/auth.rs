@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Form;
@@ -174,4 +174,95 @@ pub async fn login(State(console): State<Arc<Console>>, Form(form): Form<Login>)
     let session = auth.derived("session").unwrap_or_default();
     let cookie = format!("{COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/");
     ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+}
+
+/// The fields of a write form sent by someone allowed to write: extracting it runs
+/// [`Auth::check_write`] with the request's headers and the form's `csrf` field, and answers the
+/// refusal (401 or 403) itself.
+pub struct WriteForm(pub Vec<(String, String)>);
+
+impl WriteForm {
+    /// The value of field `name`, if the form has one.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl FromRequest<Arc<Console>> for WriteForm {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, console: &Arc<Console>) -> Result<Self, Response> {
+        let headers = request.headers().clone();
+        let Form(fields) = Form::<Vec<(String, String)>>::from_request(request, console)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let form = Self(fields);
+        console
+            .auth
+            .check_write(&headers, form.field("csrf"))
+            .map_err(IntoResponse::into_response)?;
+        Ok(form)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn without_a_token_nobody_writes() {
+        let auth = Auth::new(None);
+        let bearer = headers(&[("authorization", "Bearer anything")]);
+        assert_eq!(auth.access(&bearer), Access::ReadOnly);
+        assert_eq!(
+            auth.check_write(&bearer, None).unwrap_err().0,
+            StatusCode::FORBIDDEN
+        );
+    }
+
+    #[test]
+    fn the_cookie_is_derived_from_the_token_and_writes_need_the_csrf_value() {
+        let auth = Auth::new(Some("s3cret".into()));
+        let session = auth.derived("session").unwrap();
+        assert!(!session.contains("s3cret"));
+        let signed = headers(&[
+            ("cookie", &format!("a=b; {COOKIE}={session}")),
+            ("host", "h:1"),
+        ]);
+        assert_eq!(auth.access(&signed), Access::Writer);
+        assert_eq!(auth.access(&headers(&[(COOKIE, "x")])), Access::Anonymous);
+        assert_eq!(
+            auth.check_write(&headers(&[]), None).unwrap_err().0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            auth.check_write(&signed, None).unwrap_err().0,
+            StatusCode::FORBIDDEN
+        );
+        let csrf = auth.csrf().unwrap();
+        assert!(auth.check_write(&signed, Some(&csrf)).is_ok());
+        let mut foreign = signed.clone();
+        foreign.insert(header::ORIGIN, "http://evil.example".parse().unwrap());
+        assert_eq!(
+            auth.check_write(&foreign, Some(&csrf)).unwrap_err().0,
+            StatusCode::FORBIDDEN
+        );
+        let mut same = signed;
+        same.insert(header::ORIGIN, "http://h:1".parse().unwrap());
+        assert!(auth.check_write(&same, Some(&csrf)).is_ok());
+    }
 }

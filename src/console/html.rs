@@ -99,7 +99,7 @@ th{background:#f3f6f9}pre{background:#f6f8fa;padding:8px;overflow:auto;max-heigh
 .llm{background:#eef5ff;border-left:3px solid #4b84d6;padding:4px 8px;margin:4px 0}
 .status-completed{color:#1a7f37}.status-dead_lettered,.status-cancelled{color:#b42318}
 .status-escalated{color:#9a6700}form.inline{display:inline}.muted{color:#6b7785}
-.bar{display:inline-block;background:#4b84d6;height:10px}li.decision code{white-space:pre}";
+.bar{display:inline-block;background:#4b84d6;height:10px}li.decision code{white-space:pre-wrap}";
 
 /// A whole page: the navigation with `here` marked, an optional flash message, and `body`.
 pub fn page(title: &str, here: &str, flash: Option<&str>, body: &str) -> String {
@@ -118,4 +118,33 @@ pub fn page(title: &str, here: &str, flash: Option<&str>, body: &str) -> String 
         esc(title),
         esc(title)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_leaves_no_markup() {
+        let hostile = r#"<script>alert(1)</script>"><img src=x onerror='x'>&"#;
+        let escaped = esc(hostile);
+        assert!(!escaped.contains(['<', '>', '"', '\'']), "{escaped}");
+        assert_eq!(
+            escaped,
+            "&lt;script&gt;alert(1)&lt;/script&gt;&quot;&gt;&lt;img src=x onerror=&#39;x&#39;&gt;&amp;"
+        );
+    }
+
+    #[test]
+    fn urls_keep_only_unreserved_characters() {
+        assert_eq!(url("a b/c?d=é"), "a%20b%2Fc%3Fd%3D%C3%A9");
+    }
+
+    #[test]
+    fn payloads_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(PAYLOAD_CAP);
+        let (shown, cut) = cap(&long);
+        assert!(cut && shown.len() <= PAYLOAD_CAP && shown.chars().all(|c| c == 'é'));
+        assert!(payload("p", &format!("\"{long}\"")).contains("(first 16384 of"));
+    }
 }

@@ -487,25 +487,6 @@ fn advance(
     Ok(())
 }
 
-/// The decision's name as the index stores it.
-pub fn decision_name(decision: &Decision) -> &'static str {
-    match decision {
-        Decision::Owned { .. } => "OWNED",
-        Decision::Routed { .. } => "ROUTED",
-        Decision::Recorded => "RECORDED",
-        Decision::AwaitingLlm { .. } => "AWAITING_LLM",
-        Decision::Queued => "QUEUED",
-        Decision::Completed { .. } => "COMPLETED",
-        Decision::Escalated { .. } => "ESCALATED",
-        Decision::RetryScheduled { .. } => "RETRY_SCHEDULED",
-        Decision::Dispatched { .. } => "DISPATCHED",
-        Decision::Reminded { .. } => "REMINDED",
-        Decision::DeadLettered { .. } => "DEAD_LETTERED",
-        Decision::Dropped { .. } => "DROPPED",
-        Decision::Cancelled => "CANCELLED",
-    }
-}
-
 /// What a decision makes of the task: its new status and the card(s) it waits for, and the
 /// escalated step; `None` leaves the task as it was.
 fn status_of(decision: &Decision) -> Option<(&'static str, String, Option<u32>)> {
@@ -539,7 +520,7 @@ fn add_event(
     record: &StateEvent,
 ) -> Result<(), Error> {
     let kind = record.event.as_ref().map_or("", |e| e.kind.as_str());
-    let decision = decision_name(&record.decision);
+    let decision = record.decision.name();
     let json = serde_json::to_string(record).unwrap_or_default();
     let added = tx.execute(
         "INSERT OR IGNORE INTO events (partition, offset, task_id, at, kind, decision, record)
@@ -642,4 +623,84 @@ fn add_event(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{DecidedBy, Step, TaskEvent};
+
+    fn record(task: &str, seq: u64, decision: Decision, tenant: &str, at: i64) -> StateEvent {
+        let mut event = TaskEvent::new(task, EventKind::Submitted, "client");
+        event.tenant = tenant.into();
+        StateEvent {
+            event: Some(event),
+            ..StateEvent::new(task, seq, (0, "t"), decision, at)
+        }
+    }
+
+    #[test]
+    fn tasks_are_filtered_paged_and_never_indexed_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("i.sqlite")).unwrap();
+        let routed = |card: &str| Decision::Routed {
+            steps: vec![Step::new(1, card, 1)],
+            decided_by: DecidedBy::Rule {
+                rule_id: "r".into(),
+            },
+        };
+        let mut records = Vec::new();
+        for i in 0..120 {
+            let tenant = if i % 2 == 0 { "even" } else { "odd" };
+            let decision = if i % 3 == 0 {
+                Decision::Completed {
+                    rule_id: "done".into(),
+                }
+            } else {
+                routed("billing")
+            };
+            records.push((
+                0,
+                i,
+                Some(record(&format!("task-{i}"), 1, decision, tenant, i)),
+            ));
+        }
+        records.push((0, 120, None));
+        index.add_state("s", &records).unwrap();
+        index.add_state("s", &records[..10]).unwrap();
+        assert_eq!(index.counts().unwrap(), (120, 120));
+        assert_eq!(index.positions("s").unwrap(), vec![(0, 121)]);
+        let filter = |f: TaskFilter| index.tasks(&f, 1_000).unwrap();
+        let (all, more) = filter(TaskFilter::default());
+        assert_eq!((all.len(), more), (PAGE as usize, true));
+        assert_eq!(all[0].task_id, "task-119", "newest first");
+        let (last, more) = filter(TaskFilter {
+            page: Some(2),
+            ..Default::default()
+        });
+        assert_eq!((last.len(), more), (20, false));
+        let (done, _) = filter(TaskFilter {
+            status: Some("completed".into()),
+            tenant: Some("even".into()),
+            ..Default::default()
+        });
+        assert_eq!(done.len(), 20);
+        assert!(done
+            .iter()
+            .all(|t| t.status == "completed" && t.tenant == "even"));
+        let (waiting, _) = filter(TaskFilter {
+            card: Some("billing".into()),
+            q: Some("task-1".into()),
+            ..Default::default()
+        });
+        assert!(!waiting.is_empty());
+        assert!(waiting
+            .iter()
+            .all(|t| t.card == "billing" && t.task_id.contains("task-1")));
+        let (none, _) = filter(TaskFilter {
+            q: Some("%".into()),
+            ..Default::default()
+        });
+        assert!(none.is_empty(), "the text filter is literal");
+    }
 }

@@ -8,10 +8,9 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::Form;
 use serde::Deserialize;
 
-use super::auth::Access;
+use super::auth::{Access, WriteForm};
 use super::html::{esc, page, payload, time, url};
 use super::pages::Flash;
 use super::{failed, Console};
@@ -112,7 +111,7 @@ pub async fn dead_letters(
     .into_response()
 }
 
-/// A redrive form: the selected positions (`partition:offset`, repeated) and the csrf value.
+/// The positions a redrive form selected (`at=partition:offset`, repeated).
 fn positions(form: &[(String, String)]) -> Vec<(i32, i64)> {
     form.iter()
         .filter(|(k, _)| k == "at")
@@ -123,24 +122,11 @@ fn positions(form: &[(String, String)]) -> Vec<(i32, i64)> {
         .collect()
 }
 
-fn field<'f>(form: &'f [(String, String)], name: &str) -> Option<&'f str> {
-    form.iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-}
-
 /// `POST /dead-letters/redrive`: sends the selected dead letters back to their source topics,
 /// refusing those redriven `max_redrives` times already (counting redrives from this console).
-pub async fn redrive(
-    State(console): State<Arc<Console>>,
-    headers: HeaderMap,
-    Form(form): Form<Vec<(String, String)>>,
-) -> Response {
-    if let Err(refused) = console.auth.check_write(&headers, field(&form, "csrf")) {
-        return refused.into_response();
-    }
+pub async fn redrive(State(console): State<Arc<Console>>, form: WriteForm) -> Response {
     let mut said = Vec::new();
-    for (partition, offset) in positions(&form) {
+    for (partition, offset) in positions(&form.0) {
         let known = console
             .index
             .dead_letters(None, None, None)
@@ -257,12 +243,8 @@ async fn publish(console: &Console, event: TaskEvent, to: &str, done: &str) -> R
 pub async fn answer(
     State(console): State<Arc<Console>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    Form(form): Form<Vec<(String, String)>>,
+    form: WriteForm,
 ) -> Response {
-    if let Err(refused) = console.auth.check_write(&headers, field(&form, "csrf")) {
-        return refused.into_response();
-    }
     let task = match console.index.task(&id) {
         Ok(Some(t)) if t.status == "escalated" => t,
         Ok(_) => {
@@ -270,7 +252,7 @@ pub async fn answer(
         }
         Err(e) => return failed(e),
     };
-    let text = field(&form, "payload").unwrap_or("{}");
+    let text = form.field("payload").unwrap_or("{}");
     let Ok(answer) = serde_json::from_str::<serde_json::Value>(text) else {
         return Redirect::to("/inbox?flash=the%20answer%20is%20not%20JSON").into_response();
     };
@@ -286,12 +268,8 @@ pub async fn answer(
 pub async fn cancel(
     State(console): State<Arc<Console>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    Form(form): Form<Vec<(String, String)>>,
+    _allowed: WriteForm,
 ) -> Response {
-    if let Err(refused) = console.auth.check_write(&headers, field(&form, "csrf")) {
-        return refused.into_response();
-    }
     let mut event = TaskEvent::new(&id, EventKind::Cancel, "console");
     if let Ok(Some(task)) = console.index.task(&id) {
         event.tenant = task.tenant;
