@@ -639,6 +639,16 @@ async fn a_restarted_console_resumes_from_its_index_and_misses_no_task() {
         (tasks.len() as i64, with_task),
         "tasks and records match the state topic"
     );
+    let browser = Browser::start().await;
+    browser.open(&console, "/tasks").await;
+    assert_eq!(
+        browser.count("tr[data-task]").await,
+        50,
+        "a full first page"
+    );
+    browser.text("#next").await;
+    browser.screenshot("tasks-page").await;
+    browser.close().await;
     console.stop();
     agents.stop().await;
     router.stop().await;

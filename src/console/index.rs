@@ -13,16 +13,22 @@ use serde::Serialize;
 use crate::dlq::DeadLetter;
 use crate::envelope::{Decision, EventKind, StateEvent};
 
+/// The version of [`SCHEMA`]; an index of another version is built again.
+const SCHEMA_VERSION: i64 = 1;
+
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = NORMAL;
+PRAGMA cache_size = -65536;
+PRAGMA mmap_size = 1073741824;
+PRAGMA temp_store = MEMORY;
 CREATE TABLE IF NOT EXISTS positions (
     topic TEXT NOT NULL, partition INTEGER NOT NULL, next INTEGER NOT NULL,
     PRIMARY KEY (topic, partition));
 CREATE TABLE IF NOT EXISTS tasks (
     task_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, status TEXT NOT NULL, card TEXT NOT NULL,
     created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, events INTEGER NOT NULL,
-    waiting_step INTEGER, payload TEXT);
+    waiting_step INTEGER, payload TEXT, sent_at INTEGER);
 CREATE INDEX IF NOT EXISTS tasks_updated ON tasks (updated_at);
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status, updated_at);
 CREATE INDEX IF NOT EXISTS tasks_card ON tasks (card, updated_at);
@@ -171,10 +177,24 @@ pub struct Index {
 pub const PAGE: u32 = 50;
 
 impl Index {
-    /// Opens (or creates) the index at `path`.
+    /// Opens (or creates) the index at `path`. An index written by another version of the
+    /// schema is built again from the topics: it holds nothing they do not.
     pub fn open(path: &Path) -> Result<Self, Error> {
-        let db = Connection::open(path)?;
+        let mut db = Connection::open(path)?;
+        let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let tables: i64 = db.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+        if version != SCHEMA_VERSION && tables > 0 {
+            tracing::warn!(path = %path.display(), version, "the console index has another schema; building it again");
+            drop(db);
+            for suffix in ["", "-wal", "-shm"] {
+                let mut file = path.as_os_str().to_owned();
+                file.push(suffix);
+                let _ = std::fs::remove_file(file);
+            }
+            db = Connection::open(path)?;
+        }
         db.execute_batch(SCHEMA)?;
+        db.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Self { db: Mutex::new(db) })
     }
 
@@ -552,12 +572,6 @@ fn add_event(
              events = events + 1, payload = coalesce(payload, ?4)",
         params![record.task_id, tenant, record.at, submitted],
     )?;
-    if let Some((status, card, waiting)) = status_of(&record.decision) {
-        tx.execute(
-            "UPDATE tasks SET status = ?2, card = ?3, waiting_step = ?4 WHERE task_id = ?1",
-            params![record.task_id, status, card, waiting],
-        )?;
-    }
     let from = match &record.event {
         Some(e) if e.kind == EventKind::Submitted => "start".to_string(),
         Some(e) => e.source.clone(),
@@ -580,11 +594,10 @@ fn add_event(
     if let Some(e) = record.event.as_ref().filter(|e| {
         matches!(e.kind, EventKind::Result | EventKind::Failed) && record.answers_step.is_some()
     }) {
-        // From the latest decision that sent the task's work before this answer.
+        // From the latest decision that sent the task's work (this record's own comes later).
         let sent: Option<i64> = tx.query_row(
-            "SELECT max(at) FROM events WHERE task_id = ?1 AND offset < ?2 AND partition = ?3
-             AND decision IN ('ROUTED', 'DISPATCHED', 'RETRY_SCHEDULED', 'ESCALATED')",
-            params![record.task_id, offset, partition],
+            "SELECT sent_at FROM tasks WHERE task_id = ?1",
+            [&record.task_id],
             |r| r.get(0),
         )?;
         let latency = sent.map(|sent| record.at - sent);
@@ -613,6 +626,20 @@ fn add_event(
                 (llm.usage.tokens_in + llm.usage.tokens_out) as i64,
                 llm.usage.cost
             ],
+        )?;
+    }
+    if let Some((status, card, waiting)) = status_of(&record.decision) {
+        let sends = matches!(
+            record.decision,
+            Decision::Routed { .. }
+                | Decision::Dispatched { .. }
+                | Decision::RetryScheduled { .. }
+                | Decision::Escalated { .. }
+        );
+        tx.execute(
+            "UPDATE tasks SET status = ?2, card = ?3, waiting_step = ?4,
+             sent_at = CASE WHEN ?5 THEN ?6 ELSE sent_at END WHERE task_id = ?1",
+            params![record.task_id, status, card, waiting, sends, record.at],
         )?;
     }
     for b in &record.breakers {
