@@ -1,14 +1,12 @@
 //! Agents: microservices that consume a card's work items and publish results.
 //!
-//! [`run`] drives any [`Handler`]; [`CommandHandler`] runs a card's `command` runtime. Offsets are
+//! [`run`] drives any [`Handler`]; [`crate::runtime`] holds the handlers of the card runtimes. Offsets are
 //! committed only up to the lowest work item not yet answered, so a crash re-delivers unanswered
 //! work (at least once); results carry the step id and attempt, which the router dedupes on.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +16,6 @@ use rdkafka::consumer::{CommitMode, Consumer, ConsumerGroupMetadata, StreamConsu
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -44,108 +41,54 @@ pub struct Reply {
     pub usage: Option<Usage>,
 }
 
+/// Why a work item failed, and whether another attempt may do better.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// What went wrong (published as the FAILED event's `error`).
+    pub reason: String,
+    /// Whether the card's retry policy applies. A permanent failure (a request the agent
+    /// refused as invalid, an HTTP 4xx) is published with `"retryable": false` and gets no
+    /// further attempt; the card's fallback, if any, still acts.
+    pub retryable: bool,
+}
+
+impl Failure {
+    /// A failure another attempt will not mend.
+    pub fn permanent(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            retryable: false,
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            retryable: true,
+        }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(reason: &str) -> Self {
+        reason.to_string().into()
+    }
+}
+
 /// Handles work items; implement it to write an agent in Rust.
 pub trait Handler: Send + Sync + 'static {
-    /// Handles one work item: `Ok` publishes a RESULT, `Err(reason)` a FAILED event.
-    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, String>> + Send;
-}
-
-/// Runs a card's `command` runtime: one JSON work item on stdin, one JSON object on stdout.
-/// A top-level numeric `confidence` in the output becomes the result's confidence.
-#[derive(Debug, Clone)]
-pub struct CommandHandler {
-    program: String,
-    args: Vec<String>,
-    env: BTreeMap<String, String>,
-    dir: PathBuf,
-    timeout: Duration,
-}
-
-impl CommandHandler {
-    /// The handler for `card`, loaded from a file in `dir` (relative paths resolve there).
-    pub fn new(card: &Card, dir: PathBuf) -> Result<Self> {
-        let Runtime::Command { command, env } = &card.runtime else {
-            return Err(not_runnable(card));
-        };
-        Ok(Self {
-            program: command[0].clone(),
-            args: command[1..].to_vec(),
-            env: env.clone(),
-            dir,
-            timeout: card.timeout,
-        })
-    }
-
-    async fn run(&self, item: &WorkItem) -> Result<Reply, String> {
-        let mut child = tokio::process::Command::new(&self.program)
-            .args(&self.args)
-            .envs(&self.env)
-            .current_dir(&self.dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("cannot start `{}`: {e}", self.program))?;
-        let input = serde_json::to_vec(item).map_err(|e| e.to_string())?;
-        if let Some(mut stdin) = child.stdin.take() {
-            // A program that does not read its input closes the pipe early; its exit decides.
-            match stdin.write_all(&input).await {
-                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                    return Err(format!("cannot write the work item: {e}"));
-                }
-                _ => {}
-            }
-        }
-        let output = tokio::time::timeout(self.timeout, child.wait_with_output())
-            .await
-            .map_err(|_| format!("timed out after {:?}", self.timeout))?
-            .map_err(|e| e.to_string())?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            let tail: String = stderr
-                .chars()
-                .rev()
-                .take(500)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            return Err(format!(
-                "`{}` exited with {}: {}",
-                self.program,
-                output.status,
-                tail.trim()
-            ));
-        }
-        let payload: Value = serde_json::from_slice(&output.stdout)
-            .map_err(|e| format!("`{}` did not print a JSON object: {e}", self.program))?;
-        if !payload.is_object() {
-            return Err(format!(
-                "`{}` printed JSON that is not an object",
-                self.program
-            ));
-        }
-        let confidence = payload.get("confidence").and_then(Value::as_f64);
-        Ok(Reply {
-            payload,
-            confidence,
-            usage: None,
-        })
-    }
-}
-
-impl Handler for CommandHandler {
-    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, String>> + Send {
-        let this = self.clone();
-        async move { this.run(&item).await }
-    }
+    /// Handles one work item: `Ok` publishes a RESULT, `Err` a FAILED event.
+    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, Failure>> + Send;
 }
 
 /// The error for a card this handler cannot run.
 pub fn not_runnable(card: &Card) -> Error {
     let (runtime, why) = match card.runtime {
-        Runtime::Command { .. } => ("command", "is runnable"),
+        Runtime::Command { .. } | Runtime::Http { .. } | Runtime::A2a { .. } => {
+            ("runnable", "is runnable")
+        }
         Runtime::Handler => (
             "handler",
             "runs in your own Rust program through `switchyard::agent::run`",
@@ -384,7 +327,7 @@ pub async fn run<H: Handler>(
 
 struct Outcome {
     item: WorkItem,
-    result: Result<Reply, String>,
+    result: Result<Reply, Failure>,
     /// The `traceparent` of the step's span, put on the answer.
     trace: Option<String>,
 }
@@ -417,9 +360,7 @@ impl Publisher<'_> {
         let Some(refused) = self.send(record, commit()).await? else {
             return Ok(());
         };
-        let result = Err(format!(
-            "the broker refused the result ({size} bytes): {refused}"
-        ));
+        let result = Err(format!("the broker refused the result ({size} bytes): {refused}").into());
         let record = self
             .record(Outcome {
                 item,
@@ -529,9 +470,13 @@ async fn result_record(
             event.confidence = reply.confidence;
             event.usage = reply.usage;
         }
-        Err(error) => {
-            tracing::warn!(task = %item.task_id, step = item.step_id, attempt = item.attempt, %error, "work item failed");
-            event.payload = serde_json::json!({ "error": error });
+        Err(failure) => {
+            let error = &failure.reason;
+            tracing::warn!(task = %item.task_id, step = item.step_id, attempt = item.attempt, %error, retryable = failure.retryable, "work item failed");
+            event.payload = match failure.retryable {
+                true => serde_json::json!({ "error": error }),
+                false => serde_json::json!({ "error": error, "retryable": false }),
+            };
         }
     }
     metrics.work_items.with_label_values(&[card, label]).inc();
@@ -573,55 +518,6 @@ fn commit(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn item() -> WorkItem {
-        WorkItem {
-            task_id: "t".into(),
-            tenant: "default".into(),
-            step_id: 1,
-            attempt: 1,
-            card: "c".into(),
-            input: serde_json::json!({"message": "hi"}),
-            context: BTreeMap::new(),
-            labels: BTreeMap::new(),
-            deadline: None,
-            reply_partition: 0,
-        }
-    }
-
-    fn handler(script: &str) -> CommandHandler {
-        CommandHandler {
-            program: "sh".into(),
-            args: vec!["-c".into(), script.into()],
-            env: BTreeMap::new(),
-            dir: std::env::temp_dir(),
-            timeout: Duration::from_secs(5),
-        }
-    }
-
-    #[tokio::test]
-    async fn command_reads_stdin_and_prints_json() {
-        let reply = handler(r#"cat >/dev/null; echo '{"ok": true, "confidence": 0.7}'"#)
-            .run(&item())
-            .await
-            .unwrap();
-        assert_eq!(reply.payload["ok"], true);
-        assert_eq!(reply.confidence, Some(0.7));
-    }
-
-    #[tokio::test]
-    async fn non_zero_exit_and_bad_json_fail() {
-        let err = handler("echo boom >&2; exit 3")
-            .run(&item())
-            .await
-            .unwrap_err();
-        assert!(
-            err.contains("boom") && err.contains("exit status: 3"),
-            "{err}"
-        );
-        let err = handler("echo not-json").run(&item()).await.unwrap_err();
-        assert!(err.contains("did not print a JSON object"), "{err}");
-    }
 
     #[test]
     fn committable_offset_is_the_lowest_unfinished() {

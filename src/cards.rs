@@ -48,6 +48,37 @@ pub enum Runtime {
         /// Extra environment variables.
         #[serde(default)]
         env: BTreeMap<String, String>,
+        /// Keep one process per concurrency slot running instead of one per work item: it reads
+        /// one work item per line on stdin and answers one JSON line on stdout. A process that
+        /// dies or overruns the card's timeout fails that item and is replaced.
+        #[serde(default)]
+        long_lived: bool,
+    },
+    /// An HTTP service: the work item is sent as JSON; a 2xx JSON object is the result, a 4xx a
+    /// failure that is not retried, a 5xx, a timeout or a refused connection a failure the
+    /// card's retry policy applies to. Answers over 4 MiB are failures.
+    Http {
+        /// Where to send it.
+        url: String,
+        /// The method (default `POST`).
+        #[serde(default = "default_method")]
+        method: String,
+        /// Request headers, each taken from an environment variable: `{Authorization:
+        /// SHIPPING_API_AUTH}` sends the variable's value. Values are never logged.
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+        /// How long one request may take (default: the card's `timeout`).
+        #[serde(default, with = "humantime_serde")]
+        #[schemars(with = "Option<crate::schema::HumanDuration>")]
+        timeout: Option<Duration>,
+    },
+    /// An A2A agent: the work item's input goes as a data part of a JSON-RPC `message/send`
+    /// (the task id is the context id); a completed task or a message is the result, a failed
+    /// or rejected task a failure, and a task that needs input is a result with `a2a_state:
+    /// input-required` that a rule can escalate to a human card.
+    A2a {
+        /// The agent's JSON-RPC endpoint (its agent card's `url`).
+        url: String,
     },
     /// A handler written in Rust against `switchyard::agent`; `switchyard agent` cannot run it.
     Handler,
@@ -69,6 +100,10 @@ pub enum Runtime {
         #[serde(default)]
         output_schema: Option<serde_json::Value>,
     },
+}
+
+fn default_method() -> String {
+    "POST".into()
 }
 
 /// Retry policy of a card: what happens when an attempt fails (`FAILED`) or times out.
@@ -499,7 +534,7 @@ mod tests {
         let path = write(dir.path(), "a.yaml", "name: a\nruntime: {kind: quantum}\n");
         let err = Card::load(&path).unwrap_err().to_string();
         assert!(err.contains("runtime"), "{err}");
-        assert!(err.contains("`command`, `handler`, `human`"), "{err}");
+        assert!(err.contains("`command`, `http`, `a2a`, `handler`, `human`, `llm`"), "{err}");
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod registry;
 pub mod replay;
 pub mod router;
 pub mod rules;
+pub mod runtime;
 pub mod schema;
 pub mod signing;
 pub mod state;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use switchyard::agent::{Handler, Reply};
+use switchyard::agent::{Failure, Handler, Reply};
 use switchyard::dlq::{self, Selection};
 use switchyard::envelope::{
     now_ms, BreakerPhase, Decision, EventKind, StateEvent, TaskEvent, TimerKind, WorkItem,
@@ -22,7 +22,7 @@ const WAIT: Duration = Duration::from_secs(60);
 struct Slow(Duration, ExampleAgent);
 
 impl Handler for Slow {
-    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, String>> + Send {
+    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, Failure>> + Send {
         let (delay, answer) = (self.0, self.1.handle(item));
         async move {
             tokio::time::sleep(delay).await;
@@ -380,7 +380,7 @@ async fn an_unanswered_escalation_times_out_and_an_answer_in_time_fires_nothing(
 struct Flaky(Arc<AtomicUsize>, usize, ExampleAgent);
 
 impl Handler for Flaky {
-    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, String>> + Send {
+    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, Failure>> + Send {
         let failing = self.0.fetch_add(1, Ordering::SeqCst) < self.1;
         let answer = self.2.handle(item);
         async move {

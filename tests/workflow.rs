@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use common::*;
 use rdkafka::message::Message;
-use switchyard::agent::CommandHandler;
 use switchyard::dlq::headers as dlq_headers;
 use switchyard::envelope::{Decision, EventKind, TaskEvent, WorkItem};
+use switchyard::runtime::CommandHandler;
 
 const WAIT: Duration = Duration::from_secs(60);
 

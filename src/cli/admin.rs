@@ -1,10 +1,10 @@
-//! `switchyard topics`, `schemas` and `registry`: setting up what the services need.
+//! `switchyard topics`, `schemas`, `registry` and `cards`: setting up what the services need.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use super::{shutdown_signal, Global, WorkflowArgs};
@@ -40,6 +40,20 @@ pub(super) enum SchemasCommand {
         /// Where to write them.
         #[arg(long, default_value = "schemas")]
         dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(super) enum CardsCommand {
+    /// Write a card from an A2A agent's card (`<url>/.well-known/agent-card.json`, or the URL
+    /// of a `.json` file): name, description, skills, modes and the `a2a` runtime. Review it
+    /// (timeout, retry, concurrency) before you deploy it.
+    Import {
+        /// The agent's base URL, or its agent card's URL.
+        url: String,
+        /// Write the card here (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -108,5 +122,38 @@ pub(super) async fn registry(kafka: &KafkaConfig, args: RegistryArgs) -> Result<
     );
     let mut stop = shutdown_signal()?;
     let _ = stop.changed().await;
+    Ok(())
+}
+
+/// `cards import`: fetches the agent card, writes the switchyard card, checks that it loads.
+pub(super) async fn cards(command: CardsCommand) -> Result<()> {
+    use crate::runtime::a2a::{agent_card_url, card_from_agent_card};
+    let CardsCommand::Import { url, out } = command;
+    let at = agent_card_url(&url);
+    let answer = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?
+        .get(&at)
+        .send()
+        .await
+        .with_context(|| format!("fetching {at}"))?;
+    if !answer.status().is_success() {
+        bail!("{at}: HTTP {}", answer.status());
+    }
+    let agent: serde_json::Value =
+        serde_json::from_slice(&answer.bytes().await?).with_context(|| format!("{at}: not JSON"))?;
+    let card = card_from_agent_card(&agent).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+    let yaml = format!(
+        "# Imported from {at}; review the timeout, retry and concurrency before deploying it.\n{}",
+        serde_yaml_ng::to_string(&card)?
+    );
+    match out {
+        Some(path) => {
+            std::fs::write(&path, &yaml).with_context(|| format!("{}", path.display()))?;
+            crate::cards::Card::load(&path)?;
+            println!("wrote {} (card `{}`)", path.display(), card.name);
+        }
+        None => print!("{yaml}"),
+    }
     Ok(())
 }

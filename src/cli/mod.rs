@@ -197,6 +197,9 @@ enum Command {
     Schemas(admin::SchemasCommand),
     /// Serve the web console: watch, search, answer escalations, redrive dead letters.
     Console(console::Command),
+    /// Agent cards: import one from an A2A agent.
+    #[command(subcommand)]
+    Cards(admin::CardsCommand),
 }
 
 #[derive(Debug, Args)]
@@ -274,6 +277,7 @@ impl Cli {
             Command::Schemas(command) => admin::schemas(&self.global, &kafka, command).await,
             Command::Registry(args) => admin::registry(&kafka, args).await,
             Command::Console(args) => console::run(&self.global, kafka, args).await,
+            Command::Cards(command) => admin::cards(command).await,
         }
     }
 }

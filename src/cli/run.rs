@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::{shutdown_signal, Global, WorkflowArgs};
-use crate::agent::{self, AgentConfig, CommandHandler};
+use crate::agent::{self, AgentConfig};
 use crate::cards::{Card, Runtime};
 use crate::kafka::KafkaConfig;
 use crate::kafka::DEFAULT_SESSION_TIMEOUT;
@@ -18,6 +18,7 @@ use crate::metrics::{AgentMetrics, RouterMetrics};
 use crate::router::service::{DEFAULT_COMMIT_INTERVAL, DEFAULT_MAX_BATCH};
 use crate::router::snapshot::{self, SnapshotConfig};
 use crate::router::{ConsistencyMode, Router, RouterConfig};
+use crate::runtime::{A2aHandler, CommandHandler, HttpHandler};
 use crate::workflow::Workflow;
 
 /// The flags every Kafka service shares (router and agent).
@@ -147,11 +148,20 @@ pub(super) async fn run_agent(
     if let Some(id) = args.service.instance_id {
         config.instance_id = id;
     }
-    match llm {
-        Some(handler) => agent::run(config, Arc::new(handler), metrics, shutdown_signal()?).await?,
-        None => {
+    let stop = shutdown_signal()?;
+    match (llm, &config.card.runtime) {
+        (Some(handler), _) => agent::run(config, Arc::new(handler), metrics, stop).await?,
+        (None, Runtime::Http { .. }) => {
+            let handler = HttpHandler::new(&config.card)?;
+            agent::run(config, Arc::new(handler), metrics, stop).await?
+        }
+        (None, Runtime::A2a { .. }) => {
+            let handler = A2aHandler::new(&config.card)?;
+            agent::run(config, Arc::new(handler), metrics, stop).await?
+        }
+        (None, _) => {
             let handler = CommandHandler::new(&config.card, dir)?;
-            agent::run(config, Arc::new(handler), metrics, shutdown_signal()?).await?
+            agent::run(config, Arc::new(handler), metrics, stop).await?
         }
     }
     Ok(())

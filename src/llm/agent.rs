@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use super::client::LlmClient;
 use super::prompt::truncate;
-use crate::agent::{self, Handler, Reply};
+use crate::agent::{self, Failure, Handler, Reply};
 use crate::cards::{Card, Runtime};
 use crate::envelope::WorkItem;
 
@@ -46,7 +46,7 @@ impl LlmHandler {
         })
     }
 
-    async fn run(&self, item: &WorkItem) -> Result<Reply, String> {
+    async fn run(&self, item: &WorkItem) -> Result<Reply, Failure> {
         let max = self.client.config().max_text_chars;
         let mut user = format!("Task input:\n{}\n", truncate(&item.input.to_string(), max));
         if !item.context.is_empty() {
@@ -77,12 +77,12 @@ impl LlmHandler {
                 Err(e) => failures.push(format!("{model}: {} ({})", e.reason, e.message)),
             }
         }
-        Err(format!("every model failed: {}", failures.join("; ")))
+        Err(format!("every model failed: {}", failures.join("; ")).into())
     }
 }
 
 impl Handler for LlmHandler {
-    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, String>> + Send {
+    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, Failure>> + Send {
         let this = self.clone();
         async move { this.run(&item).await }
     }

@@ -245,7 +245,9 @@ impl Engine {
         }
         let answered = Some(step_id);
         if event.kind == EventKind::Failed {
-            if let Some(outcome) = self.retry_or_fallback(task, step_id) {
+            // An agent marks a failure that another attempt cannot mend `"retryable": false`.
+            let retry = event.payload.get("retryable") != Some(&serde_json::Value::Bool(false));
+            if let Some(outcome) = self.retry_or_fallback(task, step_id, retry) {
                 return outcome;
             }
         }
@@ -386,13 +388,18 @@ impl Engine {
     }
 
     /// What the card's failure policy does with a step that failed or timed out: another
-    /// attempt while its card allows one (after its backoff), then its card's fallback; `None`
-    /// when it has neither.
-    pub(super) fn retry_or_fallback(&self, task: &TaskState, step_id: u32) -> Option<Outcome> {
+    /// attempt while its card allows one (after its backoff) and `retry` says one may help,
+    /// then its card's fallback; `None` when it has neither.
+    pub(super) fn retry_or_fallback(
+        &self,
+        task: &TaskState,
+        step_id: u32,
+        retry: bool,
+    ) -> Option<Outcome> {
         let step = task.steps.get(&step_id)?;
         let card = self.cards.get(&step.card)?;
         let answered = Some(step_id);
-        if step.attempt < card.retry.max_attempts {
+        if retry && step.attempt < card.retry.max_attempts {
             let attempt = step.attempt + 1;
             let mut step = Step::new(step_id, step.card.clone(), attempt);
             let delay = card.retry.backoff.delay_ms(&task.task_id, step_id, attempt);
@@ -771,6 +778,19 @@ rules:
             "{d:?}"
         );
         assert!(run.state.tasks.is_empty());
+    }
+
+    #[test]
+    fn a_failure_marked_not_retryable_gets_no_further_attempt() {
+        let mut run = Run::new(RULES, &["a", "b", "c", "h"]);
+        run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
+        let mut refused = run.answer(EventKind::Failed, 1, 1, None);
+        refused.payload = serde_json::json!({"error": "HTTP 400", "retryable": false});
+        let d = run.send(refused);
+        assert!(
+            matches!(d, Decision::DeadLettered { ref reason, ends_task: true, .. } if reason == "agent_failed"),
+            "attempt 1 of 2 failed for good: {d:?}"
+        );
     }
 
     #[test]

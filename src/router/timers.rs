@@ -110,7 +110,7 @@ impl Engine {
                     "card `{}` did not answer step {step_id} (attempt {}) in time",
                     step.card, step.attempt
                 );
-                self.retry_or_fallback(task, step_id)
+                self.retry_or_fallback(task, step_id, true)
                     .or_else(|| self.by_rule(Kind::TimedOut, task, Some(step_id)))
                     .unwrap_or_else(|| Outcome {
                         answers_step: Some(step_id),

@@ -14,7 +14,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use switchyard::agent::{self, AgentConfig, Handler, Reply};
+use switchyard::agent::{self, AgentConfig, Failure, Handler, Reply};
 use switchyard::codec::Codec;
 use switchyard::envelope::{Decision, EventKind, StateEvent, TaskEvent, WorkItem};
 use switchyard::kafka::KafkaConfig;
@@ -495,7 +495,7 @@ impl RunningAgents {
 pub struct ExampleAgent(pub String);
 
 impl Handler for ExampleAgent {
-    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, String>> + Send {
+    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, Failure>> + Send {
         let card = self.0.clone();
         async move {
             let text = item.input["customer_message"]
@@ -540,7 +540,7 @@ impl Handler for ExampleAgent {
 pub struct Human(pub KafkaConfig);
 
 impl Handler for Human {
-    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, String>> + Send {
+    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, Failure>> + Send {
         let kafka = self.0.clone();
         async move {
             let mut answer = TaskEvent::new(&item.task_id, EventKind::HumanDecision, "tester");
