@@ -534,7 +534,10 @@ mod tests {
         let path = write(dir.path(), "a.yaml", "name: a\nruntime: {kind: quantum}\n");
         let err = Card::load(&path).unwrap_err().to_string();
         assert!(err.contains("runtime"), "{err}");
-        assert!(err.contains("`command`, `http`, `a2a`, `handler`, `human`, `llm`"), "{err}");
+        assert!(
+            err.contains("`command`, `http`, `a2a`, `handler`, `human`, `llm`"),
+            "{err}"
+        );
     }
 
     #[test]

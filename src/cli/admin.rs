@@ -140,8 +140,8 @@ pub(super) async fn cards(command: CardsCommand) -> Result<()> {
     if !answer.status().is_success() {
         bail!("{at}: HTTP {}", answer.status());
     }
-    let agent: serde_json::Value =
-        serde_json::from_slice(&answer.bytes().await?).with_context(|| format!("{at}: not JSON"))?;
+    let agent: serde_json::Value = serde_json::from_slice(&answer.bytes().await?)
+        .with_context(|| format!("{at}: not JSON"))?;
     let card = card_from_agent_card(&agent).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
     let yaml = format!(
         "# Imported from {at}; review the timeout, retry and concurrency before deploying it.\n{}",

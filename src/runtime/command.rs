@@ -2,7 +2,8 @@
 //! JSON on stdin, one JSON object on stdout. Long-lived (`long_lived: true`): one process per
 //! concurrency slot stays up and answers one JSON line per work-item line; a process that dies,
 //! prints something that is not a JSON object or overruns the card's timeout fails that item and
-//! is replaced by a fresh one for the next.
+//! is replaced by a fresh one for the next. Long-lived processes run with
+//! `SWITCHYARD_LONG_LIVED=1`, so one program can serve both modes.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -62,6 +63,9 @@ impl CommandHandler {
 
     fn command(&self) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(&self.program);
+        if self.idle.is_some() {
+            command.env("SWITCHYARD_LONG_LIVED", "1");
+        }
         command
             .args(&self.args)
             .envs(&self.env)

@@ -1,10 +1,15 @@
 """Classifies the intent by keywords (a stand-in for a model)."""
-from common import message, reply, work_item
+from common import message, serve
 
-text = message(work_item()).lower()
-for intent, keys in [("refund", ["refund"]), ("cancellation", ["cancel"]), ("delivery", ["deliver", "address", "order"])]:
-    if any(k in text for k in keys):
-        break
-else:
-    intent = "question"
-reply({"intent": intent})
+INTENTS = [("refund", ["refund"]), ("cancellation", ["cancel"]), ("delivery", ["deliver", "address", "order"])]
+
+
+def handle(item):
+    text = message(item).lower()
+    for intent, keys in INTENTS:
+        if any(k in text for k in keys):
+            return {"intent": intent}
+    return {"intent": "question"}
+
+
+serve(handle)

@@ -1,5 +1,5 @@
 """Looks up help-centre articles for the intent found by intent_classifier."""
-from common import reply, work_item
+from common import serve
 
 ARTICLES = {
     "refund": ["Refunds take 3-5 working days after approval."],
@@ -7,6 +7,11 @@ ARTICLES = {
     "delivery": ["Change the delivery address under Account > Addresses before the order ships."],
     "question": ["Our help centre answers most questions."],
 }
-item = work_item()
-intent = item.get("context", {}).get("intent_classifier", {}).get("intent", "question")
-reply({"articles": ARTICLES.get(intent, ARTICLES["question"]), "intent": intent})
+
+
+def handle(item):
+    intent = item.get("context", {}).get("intent_classifier", {}).get("intent", "question")
+    return {"articles": ARTICLES.get(intent, ARTICLES["question"]), "intent": intent}
+
+
+serve(handle)

@@ -1,6 +1,10 @@
 """Pretends to send the approved reply."""
-from common import reply, work_item
+from common import serve
 
-item = work_item()
-draft = item.get("context", {}).get("response_generator", {}).get("draft", "")
-reply({"sent": True, "characters": len(draft)})
+
+def handle(item):
+    draft = item.get("context", {}).get("response_generator", {}).get("draft", "")
+    return {"sent": True, "characters": len(draft)}
+
+
+serve(handle)
