@@ -228,7 +228,7 @@ pub(super) async fn dev(
     let runnable: Vec<&Card> = workflow
         .cards
         .iter()
-        .filter(|c| matches!(c.runtime, Runtime::Command { .. } | Runtime::Llm { .. }))
+        .filter(|c| !matches!(c.runtime, Runtime::Handler | Runtime::Human))
         .collect();
     for (port, card) in (9465..).zip(&runnable) {
         let path = workflow

@@ -1,13 +1,12 @@
 //! The `llm` agent runtime: a card whose work is one chat completion.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
 
 use super::client::LlmClient;
 use super::prompt::truncate;
-use crate::agent::{self, Failure, Handler, Reply};
+use crate::agent::{self, Failure, Reply};
 use crate::cards::{Card, Runtime};
 use crate::envelope::WorkItem;
 
@@ -46,7 +45,7 @@ impl LlmHandler {
         })
     }
 
-    async fn run(&self, item: &WorkItem) -> Result<Reply, Failure> {
+    async fn answer(&self, item: &WorkItem) -> Result<Reply, Failure> {
         let max = self.client.config().max_text_chars;
         let mut user = format!("Task input:\n{}\n", truncate(&item.input.to_string(), max));
         if !item.context.is_empty() {
@@ -81,9 +80,8 @@ impl LlmHandler {
     }
 }
 
-impl Handler for LlmHandler {
-    fn handle(&self, item: WorkItem) -> impl Future<Output = Result<Reply, Failure>> + Send {
-        let this = self.clone();
-        async move { this.run(&item).await }
+impl crate::runtime::Runner for LlmHandler {
+    async fn run(&self, item: &WorkItem) -> Result<Reply, Failure> {
+        self.answer(item).await
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use crate::agent::{not_runnable, Failure, Handler, Reply};
+use crate::agent::{not_runnable, Failure, Reply};
 use crate::cards::{Card, Runtime, Skill};
 use crate::envelope::WorkItem;
 use crate::error::{Error, Result};
@@ -83,7 +83,7 @@ impl A2aHandler {
         Ok(body["result"].take())
     }
 
-    async fn run(&self, item: &WorkItem) -> Result<Reply, Failure> {
+    async fn answer(&self, item: &WorkItem) -> Result<Reply, Failure> {
         let message = json!({
             "kind": "message",
             "role": "user",
@@ -180,16 +180,6 @@ fn answer(result: &Value) -> Result<Option<Reply>, Failure> {
     }
 }
 
-impl Handler for A2aHandler {
-    fn handle(
-        &self,
-        item: WorkItem,
-    ) -> impl std::future::Future<Output = Result<Reply, Failure>> + Send {
-        let this = self.clone();
-        async move { this.run(&item).await }
-    }
-}
-
 /// Where an agent card is: the URL itself when it names a `.json` file, else the well-known
 /// path under it.
 pub fn agent_card_url(url: &str) -> String {
@@ -257,6 +247,12 @@ pub fn card_from_agent_card(agent: &Value) -> std::result::Result<Card, String> 
         }
     }
     Ok(card)
+}
+
+impl super::Runner for A2aHandler {
+    async fn run(&self, item: &WorkItem) -> Result<Reply, Failure> {
+        self.answer(item).await
+    }
 }
 
 #[cfg(test)]

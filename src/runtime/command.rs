@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
-use crate::agent::{not_runnable, Failure, Handler, Reply};
+use crate::agent::{not_runnable, Failure, Reply};
 use crate::cards::{Card, Runtime};
 use crate::envelope::WorkItem;
 use crate::error::Result;
@@ -176,7 +176,7 @@ impl CommandHandler {
         })
     }
 
-    async fn run(&self, item: &WorkItem) -> Result<Reply, Failure> {
+    async fn answer(&self, item: &WorkItem) -> Result<Reply, Failure> {
         match &self.idle {
             Some(idle) => self.line(idle, item).await,
             None => self.once(item).await,
@@ -184,13 +184,9 @@ impl CommandHandler {
     }
 }
 
-impl Handler for CommandHandler {
-    fn handle(
-        &self,
-        item: WorkItem,
-    ) -> impl std::future::Future<Output = Result<Reply, Failure>> + Send {
-        let this = self.clone();
-        async move { this.run(&item).await }
+impl super::Runner for CommandHandler {
+    async fn run(&self, item: &WorkItem) -> Result<Reply, Failure> {
+        self.answer(item).await
     }
 }
 
@@ -230,7 +226,7 @@ mod tests {
             r#"cat >/dev/null; echo '{"ok": true, "confidence": 0.7}'"#,
             false,
         )
-        .run(&item())
+        .answer(&item())
         .await
         .unwrap();
         assert_eq!(reply.payload["ok"], true);
@@ -240,7 +236,7 @@ mod tests {
     #[tokio::test]
     async fn non_zero_exit_and_bad_json_fail() {
         let err = handler("echo boom >&2; exit 3", false)
-            .run(&item())
+            .answer(&item())
             .await
             .unwrap_err()
             .reason;
@@ -249,7 +245,7 @@ mod tests {
             "{err}"
         );
         let err = handler("echo not-json", false)
-            .run(&item())
+            .answer(&item())
             .await
             .unwrap_err();
         assert!(
@@ -263,16 +259,16 @@ mod tests {
         // Answers each line with its own pid and a counter; the third item kills it.
         let script = r#"n=0; while read line; do n=$((n+1)); if [ $n -eq 3 ]; then exit 1; fi; echo "{\"pid\": $$, \"n\": $n}"; done"#;
         let h = handler(script, true);
-        let first = h.run(&item()).await.unwrap().payload;
-        let second = h.run(&item()).await.unwrap().payload;
+        let first = h.answer(&item()).await.unwrap().payload;
+        let second = h.answer(&item()).await.unwrap().payload;
         assert_eq!(first["pid"], second["pid"], "one process answered both");
         assert_eq!(second["n"], 2);
-        let crashed = h.run(&item()).await.unwrap_err();
+        let crashed = h.answer(&item()).await.unwrap_err();
         assert!(
             crashed.retryable && crashed.reason.contains("exited mid-item"),
             "{crashed:?}"
         );
-        let fresh = h.run(&item()).await.unwrap().payload;
+        let fresh = h.answer(&item()).await.unwrap().payload;
         assert_ne!(
             fresh["pid"], first["pid"],
             "a fresh process for the next item"
@@ -287,10 +283,10 @@ mod tests {
         h.timeout = Duration::from_millis(500);
         let mut slow = item();
         slow.input = serde_json::json!({"message": "slow"});
-        let first = h.run(&item()).await.unwrap().payload;
-        let err = h.run(&slow).await.unwrap_err();
+        let first = h.answer(&item()).await.unwrap().payload;
+        let err = h.answer(&slow).await.unwrap_err();
         assert!(err.reason.contains("timed out"), "{err:?}");
-        let next = h.run(&item()).await.unwrap().payload;
+        let next = h.answer(&item()).await.unwrap().payload;
         assert_ne!(next["pid"], first["pid"]);
     }
 }

@@ -9,7 +9,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
-use crate::agent::{not_runnable, Failure, Handler, Reply};
+use crate::agent::{not_runnable, Failure, Reply};
 use crate::cards::{Card, Runtime};
 use crate::envelope::WorkItem;
 use crate::error::{Error, Result};
@@ -80,7 +80,7 @@ impl HttpHandler {
         })
     }
 
-    async fn run(&self, item: &WorkItem) -> Result<Reply, Failure> {
+    async fn answer(&self, item: &WorkItem) -> Result<Reply, Failure> {
         let body = serde_json::to_vec(item).map_err(|e| e.to_string())?;
         let mut answer = self
             .client
@@ -142,12 +142,8 @@ pub fn reply(bytes: &[u8]) -> Result<Reply, Failure> {
     })
 }
 
-impl Handler for HttpHandler {
-    fn handle(
-        &self,
-        item: WorkItem,
-    ) -> impl std::future::Future<Output = Result<Reply, Failure>> + Send {
-        let this = self.clone();
-        async move { this.run(&item).await }
+impl super::Runner for HttpHandler {
+    async fn run(&self, item: &WorkItem) -> Result<Reply, Failure> {
+        self.answer(item).await
     }
 }
