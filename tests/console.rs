@@ -6,7 +6,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::llm::real_model;
@@ -24,20 +24,10 @@ use switchyard::workflow::Workflow;
 const WAIT: Duration = Duration::from_secs(120);
 const TOKEN: &str = "console-test-token";
 
-/// A process killed when dropped, so that a failing test leaves nothing running.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A headless Chromium behind its own ChromeDriver.
 struct Browser {
     client: Client,
-    _driver: Killed,
+    _driver: Spawned,
     _profile: tempfile::TempDir,
 }
 
@@ -58,7 +48,7 @@ impl Browser {
                     "this test needs ChromeDriver ({e}): install it with `scripts/install-browser`"
                 )
             });
-        let driver = Killed(driver);
+        let driver = Spawned(driver);
         let url = format!("http://127.0.0.1:{port}");
         eventually(
             Duration::from_secs(20),

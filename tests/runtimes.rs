@@ -152,7 +152,7 @@ async fn an_http_agent_completes_steps_retries_5xx_not_4xx_and_times_out_hangs()
         .args(["agent", "--card", card.to_str().unwrap()])
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(std::env::temp_dir().join(&log)).unwrap());
-    let mut agent = agent.spawn().unwrap();
+    let mut agent = Spawned(agent.spawn().unwrap());
     for task in ["ok-1", "flaky-1", "bad-1", "hang-1"] {
         publish(
             &kafka,

@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Child;
 use std::time::Duration;
 
 use common::*;
@@ -33,7 +32,7 @@ async fn routers_killed_in_turn_and_one_added_lose_and_duplicate_nothing() {
     });
     let workflow_dir = Path::new("agents/customer-service");
     let spawn = |n| spawn_router(&kafka, workflow_dir, n, &["--max-batch", "100"]);
-    let mut routers: Vec<Child> = (0..3).map(spawn).collect();
+    let mut routers: Vec<Spawned> = (0..3).map(spawn).collect();
 
     publish_example_tasks(&kafka, TASKS).await;
     let mut next = 3;

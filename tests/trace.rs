@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -93,9 +93,9 @@ async fn receiver(spans: Spans) -> String {
     url
 }
 
-fn traced(kafka: &KafkaConfig, url: &str, args: &[&str], log: &str) -> Child {
+fn traced(kafka: &KafkaConfig, url: &str, args: &[&str], log: &str) -> Spawned {
     let log = std::fs::File::create(std::env::temp_dir().join(log)).unwrap();
-    switchyard_command(kafka)
+    let child = switchyard_command(kafka)
         .envs([
             ("OTEL_EXPORTER_OTLP_ENDPOINT", url),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
@@ -105,7 +105,8 @@ fn traced(kafka: &KafkaConfig, url: &str, args: &[&str], log: &str) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()
-        .unwrap()
+        .unwrap();
+    Spawned(child)
 }
 
 const CARDS: [&str; 6] = [
@@ -299,13 +300,15 @@ async fn without_an_endpoint_nothing_connects_to_an_otlp_port() {
     .unwrap();
     let mut router = switchyard_command(&kafka);
     without_otel(&mut router);
-    let mut router = router
-        .args(["router", "--workflow", "agents/customer-service"])
-        .args(["--http-addr", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap();
+    let mut router = Spawned(
+        router
+            .args(["router", "--workflow", "agents/customer-service"])
+            .args(["--http-addr", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap(),
+    );
     let mut submit = switchyard_command(&kafka);
     without_otel(&mut submit);
     let submitted = submit

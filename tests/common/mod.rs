@@ -284,21 +284,48 @@ pub fn switchyard_command(kafka: &KafkaConfig) -> Command {
     command
 }
 
+/// A process a test started: killed and reaped when dropped, so that a failing test leaves
+/// nothing running. It is the [`Child`] for everything else.
+pub struct Spawned(pub Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `switchyard` with `args` as a process; its log goes to `$TMPDIR/<log>`.
-pub fn spawn_switchyard(kafka: &KafkaConfig, args: &[&str], log: &str) -> Child {
+pub fn spawn_switchyard(kafka: &KafkaConfig, args: &[&str], log: &str) -> Spawned {
     let log = std::fs::File::create(std::env::temp_dir().join(log)).unwrap();
-    switchyard_command(kafka)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("the switchyard binary starts")
+    Spawned(
+        switchyard_command(kafka)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("the switchyard binary starts"),
+    )
 }
 
 /// Starts `switchyard router` as a process for the workflow in `workflow` (relative to the
 /// repository root, or absolute) with `extra` arguments; its log goes to
 /// `$TMPDIR/<prefix>-router-<n>.log`.
-pub fn spawn_router(kafka: &KafkaConfig, workflow: &Path, n: usize, extra: &[&str]) -> Child {
+pub fn spawn_router(kafka: &KafkaConfig, workflow: &Path, n: usize, extra: &[&str]) -> Spawned {
     let workflow = workflow.to_string_lossy();
     let mut args = vec!["router", "--workflow", &workflow];
     args.extend(["--http-addr", "127.0.0.1:0", "--session-timeout", "3s"]);
