@@ -1,9 +1,10 @@
 //! Routing throughput, in one invocation:
 //! (a) a bare rdkafka consume→produce passthrough over the same records, the baseline, and
-//! (b) the router deciding with the example rule table (state event + work items per event).
-//! Both rates are measured from the first record handled to the last one acknowledged; the
-//! router's start-up is printed apart. Each run starts from a fresh broker (a long-lived nisshi
-//! slows down as topics accumulate); the two alternate, twice each; prints events/s, the ratios
+//! (b) the router deciding with the example rule table (a state event and two work items per
+//! event), and in effectively-once mode with a one-rule table too (a state event and one work item
+//! per event, `benches/fixtures/one-work-item.yaml`). Rates are measured from the first record
+//! handled to the last one acknowledged; the router's start-up is printed apart. Each run starts from a fresh broker (a long-lived nisshi
+//! slows down as topics accumulate); the runs alternate, twice each; prints events/s, the ratios
 //! and their means. Then (c) the latency from a task event's send to the arrival of its first
 //! work item at a consumer, both on this process's clock, at half the router's measured rate:
 //! p50, p99, max. Run with `scripts/bench-routing`.
@@ -354,8 +355,12 @@ async fn latency(
 enum Run {
     /// The bare consume→produce baseline.
     Passthrough,
-    /// The router in a mode, with a commit interval (exactly-once only).
+    /// The router in a mode, with a commit interval (exactly-once only), on the example rule
+    /// table: a state event and two work items per event.
     Router(ConsistencyMode, Duration),
+    /// The router effectively-once on a one-rule table: a state event and one work item per
+    /// event (`benches/fixtures/one-work-item.yaml`).
+    OneItem,
 }
 
 impl Run {
@@ -364,6 +369,7 @@ impl Run {
             Run::Passthrough => "passthrough".into(),
             Run::Router(ConsistencyMode::EffectivelyOnce, _) => "router effectively-once".into(),
             Run::Router(mode, interval) => format!("router {mode} {}ms", interval.as_millis()),
+            Run::OneItem => "router effectively-once, 1 item".into(),
         }
     }
 }
@@ -379,6 +385,11 @@ async fn main() {
         .parse()
         .unwrap();
     let workflow = Workflow::load(Path::new("agents/customer-service"), None).unwrap();
+    let one_item = Workflow::load(
+        Path::new("agents/customer-service"),
+        Some(Path::new("benches/fixtures/one-work-item.yaml")),
+    )
+    .unwrap();
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let effectively = Run::Router(ConsistencyMode::EffectivelyOnce, Duration::ZERO);
     let (kind, variable, default_bootstrap, default_port) = match mode {
@@ -396,6 +407,9 @@ async fn main() {
         ),
     };
     let mut runs = vec![Run::Passthrough, effectively];
+    if mode == ConsistencyMode::EffectivelyOnce {
+        runs.push(Run::OneItem);
+    }
     if mode == ConsistencyMode::ExactlyOnce {
         for ms in [10, 100, 1000] {
             runs.push(Run::Router(mode, Duration::from_millis(ms)));
@@ -433,6 +447,12 @@ async fn main() {
                     let (startup, rate) = route(&kafka, &workflow, events, mode, interval).await;
                     (rate, format!(", start-up {startup:.2}s"))
                 }
+                Run::OneItem => {
+                    let once = ConsistencyMode::EffectivelyOnce;
+                    let (startup, rate) =
+                        route(&kafka, &one_item, events, once, Duration::ZERO).await;
+                    (rate, format!(", start-up {startup:.2}s"))
+                }
             };
             line.push_str(&format!(
                 "\n  {:<28} {rate:>8.0} events/s ({size}-byte events{startup})",
@@ -444,7 +464,7 @@ async fn main() {
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let means: Vec<f64> = rates.iter().map(|r| mean(r)).collect();
-    println!("means of 2 (router: rule decisions, a state event + 2 work items each):");
+    println!("means of 2 (router: rule decisions, a state event and 2 work items per event unless said):");
     for (run, rate) in runs.iter().zip(&means) {
         let mut ratios = format!("{:.2} of the passthrough", rate / means[0]);
         if let Run::Router(ConsistencyMode::ExactlyOnce, _) = run {

@@ -69,6 +69,15 @@ impl ConsistencyMode {
     pub fn refetches_holes(self) -> bool {
         self == ConsistencyMode::EffectivelyOnce
     }
+
+    /// Whether the router starts over in process after its producer failed fatally (a new
+    /// producer, every owned partition taken over again, as after a crash). Without transactions
+    /// a fatal error is the broker's fault (nisshi sometimes handles one connection's produce
+    /// requests out of order) and a take-over repairs whatever was lost; with them it means a
+    /// newer instance fenced this one, which must stop.
+    pub fn starts_over_after_fatal(self) -> bool {
+        self == ConsistencyMode::EffectivelyOnce
+    }
 }
 
 impl fmt::Display for ConsistencyMode {

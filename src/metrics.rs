@@ -159,6 +159,9 @@ pub struct RouterMetrics {
     pub gaps: IntCounter,
     /// Exactly-once: transactions aborted (and their batches read again).
     pub aborted: IntCounter,
+    /// Effectively-once: times the router started over with a new producer after its producer
+    /// failed fatally (every owned partition taken over again).
+    pub producer_restarts: IntCounter,
     /// Records the broker refused for good, by what they were (`dead_letter`, `work_item`).
     pub rejected_records: IntCounterVec,
     /// Timers that fell due and were recorded, by kind (`deadline`, `step_timeout`,
@@ -290,6 +293,14 @@ impl RouterMetrics {
                 let c = IntCounter::new(
                     "switchyard_transactions_aborted_total",
                     "Transactions aborted and re-processed",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
+            producer_restarts: {
+                let c = IntCounter::new(
+                    "switchyard_producer_restarts_total",
+                    "Fresh producers after a fatal producer error, each followed by a take-over of every owned partition",
                 )?;
                 r.register(Box::new(c.clone()))?;
                 c

@@ -75,7 +75,10 @@ fn every_example_file_names_and_passes_its_schema() {
         ),
         (
             "rules.schema.json",
-            vec![root().join("tests/fixtures/llm-rules.yaml")],
+            vec![
+                root().join("tests/fixtures/llm-rules.yaml"),
+                root().join("benches/fixtures/one-work-item.yaml"),
+            ],
         ),
         (
             "topics.schema.json",

@@ -146,3 +146,56 @@ async fn a_take_over_re_sends_exactly_the_work_items_that_may_be_missing() {
     assert!(orphans.iter().all(|o| sent.contains_key(o.as_str())));
     router.stop().await;
 }
+
+/// Makes `producer` fail fatally, as librdkafka does when a broker answers its idempotent
+/// writes with an out-of-order sequence (nisshi sometimes handles one connection's produce
+/// requests out of order under load).
+fn fail_fatally(producer: &rdkafka::producer::FutureProducer) {
+    use rdkafka::bindings::{rd_kafka_resp_err_t as Code, rd_kafka_test_fatal_error};
+    use rdkafka::producer::Producer;
+    let client = producer.client();
+    let reason = c"test: produce requests handled out of order";
+    let code = unsafe {
+        rd_kafka_test_fatal_error(
+            client.native_ptr(),
+            Code::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+            reason.as_ptr(),
+        )
+    };
+    assert_eq!(code, Code::RD_KAFKA_RESP_ERR_NO_ERROR);
+    assert!(client.fatal_error().is_some());
+}
+
+/// An effectively-once router whose producer fails fatally mid-flow starts over in process: a
+/// new producer, its partitions taken over again; every task still finishes, each step decided
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fatal_producer_error_starts_the_router_over_and_loses_nothing() {
+    const FLOW: usize = 200;
+    let kafka = kafka("fatalprod");
+    let workflow = setup(&kafka, &root().join("agents/customer-service")).await;
+    let agents = RunningAgents::example(&kafka, &workflow, |_| {});
+    let humans = RunningAgents::start(&kafka, &workflow, &["human_agent"], |_| {
+        Human(kafka.clone())
+    });
+    let router = RunningRouter::start(&kafka, &workflow).await;
+    publish_example_tasks(&kafka, FLOW).await;
+    eventually(WAIT, "20 tasks to finish", || async {
+        (completed_tasks(&kafka) >= 20).then_some(())
+    })
+    .await;
+    fail_fatally(&router.producer);
+    eventually(WAIT, "every task to finish", || async {
+        (completed_tasks(&kafka) >= FLOW).then_some(())
+    })
+    .await;
+    assert_eq!(
+        router.metrics.producer_restarts.get(),
+        1,
+        "the router started over once, with a new producer"
+    );
+    router.stop().await;
+    agents.stop().await;
+    humans.stop().await;
+    assert_each_step_decided_once(&state_events(&kafka), FLOW);
+}

@@ -106,6 +106,12 @@ pub const DEFAULT_MAX_BATCH: usize = 500;
 pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
 impl RouterConfig {
+    /// The transactional id of this instance's producer (exactly-once): the group and the
+    /// instance id.
+    pub fn transactional_id(&self) -> String {
+        format!("{}.{}", self.group_id, self.instance_id)
+    }
+
     /// Defaults for `kafka`: a random instance id, the prefix's router group,
     /// [`DEFAULT_MAX_BATCH`], effectively-once, [`DEFAULT_COMMIT_INTERVAL`],
     /// [`crate::kafka::DEFAULT_SESSION_TIMEOUT`].
@@ -313,8 +319,12 @@ impl Router {
         };
         let (answers, answers_rx) = mpsc::unbounded_channel();
         let (snapshots_done, snapshots_done_rx) = mpsc::unbounded_channel();
-        let transactional_id = format!("{}.{}", config.group_id, config.instance_id);
-        let writer = Writer::new(&config.kafka, config.consistency, &transactional_id).await?;
+        let writer = Writer::new(
+            &config.kafka,
+            config.consistency,
+            &config.transactional_id(),
+        )
+        .await?;
         // Connect now, so that the first ownership record does not pay for it.
         writer
             .producer()
@@ -400,39 +410,60 @@ impl Router {
         let mut answers = self.answers_rx.take().expect("run is called once");
         let mut snapshots = self.snapshots_done_rx.take().expect("run is called once");
         loop {
+            let mut stepped = Ok(());
             while let Ok(event) = rebalances.try_recv() {
-                self.rebalance(event, &consumer).await?;
-            }
-            if self.uncommitted {
-                self.commit_positions(&consumer);
-            }
-            tokio::select! {
-                _ = shutdown.changed() => break,
-                Some(event) = rebalances.recv() => self.rebalance(event, &consumer).await?,
-                _ = ticker.tick() => self.tick().await?,
-                Some((due, ended)) = snapshots.recv() => self.snapshotted(&due, ended),
-                Some(landed) = self.pipeline.next(), if !self.pipeline.is_empty() => {
-                    self.landed(landed?).await?;
+                stepped = self.rebalance(event, &consumer).await;
+                if stepped.is_err() {
+                    break;
                 }
-                Some(first) = answers.recv() => {
-                    let mut batch = vec![first];
-                    while batch.len() < self.config.max_batch {
-                        match answers.try_recv() {
-                            Ok(answer) => batch.push(answer),
-                            Err(_) => break,
+            }
+            if stepped.is_ok() {
+                if self.uncommitted {
+                    self.commit_positions(&consumer);
+                }
+                stepped = tokio::select! {
+                    _ = shutdown.changed() => break,
+                    Some(event) = rebalances.recv() => self.rebalance(event, &consumer).await,
+                    _ = ticker.tick() => self.tick().await,
+                    Some((due, ended)) = snapshots.recv() => {
+                        self.snapshotted(&due, ended);
+                        Ok(())
+                    }
+                    Some(landed) = self.pipeline.next(), if !self.pipeline.is_empty() => {
+                        match landed {
+                            Ok(landed) => self.landed(landed).await,
+                            Err(e) => Err(e),
                         }
                     }
-                    self.resolve(batch).await?;
-                }
-                first = self.inbox.next(), if !self.inbox.is_empty() => match first {
-                    Ok(m) => self.route(m, &mut rebalances, &consumer).await?,
-                    Err(e) => tracing::warn!(error = %e, "consumer error"),
-                },
-                // Errors, and records of a partition whose queue could not be split.
-                first = consumer.recv() => match first {
-                    Ok(m) => self.route(m.detach(), &mut rebalances, &consumer).await?,
-                    Err(e) => tracing::warn!(error = %e, "consumer error"),
-                },
+                    Some(first) = answers.recv() => {
+                        let mut batch = vec![first];
+                        while batch.len() < self.config.max_batch {
+                            match answers.try_recv() {
+                                Ok(answer) => batch.push(answer),
+                                Err(_) => break,
+                            }
+                        }
+                        self.resolve(batch).await
+                    }
+                    first = self.inbox.next(), if !self.inbox.is_empty() => match first {
+                        Ok(m) => self.route(m, &mut rebalances, &consumer).await,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "consumer error");
+                            Ok(())
+                        }
+                    },
+                    // Errors, and records of a partition whose queue could not be split.
+                    first = consumer.recv() => match first {
+                        Ok(m) => self.route(m.detach(), &mut rebalances, &consumer).await,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "consumer error");
+                            Ok(())
+                        }
+                    },
+                };
+            }
+            if let Err(error) = stepped {
+                self.start_over(error, &consumer).await?;
             }
         }
         self.drain().await?;
@@ -860,14 +891,7 @@ impl Router {
         self.drain().await?;
         match event {
             RebalanceEvent::Revoked(parts) => {
-                self.inbox.remove(&parts);
-                for p in parts {
-                    self.partitions.remove(&p);
-                    self.timers.remove(&p);
-                    self.schedule.revoked(p);
-                    self.gaps.remove(&p);
-                    self.asking.retain(|(q, _)| *q != p);
-                }
+                self.forget(&parts);
                 tracing::info!(owned = ?self.owned(), "partitions revoked");
             }
             RebalanceEvent::Assigned(parts) => self.take_over(parts, consumer).await?,
@@ -875,6 +899,56 @@ impl Router {
         self.metrics.partitions.set(self.partitions.len() as i64);
         self.ready.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Drops what this instance holds of partitions `parts`: their state, timers, snapshot
+    /// schedule, queued records and pending LLM questions.
+    fn forget(&mut self, parts: &[i32]) {
+        self.inbox.remove(parts);
+        for p in parts {
+            self.partitions.remove(p);
+            self.timers.remove(p);
+            self.schedule.revoked(*p);
+            self.gaps.remove(p);
+            self.asking.retain(|(q, _)| q != p);
+        }
+    }
+
+    /// Goes on after `error` when the producer failed fatally and the consistency mode allows
+    /// it ([`ConsistencyMode::starts_over_after_fatal`]), as a restarted instance would: what
+    /// is in flight and every owned partition's state are dropped, a new producer is made, and
+    /// every owned partition is taken over again (new ownership records, restore, re-sending
+    /// what may be missing). Any other error is returned.
+    async fn start_over(&mut self, error: Error, consumer: &Arc<TasksConsumer>) -> Result<()> {
+        let fatal = self.writer.producer().client().fatal_error();
+        let Some((code, reason)) =
+            fatal.filter(|_| self.config.consistency.starts_over_after_fatal())
+        else {
+            return Err(error);
+        };
+        tracing::error!(%error, ?code, reason, "the producer failed fatally; starting over with a new producer and taking every owned partition over again");
+        self.metrics.producer_restarts.inc();
+        self.pipeline = Pipeline::default();
+        self.uncommitted = false;
+        let owned = self.owned();
+        self.forget(&owned);
+        self.writer = Writer::new(
+            &self.config.kafka,
+            self.config.consistency,
+            &self.config.transactional_id(),
+        )
+        .await?;
+        if !owned.is_empty() {
+            self.take_over(owned, consumer).await?;
+        }
+        self.ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The producer the router writes with now (a fatal error replaces it in effectively-once
+    /// mode, see [`ConsistencyMode::starts_over_after_fatal`]).
+    pub fn producer(&self) -> &rdkafka::producer::FutureProducer {
+        self.writer.producer()
     }
 
     fn owned(&self) -> Vec<i32> {

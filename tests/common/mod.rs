@@ -223,6 +223,8 @@ pub struct RunningRouter {
     handle: tokio::task::JoinHandle<()>,
     /// Its metrics.
     pub metrics: RouterMetrics,
+    /// The producer it started with.
+    pub producer: FutureProducer,
 }
 
 impl RunningRouter {
@@ -254,12 +256,14 @@ impl RunningRouter {
         let router = Router::new(config, engine, metrics.clone())
             .await
             .expect("router starts");
+        let producer = router.producer().clone();
         let (stop, rx) = watch::channel(false);
         let handle = tokio::spawn(async move { router.run(rx).await.expect("router runs") });
         Self {
             stop,
             handle,
             metrics,
+            producer,
         }
     }
 
@@ -270,10 +274,12 @@ impl RunningRouter {
     }
 }
 
-/// The `switchyard` binary with `kafka`'s broker and topic prefix, run from the repository root.
+/// The `switchyard` binary with `kafka`'s broker and topic prefix, run from the repository root,
+/// logging at `info` whatever `RUST_LOG` the test runs with (tests read its log lines).
 pub fn switchyard_command(kafka: &KafkaConfig) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
     command
+        .env("RUST_LOG", "info")
         .args([
             "--bootstrap-servers",
             &kafka.bootstrap_servers,
