@@ -455,7 +455,7 @@ async fn main() {
                 }
             };
             line.push_str(&format!(
-                "\n  {:<28} {rate:>8.0} events/s ({size}-byte events{startup})",
+                "\n  {:<32} {rate:>8.0} events/s ({size}-byte events{startup})",
                 run.name()
             ));
             rates[i].push(rate);
