@@ -113,6 +113,25 @@ async fn settled(kafka: &KafkaConfig, task_id: &str) -> Vec<StateEvent> {
     .await
 }
 
+/// Publishes a `warm-up` task and waits until the worker answered it, so that the agent process
+/// consumes its topic: the tests' steps time out after 2 s, and an agent's group join can take
+/// longer than that on a loaded machine.
+async fn wait_for_the_agent(kafka: &KafkaConfig) {
+    publish(
+        kafka,
+        &TaskEvent::new("warm-up", EventKind::Submitted, "client"),
+    )
+    .await;
+    eventually(WAIT, "the agent to answer a warm-up task", || async {
+        task_events(kafka, "warm-up")
+            .iter()
+            .filter_map(|e| e.event.as_ref())
+            .any(|e| e.source == "worker")
+            .then_some(())
+    })
+    .await;
+}
+
 fn retries(events: &[StateEvent]) -> usize {
     events
         .iter()
@@ -153,6 +172,7 @@ async fn an_http_agent_completes_steps_retries_5xx_not_4xx_and_times_out_hangs()
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(std::env::temp_dir().join(&log)).unwrap());
     let mut agent = Spawned(agent.spawn().unwrap());
+    wait_for_the_agent(&kafka).await;
     for task in ["ok-1", "flaky-1", "bad-1", "hang-1"] {
         publish(
             &kafka,
@@ -170,10 +190,10 @@ async fn an_http_agent_completes_steps_retries_5xx_not_4xx_and_times_out_hangs()
     assert_eq!(ok[1].event.as_ref().unwrap().confidence, Some(0.9));
 
     let flaky = settled(&kafka, "flaky-1").await;
-    assert!(matches!(
-        flaky.last().unwrap().decision,
-        Decision::Completed { .. }
-    ));
+    assert!(
+        matches!(flaky.last().unwrap().decision, Decision::Completed { .. }),
+        "{flaky:#?}"
+    );
     assert_eq!(retries(&flaky), 1, "the 500 was retried once");
 
     let bad = settled(&kafka, "bad-1").await;
@@ -274,6 +294,7 @@ async fn an_a2a_agent_completes_a_step_and_input_required_escalates_to_the_human
         &["agent", "--card", card.to_str().unwrap()],
         &format!("{}-a2a.log", kafka.topic_prefix),
     );
+    wait_for_the_agent(&kafka).await;
     let mut ship = TaskEvent::new("ship-1", EventKind::Submitted, "client");
     ship.payload = json!({"what": "ship"});
     let mut ask = TaskEvent::new("ask-1", EventKind::Submitted, "client");
