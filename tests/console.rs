@@ -130,6 +130,13 @@ impl Browser {
             .await
             .unwrap();
         self.click("#sign-in").await;
+        // The form's answer sets the cookie and redirects to the Overview; navigating before it
+        // arrives would cancel it.
+        eventually(WAIT, "the sign-in to land on the Overview", || async {
+            let url = self.client.current_url().await.ok()?;
+            (url.path() == "/").then_some(())
+        })
+        .await;
         self.open(console, "/login").await;
         self.text("#signed-in").await;
     }
