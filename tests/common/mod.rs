@@ -275,11 +275,12 @@ impl RunningRouter {
 }
 
 /// The `switchyard` binary with `kafka`'s broker and topic prefix, run from the repository root,
-/// logging at `info` whatever `RUST_LOG` the test runs with (tests read its log lines).
+/// logging with its own default filter whatever `RUST_LOG` the test runs with (tests read its
+/// log lines).
 pub fn switchyard_command(kafka: &KafkaConfig) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
     command
-        .env("RUST_LOG", "info")
+        .env_remove("RUST_LOG")
         .args([
             "--bootstrap-servers",
             &kafka.bootstrap_servers,
