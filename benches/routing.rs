@@ -3,9 +3,9 @@
 //! (b) the router deciding with the example rule table (a state event and two work items per
 //! event), and in effectively-once mode with a one-rule table too (a state event and one work item
 //! per event, `benches/fixtures/one-work-item.yaml`). Rates are measured from the first record
-//! handled to the last one acknowledged; the router's start-up is printed apart. Each run starts from a fresh broker (a long-lived nisshi
-//! slows down as topics accumulate); the runs alternate, twice each; prints events/s, the ratios
-//! and their means. Then (c) the latency from a task event's send to the arrival of its first
+//! handled to the last one acknowledged; the router's start-up is printed apart. Each run starts
+//! from a fresh broker (a long-lived nisshi slows down as topics accumulate); the runs alternate,
+//! twice each; prints events/s, the ratios and their means. Then (c) the latency from a task event's send to the arrival of its first
 //! work item at a consumer, both on this process's clock, at half the router's measured rate:
 //! p50, p99, max. Run with `scripts/bench-routing`.
 //!
@@ -407,12 +407,12 @@ async fn main() {
         ),
     };
     let mut runs = vec![Run::Passthrough, effectively];
-    if mode == ConsistencyMode::EffectivelyOnce {
-        runs.push(Run::OneItem);
-    }
-    if mode == ConsistencyMode::ExactlyOnce {
-        for ms in [10, 100, 1000] {
-            runs.push(Run::Router(mode, Duration::from_millis(ms)));
+    match mode {
+        ConsistencyMode::EffectivelyOnce => runs.push(Run::OneItem),
+        ConsistencyMode::ExactlyOnce => {
+            for ms in [10, 100, 1000] {
+                runs.push(Run::Router(mode, Duration::from_millis(ms)));
+            }
         }
     }
     let fresh = Fresh::new(kind, variable, default_port);
@@ -441,16 +441,15 @@ async fn main() {
                 &format!("bench-{run_id}-{round}-{i}"),
             );
             let size = prepare(&kafka, &workflow, events).await;
-            let (rate, startup) = match *run {
-                Run::Passthrough => (passthrough(&kafka, events).await, String::new()),
-                Run::Router(mode, interval) => {
-                    let (startup, rate) = route(&kafka, &workflow, events, mode, interval).await;
-                    (rate, format!(", start-up {startup:.2}s"))
-                }
-                Run::OneItem => {
-                    let once = ConsistencyMode::EffectivelyOnce;
-                    let (startup, rate) =
-                        route(&kafka, &one_item, events, once, Duration::ZERO).await;
+            let routed = match *run {
+                Run::Passthrough => None,
+                Run::Router(mode, interval) => Some((&workflow, mode, interval)),
+                Run::OneItem => Some((&one_item, ConsistencyMode::EffectivelyOnce, Duration::ZERO)),
+            };
+            let (rate, startup) = match routed {
+                None => (passthrough(&kafka, events).await, String::new()),
+                Some((table, mode, interval)) => {
+                    let (startup, rate) = route(&kafka, table, events, mode, interval).await;
                     (rate, format!(", start-up {startup:.2}s"))
                 }
             };

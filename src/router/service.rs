@@ -410,13 +410,7 @@ impl Router {
         let mut answers = self.answers_rx.take().expect("run is called once");
         let mut snapshots = self.snapshots_done_rx.take().expect("run is called once");
         loop {
-            let mut stepped = Ok(());
-            while let Ok(event) = rebalances.try_recv() {
-                stepped = self.rebalance(event, &consumer).await;
-                if stepped.is_err() {
-                    break;
-                }
-            }
+            let mut stepped = self.rebalances_waiting(&mut rebalances, &consumer).await;
             if stepped.is_ok() {
                 if self.uncommitted {
                     self.commit_positions(&consumer);
@@ -482,11 +476,21 @@ impl Router {
         consumer: &Arc<TasksConsumer>,
     ) -> Result<()> {
         let batch = self.gather(first).await;
+        self.rebalances_waiting(rebalances, consumer).await?;
+        let batch = self.decide(batch).await?;
+        self.commit(batch, consumer).await
+    }
+
+    /// Takes in the rebalances that came since the last look, in order.
+    async fn rebalances_waiting(
+        &mut self,
+        rebalances: &mut mpsc::UnboundedReceiver<RebalanceEvent>,
+        consumer: &Arc<TasksConsumer>,
+    ) -> Result<()> {
         while let Ok(event) = rebalances.try_recv() {
             self.rebalance(event, consumer).await?;
         }
-        let batch = self.decide(batch).await?;
-        self.commit(batch, consumer).await
+        Ok(())
     }
 
     /// Gathers a batch, one record of each owned partition in turn: what is already fetched
