@@ -271,7 +271,7 @@ impl<'de> Deserialize<'de> for FinishedTasks {
 #[derive(Debug, Clone)]
 pub struct Undo {
     task_id: String,
-    task: Option<TaskState>,
+    task: Option<Box<TaskState>>,
     finished: Option<Finished>,
     next_offset: Option<i64>,
     breakers: BTreeMap<String, Breaker>,
@@ -321,8 +321,9 @@ pub struct Signal {
 /// The state of one partition: its active tasks and its recently finished ones.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PartitionState {
-    /// Active tasks.
-    pub tasks: HashMap<String, TaskState>,
+    /// Active tasks. Boxed, so that growing the table moves pointers rather than whole states
+    /// (with 100,000 open tasks held inline, rehashing took a quarter of the time per event).
+    pub tasks: HashMap<String, Box<TaskState>>,
     /// Recently finished tasks.
     pub finished: FinishedTasks,
     /// The next tasks-topic offset to process (one past the last recorded input).
@@ -594,7 +595,7 @@ impl PartitionState {
                 let step_base = self.finished.get(id).map_or(0, |f| f.last_step);
                 self.finished.remove(id);
                 self.tasks
-                    .insert(id.clone(), TaskState::new(event, step_base));
+                    .insert(id.clone(), Box::new(TaskState::new(event, step_base)));
             }
         }
     }

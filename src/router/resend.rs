@@ -25,7 +25,7 @@ pub fn missing(
         return Vec::new();
     }
     let mut out = Vec::new();
-    for task in state.tasks.values() {
+    for task in state.tasks.values().map(Box::as_ref) {
         for step in task.pending() {
             let sent_by = task.steps.get(&step.step_id).and_then(|s| s.sent_by);
             let delivered = sent_by

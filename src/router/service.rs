@@ -717,7 +717,11 @@ impl Router {
             if let Some(state) = self.partitions.get_mut(&p) {
                 let task_id = state.undo(undo);
                 if let Some(index) = self.timers.get_mut(&p) {
-                    index.refresh(&self.engine, &task_id, state.tasks.get(&task_id));
+                    index.refresh(
+                        &self.engine,
+                        &task_id,
+                        state.tasks.get(&task_id).map(Box::as_ref),
+                    );
                 }
             }
             if !touched.contains(&p) {
@@ -1375,7 +1379,7 @@ impl Router {
             let due = partition.due_among(&ids);
             for (task_id, firing) in due {
                 partition.trace = followed.get(&task_id).cloned().flatten();
-                let task = partition.state.tasks.get(&task_id);
+                let task = partition.state.tasks.get(&task_id).map(Box::as_ref);
                 let submission = task.map(submission);
                 let card = task
                     .zip(firing.step_id)
@@ -1476,7 +1480,7 @@ impl Router {
             index.refresh(
                 &self.engine,
                 &record.task_id,
-                state.tasks.get(&record.task_id),
+                state.tasks.get(&record.task_id).map(Box::as_ref),
             );
         }
         if let Some(undo) = undo {
