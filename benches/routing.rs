@@ -5,9 +5,12 @@
 //! per event, `benches/fixtures/one-work-item.yaml`). Rates are measured from the first record
 //! handled to the last one acknowledged; the router's start-up is printed apart. Each run starts
 //! from a fresh broker (a long-lived nisshi slows down as topics accumulate); the runs alternate,
-//! twice each; prints events/s, the ratios and their means. Then (c) the latency from a task event's send to the arrival of its first
-//! work item at a consumer, both on this process's clock, at half the router's measured rate:
-//! p50, p99, max. Run with `scripts/bench-routing`.
+//! [`ROUNDS`] times each; prints events/s, the medians and their ratios (the median, because a
+//! single run on a fresh nisshi is now and then a third of the others). Then (c) the latency from
+//! a task event's send to the arrival of its first work item at a consumer, both on this process's
+//! clock, at half the router's median rate, through the router and, as the baseline, through a
+//! bare forwarder, alternated twice: p50, p99, max, and each split at the work item's timestamp.
+//! Run with `scripts/bench-routing`.
 //!
 //! `BENCH_MODE=effectively-once` (default) starts a fresh nisshi for each run on `BENCH_PORT`
 //! (default 19092) through `scripts/start-broker`, or uses `SWITCHYARD_TEST_BOOTSTRAP` when set.
@@ -36,6 +39,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "support/router.rs"]
 mod router;
+
+/// Throughput runs of each kind.
+const ROUNDS: usize = 3;
 
 fn config(bootstrap: &str, prefix: &str) -> KafkaConfig {
     let bootstrap = bootstrap.to_string();
@@ -73,6 +79,17 @@ async fn prepare(kafka: &KafkaConfig, workflow: &Workflow, events: usize) -> usi
     size
 }
 
+/// Assigns `consumer` every partition of `topic` from its start: no group join in the middle of a
+/// run.
+fn assign_from_start(consumer: &StreamConsumer, kafka: &KafkaConfig, topic: &str) {
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..kafka.partition_count(topic).unwrap() {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+}
+
 async fn passthrough(kafka: &KafkaConfig, events: usize) -> f64 {
     let mut client = kafka.client_config();
     client
@@ -81,14 +98,8 @@ async fn passthrough(kafka: &KafkaConfig, events: usize) -> f64 {
     // The router's consumer defaults, so that both wait for fetches alike.
     switchyard::kafka::service_consumer_defaults(&mut client);
     let consumer: StreamConsumer = client.create().unwrap();
-    // Every partition from its start, without a group join in the middle of the run.
     let tasks = kafka.topics().tasks();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..kafka.partition_count(&tasks).unwrap() {
-        tpl.add_partition_offset(&tasks, p, rdkafka::Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    assign_from_start(&consumer, kafka, &tasks);
     let producer = kafka.producer().unwrap();
     let out = kafka.topics().dlq();
     let mut started = None;
@@ -258,18 +269,104 @@ impl Drop for Fresh {
     }
 }
 
-/// Latency from a task event's send (this process's clock) to the arrival of its first work item
-/// at a consumer (the same clock), with `rate` events/s for `seconds`: (p50, p99, max) in ms.
+/// What carries task events to the agent's topic in a latency run.
+#[derive(Clone, Copy)]
+enum Carrier {
+    /// A bare consume→produce forwarder (the tasks topic to the agent's): what the broker and
+    /// the clients cost without the router, the baseline.
+    Passthrough,
+    /// The router, effectively-once, on the example rule table.
+    Router,
+}
+
+impl Carrier {
+    fn name(self) -> &'static str {
+        match self {
+            Carrier::Passthrough => "passthrough",
+            Carrier::Router => "router",
+        }
+    }
+}
+
+/// One latency run's samples, in ms: end to end (the task event's send → its first work item's
+/// arrival at a consumer, this process's clock), and that split at the work item's timestamp
+/// (librdkafka stamps it at `produce()`, in ms): send → produced (input fetch, deciding, the
+/// state record's acknowledgement), produced → received (the work item's way through the broker).
+#[derive(Default)]
+struct Latencies {
+    total: Vec<f64>,
+    produced: Vec<f64>,
+    received: Vec<f64>,
+}
+
+impl Latencies {
+    fn line(mut self, carrier: Carrier) -> String {
+        let q = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            let at = |q: f64| v[((v.len() - 1) as f64 * q) as usize];
+            (at(0.5), at(0.99), at(1.0))
+        };
+        let (p50, p99, max) = q(&mut self.total);
+        let (produced50, produced99, _) = q(&mut self.produced);
+        let (received50, received99, _) = q(&mut self.received);
+        format!(
+            "  {:<12} p50 {p50:>6.1} ms, p99 {p99:>7.1} ms, max {max:>7.1} ms   \
+             (send → produced p50 {produced50:.0} / p99 {produced99:.0} ms, \
+             produced → received p50 {received50:.0} / p99 {received99:.0} ms)",
+            carrier.name()
+        )
+    }
+}
+
+fn epoch_ms() -> f64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.unwrap().as_secs_f64() * 1000.0
+}
+
+/// Forwards every record of the tasks topic to `to` until `stop` turns true.
+async fn forward(kafka: KafkaConfig, to: String, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut client = kafka.client_config();
+    client.set("group.id", format!("{}.forward", kafka.topic_prefix));
+    switchyard::kafka::service_consumer_defaults(&mut client);
+    let consumer: StreamConsumer = client.create().unwrap();
+    let tasks = kafka.topics().tasks();
+    assign_from_start(&consumer, &kafka, &tasks);
+    let producer = kafka.producer().unwrap();
+    loop {
+        let m = tokio::select! {
+            _ = stop.changed() => return,
+            m = consumer.recv() => m.unwrap(),
+        };
+        let record = FutureRecord::to(&to)
+            .key(m.key().unwrap_or_default())
+            .payload(m.payload().unwrap_or_default());
+        // The delivery is not awaited: the consumer at the other end sees it arrive.
+        drop(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+}
+
+/// Latency through `carrier`, with `rate` events/s for `seconds`.
 async fn latency(
     kafka: &KafkaConfig,
     workflow: &Workflow,
+    carrier: Carrier,
     rate: f64,
     seconds: f64,
-) -> (f64, f64, f64) {
+) -> Latencies {
     prepare(kafka, workflow, 0).await;
-    let router = router::Running::start(kafka, workflow).await;
-    router.restored().await;
     let inbox = format!("{}.agent.sentiment_analyzer", kafka.topic_prefix);
+    let (stop_forward, stopped) = tokio::sync::watch::channel(false);
+    let router = match carrier {
+        Carrier::Router => {
+            let router = router::Running::start(kafka, workflow).await;
+            router.restored().await;
+            Some(router)
+        }
+        Carrier::Passthrough => {
+            tokio::spawn(forward(kafka.clone(), inbox.clone(), stopped));
+            None
+        }
+    };
     let mut client = kafka.client_config();
     client
         .set("group.id", format!("{}.latency", kafka.topic_prefix))
@@ -277,12 +374,7 @@ async fn latency(
         .set("fetch.wait.max.ms", "5");
     let consumer: StreamConsumer = client.create().unwrap();
     // Assigned, not subscribed: a group join would hold back the first second's work items.
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..kafka.partition_count(&inbox).unwrap() {
-        tpl.add_partition_offset(&inbox, p, rdkafka::Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
+    assign_from_start(&consumer, kafka, &inbox);
     let count = (rate * seconds) as usize;
     let producer = kafka.producer().unwrap();
     let topic = kafka.topics().tasks();
@@ -304,50 +396,55 @@ async fn latency(
         let m = consumer.recv().await.unwrap();
         warm += usize::from(m.key().is_some_and(|k| k.starts_with(b"warm-")));
     }
+    // The events are encoded before the clock starts; the sender only hands them over.
+    let events: Vec<(String, Vec<u8>)> = (0..count)
+        .map(|i| {
+            let mut e = TaskEvent::new(format!("lat-{i}"), EventKind::Submitted, "bench");
+            e.payload = serde_json::json!({ "customer_message": "where is my order? it should have arrived by now" });
+            (e.task_id.clone(), serde_json::to_vec(&e).unwrap())
+        })
+        .collect();
     let sent = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     let started = Instant::now();
     let sender = {
         let sent = sent.clone();
         tokio::spawn(async move {
-            let mut pending = Vec::new();
-            for i in 0..count {
+            for (i, (key, bytes)) in events.into_iter().enumerate() {
                 let due = started + Duration::from_secs_f64(i as f64 / rate);
                 tokio::time::sleep_until(due.into()).await;
-                let mut e = TaskEvent::new(format!("lat-{i}"), EventKind::Submitted, "bench");
-                e.payload = serde_json::json!({ "customer_message": "where is my order? it should have arrived by now" });
-                let bytes = serde_json::to_vec(&e).unwrap();
                 sent.lock()
                     .unwrap()
-                    .insert(e.task_id.clone(), Instant::now());
-                let producer = producer.clone();
-                let topic = topic.clone();
-                pending.push(tokio::spawn(async move {
-                    let record = FutureRecord::to(&topic).key(&e.task_id).payload(&bytes);
-                    producer
-                        .send(record, Duration::from_secs(30))
-                        .await
-                        .map_err(|(e, _)| e)
-                        .unwrap();
-                }));
+                    .insert(key.clone(), (Instant::now(), epoch_ms()));
+                let record = FutureRecord::to(&topic).key(&key).payload(&bytes);
+                // Not awaited: the send must not wait for the previous one's acknowledgement.
+                drop(producer.send_result(record).map_err(|(e, _)| e).unwrap());
             }
-            join_all(pending).await;
+            // Kept until every work item arrived: dropping a producer drops what it holds.
+            producer
         })
     };
-    let mut latencies = Vec::with_capacity(count);
-    while latencies.len() < count {
+    let mut samples = Latencies::default();
+    while samples.total.len() < count {
         let m = consumer.recv().await.unwrap();
-        let arrived = Instant::now();
+        let (arrived, arrived_ms) = (Instant::now(), epoch_ms());
         let key = String::from_utf8_lossy(m.key().unwrap_or_default()).to_string();
-        if let Some(t0) = sent.lock().unwrap().remove(&key) {
-            let ms = arrived.duration_since(t0).as_secs_f64() * 1000.0;
-            latencies.push(ms);
+        let Some((t0, t0_ms)) = sent.lock().unwrap().remove(&key) else {
+            continue;
+        };
+        samples
+            .total
+            .push(arrived.duration_since(t0).as_secs_f64() * 1000.0);
+        if let Some(produced) = m.timestamp().to_millis() {
+            samples.produced.push(produced as f64 - t0_ms);
+            samples.received.push(arrived_ms - produced as f64);
         }
     }
-    sender.await.unwrap();
-    router.stop().await;
-    latencies.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
-    (at(0.5), at(0.99), at(1.0))
+    drop(sender.await.unwrap());
+    let _ = stop_forward.send(true);
+    if let Some(router) = router {
+        router.stop().await;
+    }
+    samples
 }
 
 /// One kind of run.
@@ -433,7 +530,7 @@ async fn main() {
     };
     println!("{events} SUBMITTED events per run, {where_}");
     let mut rates = vec![Vec::new(); runs.len()];
-    for round in 1..=2 {
+    for round in 1..=ROUNDS {
         let mut line = format!("round {round}:");
         for (i, run) in runs.iter().enumerate() {
             let kafka = config(
@@ -461,13 +558,17 @@ async fn main() {
         }
         println!("{line}");
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let means: Vec<f64> = rates.iter().map(|r| mean(r)).collect();
-    println!("means of 2 (router: rule decisions, a state event and 2 work items per event unless said):");
-    for (run, rate) in runs.iter().zip(&means) {
-        let mut ratios = format!("{:.2} of the passthrough", rate / means[0]);
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let medians: Vec<f64> = rates.iter().map(|r| median(r)).collect();
+    println!("medians of {ROUNDS} (router: rule decisions, a state event and 2 work items per event unless said):");
+    for (run, rate) in runs.iter().zip(&medians) {
+        let mut ratios = format!("{:.2} of the passthrough", rate / medians[0]);
         if let Run::Router(ConsistencyMode::ExactlyOnce, _) = run {
-            ratios.push_str(&format!(", {:.2} of effectively-once", rate / means[1]));
+            ratios.push_str(&format!(", {:.2} of effectively-once", rate / medians[1]));
         }
         println!("  {:<32} {rate:>10.0} events/s   {ratios}", run.name());
     }
@@ -476,18 +577,24 @@ async fn main() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(10.0);
-        let kafka = config(&broker("latency"), &format!("bench-latency-{run_id}"));
         let chosen: Option<f64> = std::env::var("BENCH_LATENCY_RATE")
             .ok()
             .and_then(|v| v.parse().ok());
-        let half = chosen.unwrap_or(means[1] / 2.0);
+        let half = chosen.unwrap_or(medians[1] / 2.0);
         let which = match chosen {
             Some(_) => "BENCH_LATENCY_RATE",
             None => "half the router's rate",
         };
-        let (p50, p99, max) = latency(&kafka, &workflow, half, seconds).await;
         println!(
-            "latency at {which} ({half:.0} events/s for {seconds}s), event sent → first work item received, this process's clock: p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms"
+            "latency at {which} ({half:.0} events/s for {seconds}s each), event sent → first work item received, this process's clock, a fresh broker per run:"
         );
+        for round in 1..=2 {
+            for carrier in [Carrier::Passthrough, Carrier::Router] {
+                let name = format!("latency-{round}-{}", carrier.name());
+                let kafka = config(&broker(&name), &format!("bench-{name}-{run_id}"));
+                let samples = latency(&kafka, &workflow, carrier, half, seconds).await;
+                println!("{}", samples.line(carrier));
+            }
+        }
     }
 }
