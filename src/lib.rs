@@ -29,6 +29,7 @@ pub mod runtime;
 pub mod schema;
 pub mod signing;
 pub mod state;
+pub mod steps;
 pub mod topics;
 pub mod trace;
 pub mod workflow;

@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::envelope::{
     BreakerPhase, Decision, EventKind, InputRef, StateEvent, Step, TaskEvent, TimerKind, Usage,
 };
+use crate::steps::Steps;
 
 /// Where a step stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +75,7 @@ pub struct TaskState {
     /// Sequence number of the last state event.
     pub seq: u64,
     /// Steps taken, by step id.
-    pub steps: BTreeMap<u32, StepState>,
+    pub steps: Steps,
     /// Latest output of each card that has answered.
     pub outputs: BTreeMap<String, Value>,
     /// Steps of earlier lives of the task (a redriven task continues after them).
@@ -120,7 +121,7 @@ impl TaskState {
             submitted_event_id: event.event_id.clone(),
             deadline: event.deadline,
             seq: 0,
-            steps: BTreeMap::new(),
+            steps: Steps::default(),
             outputs: BTreeMap::new(),
             step_base,
             awaiting: None,
