@@ -749,7 +749,7 @@ mod tests {
             br#"{"event_id":"e","task_id":"t","kind":"SUBMITTED","payload":{"a":[1,2.5,"x"]}}"#,
             br#"  {"event_id":"e","task_id":"t","kind":"SUBMITTED"}"#,
             br#"{"event_id":"e","task_id":"t","task_id":"u","kind":"SUBMITTED"}"#,
-            br#"["e","t","SUBMITTED"]"#,
+            br#"["e","t","default","SUBMITTED"]"#,
             br#"{"event_id":"e","task_id":"","kind":"SUBMITTED"}"#,
             br#"{"event_id":"e","task_id":"t","kind":"EXPLODE"}"#,
             br#"{"event_id":"e","task_id":"t","kind":"SUBMITTED"} trailing"#,
