@@ -36,6 +36,11 @@ impl Steps {
         match self.0.binary_search_by_key(&id, |(k, _)| *k) {
             Ok(at) => Some(std::mem::replace(&mut self.0[at].1, step)),
             Err(at) => {
+                // One place at a time while few: most tasks end with one or two steps, and a
+                // vector's first growth would make room for four.
+                if self.0.len() < 4 {
+                    self.0.reserve_exact(1);
+                }
                 self.0.insert(at, (id, step));
                 None
             }
