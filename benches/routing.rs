@@ -586,7 +586,7 @@ async fn main() {
             None => "half the router's rate",
         };
         println!(
-            "latency at {which} ({half:.0} events/s for {seconds}s each), event sent → first work item received, this process's clock, a fresh broker per run:"
+            "latency at {which} ({half:.0} events/s for {seconds}s each), event sent → first work item received, this process's clock, {where_}:"
         );
         for round in 1..=2 {
             for carrier in [Carrier::Passthrough, Carrier::Router] {
