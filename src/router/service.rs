@@ -1276,7 +1276,6 @@ impl Router {
 
     /// Once a second: the gauges, and the timers that fell due.
     async fn tick(&mut self) -> Result<()> {
-        self.drain().await?;
         let active = self.partitions.values().map(|p| p.tasks.len() as i64).sum();
         self.metrics.inflight_tasks.set(active);
         for card in self.engine.cards.iter().filter(|c| c.breaker.is_some()) {
@@ -1291,9 +1290,20 @@ impl Router {
                 .with_label_values(&[&card.name])
                 .set(open as i64);
         }
-        let pending = self.fire_due().await?;
+        // Waiting for what is in flight stops the reading meanwhile: only a timer or a snapshot
+        // that is due needs it (each tick's wait was the router's latency tail).
+        let now = now_ms();
+        let timers_due = self.timers.values().any(|index| index.any_due(now));
+        let partitions = &self.partitions;
+        let open = |p| partitions.get(&p).map_or(0, |s| s.tasks.len());
+        let snapshot_due = self.store.is_some() && self.schedule.any_due(Instant::now(), open);
+        if timers_due || snapshot_due {
+            self.drain().await?;
+            self.fire_due().await?;
+            self.take_snapshots();
+        }
+        let pending: usize = self.timers.values().map(TimerIndex::pending).sum();
         self.metrics.timers_pending.set(pending as i64);
-        self.take_snapshots();
         Ok(())
     }
 
@@ -1357,16 +1367,13 @@ impl Router {
     /// Fires the timers of the owned partitions that are due now. Each firing is recorded (the
     /// firing is an input, not a side effect) and decided like any other event; a firing whose
     /// write is lost is fired again after a restore, since its task is still active then.
-    /// Returns how many timers the partitions held before the firings.
-    async fn fire_due(&mut self) -> Result<usize> {
-        let mut pending = 0;
+    async fn fire_due(&mut self) -> Result<()> {
         let mut out = Decided::default();
         let owned: Vec<i32> = self.partitions.keys().copied().collect();
         for p in owned {
             let Some(index) = self.timers.get(&p) else {
                 continue;
             };
-            pending += index.pending();
             let ids = index.due(now_ms());
             let followed: HashMap<String, Option<String>> = ids
                 .iter()
@@ -1410,7 +1417,7 @@ impl Router {
             // An aborted transaction takes the firings back; they fall due again next tick.
             self.write(out, None).await?;
         }
-        Ok(pending)
+        Ok(())
     }
 
     /// The per-event step of owned partition `p`, stamping records with the time now.

@@ -441,6 +441,11 @@ impl TimerIndex {
             .collect()
     }
 
+    /// Whether a timer is due at `now`.
+    pub fn any_due(&self, now: i64) -> bool {
+        self.by_due.first().is_some_and(|(due, _)| *due <= now)
+    }
+
     /// Timers the partition holds, due or not.
     pub fn pending(&self) -> usize {
         self.pending

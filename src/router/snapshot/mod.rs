@@ -306,6 +306,23 @@ pub struct Schedule {
     partitions: HashMap<i32, Clock>,
 }
 
+/// Whether partition `p`'s snapshot is due at `now`: by records (at least as many as it holds
+/// open tasks) or by time, and none is being written.
+fn is_due(
+    config: &SnapshotConfig,
+    clock: &Clock,
+    p: i32,
+    now: Instant,
+    open: impl Fn(i32) -> usize,
+) -> bool {
+    let by_count =
+        config.every_records > 0 && clock.records >= config.every_records.max(open(p) as u64);
+    let by_time = !config.interval.is_zero()
+        && clock.records > 0
+        && now.duration_since(clock.last) >= config.interval;
+    clock.busy.is_none() && (by_count || by_time)
+}
+
 /// One partition's snapshot clock.
 #[derive(Debug)]
 struct Clock {
@@ -409,6 +426,13 @@ impl Schedule {
         }
     }
 
+    /// Whether a snapshot is due at `now` ([`Schedule::due`] without marking it).
+    pub fn any_due(&self, now: Instant, open: impl Fn(i32) -> usize) -> bool {
+        self.config.enabled()
+            && (self.partitions.iter())
+                .any(|(p, clock)| is_due(&self.config, clock, *p, now, &open))
+    }
+
     /// The snapshots due at `now`, marked busy until [`Schedule::done`]. `open(p)` is how many
     /// tasks partition `p` holds: a snapshot costs about that much, so one by count waits for at
     /// least as many records (a restore would read them instead).
@@ -418,12 +442,7 @@ impl Schedule {
         }
         let mut due = Vec::new();
         for (p, clock) in &mut self.partitions {
-            let by_count = self.config.every_records > 0
-                && clock.records >= self.config.every_records.max(open(*p) as u64);
-            let by_time = !self.config.interval.is_zero()
-                && clock.records > 0
-                && now.duration_since(clock.last) >= self.config.interval;
-            if clock.busy.is_some() || !(by_count || by_time) {
+            if !is_due(&self.config, clock, *p, now, &open) {
                 continue;
             }
             let gapless = clock.own_since_verified == (clock.written - clock.verified) as u64;
