@@ -52,18 +52,23 @@ fn config(bootstrap: &str, prefix: &str) -> KafkaConfig {
     }
 }
 
+/// `count` SUBMITTED events of tasks `<prefix>-<i>`, encoded: (task id, JSON).
+fn submissions(prefix: &str, count: usize) -> Vec<(String, Vec<u8>)> {
+    (0..count)
+        .map(|i| {
+            let mut e = TaskEvent::new(format!("{prefix}-{i}"), EventKind::Submitted, "bench");
+            e.payload = serde_json::json!({ "customer_message": "where is my order? it should have arrived by now" });
+            (e.task_id.clone(), serde_json::to_vec(&e).unwrap())
+        })
+        .collect()
+}
+
 async fn prepare(kafka: &KafkaConfig, workflow: &Workflow, events: usize) -> usize {
     let specs = TopicSpecs::load(Path::new("topics/switchyard.yaml")).unwrap();
     topics::apply(kafka, &specs, &workflow.cards).await.unwrap();
     let producer = kafka.producer().unwrap();
     let topic = kafka.topics().tasks();
-    let payloads: Vec<(String, Vec<u8>)> = (0..events)
-        .map(|i| {
-            let mut e = TaskEvent::new(format!("bench-{i}"), EventKind::Submitted, "bench");
-            e.payload = serde_json::json!({ "customer_message": "where is my order? it should have arrived by now" });
-            (e.task_id.clone(), serde_json::to_vec(&e).unwrap())
-        })
-        .collect();
+    let payloads = submissions("bench", events);
     let size = payloads.first().map_or(0, |p| p.1.len());
     for chunk in payloads.chunks(5_000) {
         let sends = chunk.iter().map(|(k, p)| {
@@ -397,13 +402,7 @@ async fn latency(
         warm += usize::from(m.key().is_some_and(|k| k.starts_with(b"warm-")));
     }
     // The events are encoded before the clock starts; the sender only hands them over.
-    let events: Vec<(String, Vec<u8>)> = (0..count)
-        .map(|i| {
-            let mut e = TaskEvent::new(format!("lat-{i}"), EventKind::Submitted, "bench");
-            e.payload = serde_json::json!({ "customer_message": "where is my order? it should have arrived by now" });
-            (e.task_id.clone(), serde_json::to_vec(&e).unwrap())
-        })
-        .collect();
+    let events = submissions("lat", count);
     let sent = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     let started = Instant::now();
     let sender = {

@@ -19,21 +19,26 @@ type IterMut<'a> =
     std::iter::Map<std::slice::IterMut<'a, Pair>, fn(&mut Pair) -> (&u32, &mut StepState)>;
 
 impl Steps {
+    /// Where step `id` is, or where it would go.
+    fn find(&self, id: u32) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&id, |(k, _)| *k)
+    }
+
     /// Step `id`.
     pub fn get(&self, id: &u32) -> Option<&StepState> {
-        let at = self.0.binary_search_by_key(id, |(k, _)| *k).ok()?;
+        let at = self.find(*id).ok()?;
         Some(&self.0[at].1)
     }
 
     /// Step `id`, to change.
     pub fn get_mut(&mut self, id: &u32) -> Option<&mut StepState> {
-        let at = self.0.binary_search_by_key(id, |(k, _)| *k).ok()?;
+        let at = self.find(*id).ok()?;
         Some(&mut self.0[at].1)
     }
 
     /// Sets step `id`; returns the step it replaced.
     pub fn insert(&mut self, id: u32, step: StepState) -> Option<StepState> {
-        match self.0.binary_search_by_key(&id, |(k, _)| *k) {
+        match self.find(id) {
             Ok(at) => Some(std::mem::replace(&mut self.0[at].1, step)),
             Err(at) => {
                 // One place at a time while few: most tasks end with one or two steps, and a

@@ -1294,9 +1294,10 @@ impl Router {
         // that is due needs it (each tick's wait was the router's latency tail).
         let now = now_ms();
         let timers_due = self.timers.values().any(|index| index.any_due(now));
-        let partitions = &self.partitions;
-        let open = |p| partitions.get(&p).map_or(0, |s| s.tasks.len());
-        let snapshot_due = self.store.is_some() && self.schedule.any_due(Instant::now(), open);
+        let snapshot_due = self.store.is_some()
+            && self
+                .schedule
+                .any_due(Instant::now(), open_tasks(&self.partitions));
         if timers_due || snapshot_due {
             self.drain().await?;
             self.fire_due().await?;
@@ -1314,8 +1315,7 @@ impl Router {
         let Some(store) = self.store.as_ref().filter(|_| self.pipeline.is_empty()) else {
             return;
         };
-        let partitions = &self.partitions;
-        let open = |p| partitions.get(&p).map_or(0, |s| s.tasks.len());
+        let open = open_tasks(&self.partitions);
         for due in self.schedule.due(Instant::now(), open) {
             let Some(state) = self.partitions.get(&due.partition) else {
                 continue;
@@ -1752,6 +1752,11 @@ fn count_decision(metrics: &RouterMetrics, record: &StateEvent) {
             .with_label_values(&[name, "router", ""])
             .inc(),
     }
+}
+
+/// How many open tasks each partition holds: what a snapshot of it costs.
+fn open_tasks(partitions: &HashMap<i32, PartitionState>) -> impl Fn(i32) -> usize + '_ {
+    |p| partitions.get(&p).map_or(0, |s| s.tasks.len())
 }
 
 /// A task's submission as the router knows it, for the dead letter of a task a timer ended.
