@@ -225,7 +225,10 @@ pub async fn follow(
         let Ok(message) = tokio::time::timeout(timeout, consumer.recv()).await else {
             return Ok(false);
         };
-        let message = message?;
+        let message = match message {
+            Err(e) if crate::kafka::is_transient(&e) => continue,
+            message => message?,
+        };
         let Some(record) = message
             .payload()
             .and_then(|b| serde_json::from_slice::<StateEvent>(b).ok())

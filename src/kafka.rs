@@ -245,12 +245,7 @@ pub fn read_topic(
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
         consumer.assign(&tpl)?;
         loop {
-            let Some(message) = consumer.poll(Duration::from_secs(10)) else {
-                return Err(Error::Kafka(KafkaError::MessageConsumption(
-                    rdkafka::types::RDKafkaErrorCode::RequestTimedOut,
-                )));
-            };
-            let message = message?;
+            let message = next_record(&consumer, Duration::from_secs(10))?;
             use rdkafka::Message;
             let offset = message.offset();
             on(&message);
@@ -299,16 +294,42 @@ pub fn read_at(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
     consumer.assign(&tpl)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < deadline {
-        if let Some(message) = consumer.poll(Duration::from_millis(500)) {
-            let message = message?;
-            return Ok((message.offset() == offset).then(|| message.detach()));
+    let message = next_record(&consumer, Duration::from_secs(10))?;
+    Ok((message.offset() == offset).then(|| message.detach()))
+}
+
+/// Whether `e` is a connection error librdkafka reports to a consumer and recovers from by itself
+/// (a broker connection dropped, all of them for a moment, a name that did not resolve): a reader
+/// logs it and keeps polling rather than failing.
+pub fn is_transient(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::{AllBrokersDown, BrokerTransportFailure, Resolve};
+    matches!(
+        e,
+        KafkaError::MessageConsumption(AllBrokersDown | BrokerTransportFailure | Resolve)
+    )
+}
+
+/// The next record `consumer` delivers within `timeout`, waiting through transient connection
+/// errors ([`is_transient`]); other errors, and no record in time (`RequestTimedOut`), are errors.
+pub fn next_record(
+    consumer: &BaseConsumer,
+    timeout: Duration,
+) -> std::result::Result<rdkafka::message::BorrowedMessage<'_>, KafkaError> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match consumer.poll(left) {
+            Some(Err(e)) if is_transient(&e) && !left.is_zero() => {
+                tracing::warn!(error = %e, "reading: a broker connection failed; retrying");
+            }
+            Some(message) => return message,
+            None => {
+                return Err(KafkaError::MessageConsumption(
+                    rdkafka::types::RDKafkaErrorCode::RequestTimedOut,
+                ))
+            }
         }
     }
-    Err(Error::Kafka(KafkaError::MessageConsumption(
-        rdkafka::types::RDKafkaErrorCode::RequestTimedOut,
-    )))
 }
 
 /// The sum of the high watermarks of `topic`'s partitions (its records written so far, when it
@@ -454,6 +475,17 @@ pub fn murmur2(data: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readers_wait_through_lost_connections_but_not_through_other_errors() {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        let consuming = KafkaError::MessageConsumption;
+        assert!(is_transient(&consuming(Code::AllBrokersDown)));
+        assert!(is_transient(&consuming(Code::BrokerTransportFailure)));
+        assert!(!is_transient(&consuming(Code::UnknownTopicOrPartition)));
+        assert!(!is_transient(&consuming(Code::OffsetOutOfRange)));
+        assert!(!is_transient(&KafkaError::PartitionEOF(0)));
+    }
 
     #[test]
     fn murmur2_matches_the_java_client() {

@@ -1148,13 +1148,19 @@ impl Router {
         reader.assign(&tpl)?;
         let (mut read, mut fenced) = (0u64, 0u64);
         loop {
-            let message = tokio::time::timeout(Duration::from_secs(30), reader.recv())
+            let message = match tokio::time::timeout(Duration::from_secs(30), reader.recv())
                 .await
                 .map_err(|_| {
                     restore_err(format!(
                         "no record at or before offset {epoch} arrived within 30s"
                     ))
-                })??;
+                })? {
+                Err(e) if kafka::is_transient(&e) => {
+                    tracing::warn!(partition = p, error = %e, "restoring: a broker connection failed; retrying");
+                    continue;
+                }
+                message => message?,
+            };
             let offset = message.offset();
             let Some(bytes) = message.payload() else {
                 continue;

@@ -6,7 +6,6 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::{Due, Ended, Gathered, Header, Skipped, Snapshot};
@@ -276,10 +275,7 @@ fn read_range(
     reader.assign(&tpl)?;
     let mut read = 0;
     loop {
-        let Some(message) = reader.poll(READ_TIMEOUT) else {
-            return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::RequestTimedOut).into());
-        };
-        let message = match message {
+        let message = match kafka::next_record(reader, READ_TIMEOUT) {
             Err(KafkaError::PartitionEOF(_)) => return Ok(read),
             other => other?,
         };
