@@ -12,8 +12,12 @@
 //! bare forwarder, alternated twice: p50, p99, max, and each split at the work item's timestamp.
 //! Run with `scripts/bench-routing`.
 //!
-//! `BENCH_MODE=effectively-once` (default) starts a fresh nisshi for each run on `BENCH_PORT`
-//! (default 19092) through `scripts/start-broker`, or uses `SWITCHYARD_TEST_BOOTSTRAP` when set.
+//! `BENCH_MODE=effectively-once` (default) starts a fresh nisshi for each throughput run on
+//! `BENCH_PORT` (default 19092) through `scripts/start-broker`, and a fresh crabka for each latency
+//! run (`BENCH_LATENCY_BROKER=crabka`, the default, port `BENCH_PORT` or 19392; `nisshi` runs them
+//! on nisshi, where even the bare forwarder's p99 is tens of ms), or uses
+//! `SWITCHYARD_TEST_BOOTSTRAP` for every run when set. The latency runs alternate
+//! [`LATENCY_ROUNDS`] times and print the median p99s.
 //! `BENCH_MODE=exactly-once` starts a fresh transactional broker (crabka, `scripts/start-txn-broker`)
 //! for each run on `BENCH_PORT` (default 19392), or uses `SWITCHYARD_TXN_BOOTSTRAP`, and adds to
 //! the two runs the router in exactly-once mode at commit intervals of 10, 100 and 1,000 ms, with
@@ -42,6 +46,9 @@ mod router;
 
 /// Throughput runs of each kind.
 const ROUNDS: usize = 3;
+
+/// Latency runs through each carrier.
+const LATENCY_ROUNDS: usize = 3;
 
 fn config(bootstrap: &str, prefix: &str) -> KafkaConfig {
     let bootstrap = bootstrap.to_string();
@@ -255,7 +262,11 @@ impl Fresh {
             .stdout(std::process::Stdio::null())
             .status()
             .unwrap();
-        assert!(status.success(), "scripts/{name} failed");
+        assert!(
+            status.success(),
+            "scripts/{name} failed (a crabka's controller always takes 127.0.0.1:9093: stop \
+             another one with scripts/stop-txn-broker)"
+        );
     }
 
     /// Stops the previous broker and starts a new one; returns its address.
@@ -271,6 +282,61 @@ impl Fresh {
 impl Drop for Fresh {
     fn drop(&mut self) {
         self.script("stop");
+    }
+}
+
+/// Where runs find their broker: a fresh one per run ([`Fresh`]), or the one the caller names in
+/// `variable`, shared by every run.
+struct Brokers {
+    fresh: Option<Fresh>,
+    shared: String,
+    variable: &'static str,
+    kind: &'static str,
+}
+
+impl Brokers {
+    /// `kind` (`broker`: nisshi, `txn-broker`: crabka) fresh on `BENCH_PORT` or `default_port`,
+    /// unless `variable` names a shared one (else `default_bootstrap`).
+    fn new(
+        kind: &'static str,
+        variable: &'static str,
+        default_bootstrap: &str,
+        default_port: &str,
+    ) -> Self {
+        Self {
+            fresh: Fresh::new(kind, variable, default_port),
+            shared: std::env::var(variable).unwrap_or_else(|_| default_bootstrap.into()),
+            variable,
+            kind,
+        }
+    }
+
+    /// The broker for the next run (a fresh one restarted), once it answers; `probe` names the
+    /// probe's topic prefix.
+    fn next(&self, probe: &str) -> String {
+        let bootstrap = self
+            .fresh
+            .as_ref()
+            .map_or_else(|| self.shared.clone(), Fresh::restart);
+        config(&bootstrap, probe)
+            .wait_for_broker(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}: start the broker with scripts/start-{}", self.kind));
+        bootstrap
+    }
+
+    /// Which broker the runs use, for the report.
+    fn describe(&self) -> String {
+        let name = match self.kind {
+            "txn-broker" => "crabka",
+            _ => "nisshi",
+        };
+        match &self.fresh {
+            Some(f) => format!("a fresh {name} per run on 127.0.0.1:{}", f.port),
+            None => format!(
+                "the broker at {} ({}), shared by every run",
+                self.shared, self.variable
+            ),
+        }
     }
 }
 
@@ -305,7 +371,8 @@ struct Latencies {
 }
 
 impl Latencies {
-    fn line(mut self, carrier: Carrier) -> String {
+    /// The run's report line, and its p99 end to end.
+    fn line(mut self, carrier: Carrier) -> (String, f64) {
         let q = |v: &mut Vec<f64>| {
             v.sort_by(|a, b| a.total_cmp(b));
             let at = |q: f64| v[((v.len() - 1) as f64 * q) as usize];
@@ -314,12 +381,13 @@ impl Latencies {
         let (p50, p99, max) = q(&mut self.total);
         let (produced50, produced99, _) = q(&mut self.produced);
         let (received50, received99, _) = q(&mut self.received);
-        format!(
+        let line = format!(
             "  {:<12} p50 {p50:>6.1} ms, p99 {p99:>7.1} ms, max {max:>7.1} ms   \
              (send → produced p50 {produced50:.0} / p99 {produced99:.0} ms, \
              produced → received p50 {received50:.0} / p99 {received99:.0} ms)",
             carrier.name()
-        )
+        );
+        (line, p99)
     }
 }
 
@@ -511,23 +579,9 @@ async fn main() {
             }
         }
     }
-    let fresh = Fresh::new(kind, variable, default_port);
-    let shared = std::env::var(variable).unwrap_or_else(|_| default_bootstrap.into());
-    let broker = |round: &str| -> String {
-        let bootstrap = fresh
-            .as_ref()
-            .map_or_else(|| shared.clone(), Fresh::restart);
-        let probe = config(&bootstrap, &format!("bench-probe-{run_id}-{round}"));
-        probe
-            .wait_for_broker(Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("{e}: start the broker with scripts/start-{kind}"));
-        bootstrap
-    };
-    let where_ = match &fresh {
-        Some(f) => format!("a fresh {kind} per run on 127.0.0.1:{}", f.port),
-        None => format!("the broker at {shared} ({variable}), shared by every run"),
-    };
-    println!("{events} SUBMITTED events per run, {where_}");
+    let brokers = Brokers::new(kind, variable, default_bootstrap, default_port);
+    let broker = |round: &str| brokers.next(&format!("bench-probe-{run_id}-{round}"));
+    println!("{events} SUBMITTED events per run, {}", brokers.describe());
     let mut rates = vec![Vec::new(); runs.len()];
     for round in 1..=ROUNDS {
         let mut line = format!("round {round}:");
@@ -571,6 +625,7 @@ async fn main() {
         }
         println!("  {:<32} {rate:>10.0} events/s   {ratios}", run.name());
     }
+    drop(brokers);
     if mode == ConsistencyMode::EffectivelyOnce {
         let seconds: f64 = std::env::var("BENCH_LATENCY_SECONDS")
             .ok()
@@ -584,16 +639,40 @@ async fn main() {
             Some(_) => "BENCH_LATENCY_RATE",
             None => "half the router's rate",
         };
+        // nisshi re-reads a fetch's partitions on each poll round: even the bare forwarder's p99
+        // is tens of ms there, so the latency runs default to crabka.
+        let brokers = match std::env::var("BENCH_LATENCY_BROKER").as_deref() {
+            Ok("nisshi") => Brokers::new(kind, variable, default_bootstrap, default_port),
+            Ok("crabka") | Err(_) => {
+                Brokers::new("txn-broker", variable, default_bootstrap, "19392")
+            }
+            Ok(other) => panic!("BENCH_LATENCY_BROKER is `{other}`; use crabka or nisshi"),
+        };
         println!(
-            "latency at {which} ({half:.0} events/s for {seconds}s each), event sent → first work item received, this process's clock, {where_}:"
+            "latency at {which} ({half:.0} events/s for {seconds}s each), event sent → first work item received, this process's clock, {}:",
+            brokers.describe()
         );
-        for round in 1..=2 {
-            for carrier in [Carrier::Passthrough, Carrier::Router] {
+        let mut p99s = [Vec::new(), Vec::new()];
+        for round in 1..=LATENCY_ROUNDS {
+            for (i, carrier) in [Carrier::Passthrough, Carrier::Router]
+                .into_iter()
+                .enumerate()
+            {
                 let name = format!("latency-{round}-{}", carrier.name());
-                let kafka = config(&broker(&name), &format!("bench-{name}-{run_id}"));
+                let kafka = config(
+                    &brokers.next(&format!("bench-probe-{name}-{run_id}")),
+                    &format!("bench-{name}-{run_id}"),
+                );
                 let samples = latency(&kafka, &workflow, carrier, half, seconds).await;
-                println!("{}", samples.line(carrier));
+                let (line, p99) = samples.line(carrier);
+                println!("{line}");
+                p99s[i].push(p99);
             }
         }
+        println!(
+            "median p99 of {LATENCY_ROUNDS}: passthrough {:.1} ms, router {:.1} ms (goal: router < 20 ms)",
+            median(&p99s[0]),
+            median(&p99s[1])
+        );
     }
 }
