@@ -358,7 +358,7 @@ mod tests {
         );
         let output = serde_json::json!({ "out": "ü", "z": {"y": 1} });
         let next = step(2, "b");
-        let mut after = state.tasks["t"].clone();
+        let mut after = state.tasks["t"].as_ref().clone();
         after.outputs.insert("a".into(), output.clone());
         let item = super::super::engine::work_item(&after, &next, i32::MAX);
         let bound = work_item_len(Some(&state.tasks["t"]), None, Some(("a", &output)), &next);

@@ -10,6 +10,8 @@
 //! position. Position commits are asynchronous; a lost one only makes the new owner re-send
 //! more, never less.
 
+use std::sync::Arc;
+
 use crate::commit::ConsistencyMode;
 use crate::envelope::Step;
 use crate::state::{PartitionState, TaskState};
@@ -25,7 +27,7 @@ pub fn missing(
         return Vec::new();
     }
     let mut out = Vec::new();
-    for task in state.tasks.values().map(Box::as_ref) {
+    for task in state.tasks.values().map(Arc::as_ref) {
         for step in task.pending() {
             let sent_by = task.steps.get(&step.step_id).and_then(|s| s.sent_by);
             let delivered = sent_by

@@ -720,7 +720,7 @@ impl Router {
                     index.refresh(
                         &self.engine,
                         &task_id,
-                        state.tasks.get(&task_id).map(Box::as_ref),
+                        state.tasks.get(&task_id).map(Arc::as_ref),
                     );
                 }
             }
@@ -1392,7 +1392,7 @@ impl Router {
             let due = partition.due_among(&ids);
             for (task_id, firing) in due {
                 partition.trace = followed.get(&task_id).cloned().flatten();
-                let task = partition.state.tasks.get(&task_id).map(Box::as_ref);
+                let task = partition.state.tasks.get(&task_id).map(Arc::as_ref);
                 let submission = task.map(submission);
                 let card = task
                     .zip(firing.step_id)
@@ -1493,7 +1493,7 @@ impl Router {
             index.refresh(
                 &self.engine,
                 &record.task_id,
-                state.tasks.get(&record.task_id).map(Box::as_ref),
+                state.tasks.get(&record.task_id).map(Arc::as_ref),
             );
         }
         if let Some(undo) = undo {

@@ -479,7 +479,28 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::{EventKind, TaskEvent};
+    use crate::router::testkit::{Run, RULES};
     use crate::state::PartitionState;
+
+    #[test]
+    fn a_snapshot_copy_shares_its_tasks_and_keeps_them_as_they_were() {
+        let mut run = Run::new(RULES, &["a", "b", "c", "h"]);
+        run.send(TaskEvent::new("t1", EventKind::Submitted, "client"));
+        let copy = run.state.clone();
+        assert!(
+            std::sync::Arc::ptr_eq(&copy.tasks["t1"], &run.state.tasks["t1"]),
+            "copying a partition copies pointers to its tasks, not the tasks"
+        );
+        let before = copy.tasks["t1"].as_ref().clone();
+        let answer = run.answer(EventKind::Result, 1, 1, None);
+        run.send(answer);
+        assert_ne!(
+            *run.state.tasks["t1"], before,
+            "the answer changed the task"
+        );
+        assert_eq!(*copy.tasks["t1"], before, "the copy kept it as it was");
+    }
 
     fn state() -> PartitionState {
         PartitionState {
