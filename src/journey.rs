@@ -222,13 +222,10 @@ pub async fn follow(
     tpl.add_partition_offset(&topic, partition, Offset::Beginning)?;
     consumer.assign(&tpl)?;
     loop {
-        let Ok(message) = tokio::time::timeout(timeout, consumer.recv()).await else {
+        let Some(message) = kafka::recv_within(&consumer, timeout).await else {
             return Ok(false);
         };
-        let message = match message {
-            Err(e) if crate::kafka::is_transient(&e) => continue,
-            message => message?,
-        };
+        let message = message?;
         let Some(record) = message
             .payload()
             .and_then(|b| serde_json::from_slice::<StateEvent>(b).ok())

@@ -301,7 +301,7 @@ pub fn read_at(
 /// Whether `e` is a connection error librdkafka reports to a consumer and recovers from by itself
 /// (a broker connection dropped, all of them for a moment, a name that did not resolve): a reader
 /// logs it and keeps polling rather than failing.
-pub fn is_transient(e: &KafkaError) -> bool {
+fn is_transient(e: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode::{AllBrokersDown, BrokerTransportFailure, Resolve};
     matches!(
         e,
@@ -328,6 +328,24 @@ pub fn next_record(
                     rdkafka::types::RDKafkaErrorCode::RequestTimedOut,
                 ))
             }
+        }
+    }
+}
+
+/// The next record `consumer` delivers within `timeout`, or `None` when none came, waiting
+/// through transient connection errors ([`is_transient`]) as [`next_record`] does.
+pub async fn recv_within(
+    consumer: &rdkafka::consumer::StreamConsumer,
+    timeout: Duration,
+) -> Option<std::result::Result<rdkafka::message::BorrowedMessage<'_>, KafkaError>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Err(e)) if is_transient(&e) => {
+                tracing::warn!(error = %e, "reading: a broker connection failed; retrying");
+            }
+            Ok(message) => return Some(message),
+            Err(_) => return None,
         }
     }
 }

@@ -1148,19 +1148,13 @@ impl Router {
         reader.assign(&tpl)?;
         let (mut read, mut fenced) = (0u64, 0u64);
         loop {
-            let message = match tokio::time::timeout(Duration::from_secs(30), reader.recv())
+            let message = kafka::recv_within(&reader, Duration::from_secs(30))
                 .await
-                .map_err(|_| {
+                .ok_or_else(|| {
                     restore_err(format!(
                         "no record at or before offset {epoch} arrived within 30s"
                     ))
-                })? {
-                Err(e) if kafka::is_transient(&e) => {
-                    tracing::warn!(partition = p, error = %e, "restoring: a broker connection failed; retrying");
-                    continue;
-                }
-                message => message?,
-            };
+                })??;
             let offset = message.offset();
             let Some(bytes) = message.payload() else {
                 continue;
