@@ -9,15 +9,15 @@
 //! single run on a fresh nisshi is now and then a third of the others). Then (c) the latency from
 //! a task event's send to the arrival of its first work item at a consumer, both on this process's
 //! clock, at half the router's median rate, through the router and, as the baseline, through a
-//! bare forwarder, alternated twice: p50, p99, max, and each split at the work item's timestamp.
+//! bare forwarder, alternated [`LATENCY_ROUNDS`] times: p50, p99, max, each split at the work
+//! item's timestamp, and the median p99s.
 //! Run with `scripts/bench-routing`.
 //!
 //! `BENCH_MODE=effectively-once` (default) starts a fresh nisshi for each throughput run on
 //! `BENCH_PORT` (default 19092) through `scripts/start-broker`, and a fresh crabka for each latency
 //! run (`BENCH_LATENCY_BROKER=crabka`, the default, port `BENCH_PORT` or 19392; `nisshi` runs them
 //! on nisshi, where even the bare forwarder's p99 is tens of ms), or uses
-//! `SWITCHYARD_TEST_BOOTSTRAP` for every run when set. The latency runs alternate
-//! [`LATENCY_ROUNDS`] times and print the median p99s.
+//! `SWITCHYARD_TEST_BOOTSTRAP` for every run when set.
 //! `BENCH_MODE=exactly-once` starts a fresh transactional broker (crabka, `scripts/start-txn-broker`)
 //! for each run on `BENCH_PORT` (default 19392), or uses `SWITCHYARD_TXN_BOOTSTRAP`, and adds to
 //! the two runs the router in exactly-once mode at commit intervals of 10, 100 and 1,000 ms, with
@@ -229,22 +229,64 @@ impl Done {
     }
 }
 
+/// A broker the project's scripts install and start.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// nisshi (`scripts/start-broker`).
+    Nisshi,
+    /// The transactional crabka (`scripts/start-txn-broker`).
+    Crabka,
+}
+
+impl Kind {
+    /// The scripts' suffix: `scripts/start-<suffix>`.
+    fn scripts(self) -> &'static str {
+        match self {
+            Kind::Nisshi => "broker",
+            Kind::Crabka => "txn-broker",
+        }
+    }
+
+    /// Its name, for the report.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Nisshi => "nisshi",
+            Kind::Crabka => "crabka",
+        }
+    }
+
+    /// Where the scripts start it for the tests.
+    fn default_bootstrap(self) -> &'static str {
+        match self {
+            Kind::Nisshi => "127.0.0.1:9092",
+            Kind::Crabka => "127.0.0.1:9392",
+        }
+    }
+
+    /// The port of a fresh one per run, unless `BENCH_PORT` says.
+    fn fresh_port(self) -> &'static str {
+        match self {
+            Kind::Nisshi => "19092",
+            Kind::Crabka => "19392",
+        }
+    }
+}
+
 /// The broker each run starts afresh through the project's scripts, on `BENCH_PORT`, with its
 /// own `SWITCHYARD_HOME`, the previous one stopped: nisshi, or the transactional crabka.
 /// `None` when the caller names a broker of theirs (then every run shares it).
 struct Fresh {
     home: tempfile::TempDir,
     port: String,
-    /// `broker` or `txn-broker`: the scripts' suffix.
-    kind: &'static str,
+    kind: Kind,
 }
 
 impl Fresh {
-    fn new(kind: &'static str, shared_variable: &str, default_port: &str) -> Option<Self> {
+    fn new(kind: Kind, shared_variable: &str) -> Option<Self> {
         if std::env::var(shared_variable).is_ok() {
             return None;
         }
-        let port = std::env::var("BENCH_PORT").unwrap_or_else(|_| default_port.into());
+        let port = std::env::var("BENCH_PORT").unwrap_or_else(|_| kind.fresh_port().into());
         Some(Self {
             home: tempfile::tempdir().unwrap(),
             port,
@@ -253,7 +295,7 @@ impl Fresh {
     }
 
     fn script(&self, verb: &str) {
-        let name = format!("{verb}-{}", self.kind);
+        let name = format!("{verb}-{}", self.kind.scripts());
         let status = std::process::Command::new(format!("scripts/{name}"))
             .env("SWITCHYARD_HOME", self.home.path())
             .env("SWITCHYARD_BROKER_PORT", &self.port)
@@ -262,11 +304,11 @@ impl Fresh {
             .stdout(std::process::Stdio::null())
             .status()
             .unwrap();
-        assert!(
-            status.success(),
-            "scripts/{name} failed (a crabka's controller always takes 127.0.0.1:9093: stop \
-             another one with scripts/stop-txn-broker)"
-        );
+        let hint = match self.kind {
+            Kind::Crabka => " (a crabka's controller always takes 127.0.0.1:9093: stop another one with scripts/stop-txn-broker)",
+            Kind::Nisshi => "",
+        };
+        assert!(status.success(), "scripts/{name} failed{hint}");
     }
 
     /// Stops the previous broker and starts a new one; returns its address.
@@ -291,21 +333,15 @@ struct Brokers {
     fresh: Option<Fresh>,
     shared: String,
     variable: &'static str,
-    kind: &'static str,
+    kind: Kind,
 }
 
 impl Brokers {
-    /// `kind` (`broker`: nisshi, `txn-broker`: crabka) fresh on `BENCH_PORT` or `default_port`,
-    /// unless `variable` names a shared one (else `default_bootstrap`).
-    fn new(
-        kind: &'static str,
-        variable: &'static str,
-        default_bootstrap: &str,
-        default_port: &str,
-    ) -> Self {
+    /// A fresh `kind` per run, unless `variable` names a shared broker.
+    fn new(kind: Kind, variable: &'static str) -> Self {
         Self {
-            fresh: Fresh::new(kind, variable, default_port),
-            shared: std::env::var(variable).unwrap_or_else(|_| default_bootstrap.into()),
+            fresh: Fresh::new(kind, variable),
+            shared: std::env::var(variable).unwrap_or_else(|_| kind.default_bootstrap().into()),
             variable,
             kind,
         }
@@ -320,16 +356,18 @@ impl Brokers {
             .map_or_else(|| self.shared.clone(), Fresh::restart);
         config(&bootstrap, probe)
             .wait_for_broker(Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("{e}: start the broker with scripts/start-{}", self.kind));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e}: start the broker with scripts/start-{}",
+                    self.kind.scripts()
+                )
+            });
         bootstrap
     }
 
     /// Which broker the runs use, for the report.
     fn describe(&self) -> String {
-        let name = match self.kind {
-            "txn-broker" => "crabka",
-            _ => "nisshi",
-        };
+        let name = self.kind.name();
         match &self.fresh {
             Some(f) => format!("a fresh {name} per run on 127.0.0.1:{}", f.port),
             None => format!(
@@ -556,19 +594,9 @@ async fn main() {
     .unwrap();
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let effectively = Run::Router(ConsistencyMode::EffectivelyOnce, Duration::ZERO);
-    let (kind, variable, default_bootstrap, default_port) = match mode {
-        ConsistencyMode::EffectivelyOnce => (
-            "broker",
-            "SWITCHYARD_TEST_BOOTSTRAP",
-            "127.0.0.1:9092",
-            "19092",
-        ),
-        ConsistencyMode::ExactlyOnce => (
-            "txn-broker",
-            "SWITCHYARD_TXN_BOOTSTRAP",
-            "127.0.0.1:9392",
-            "19392",
-        ),
+    let (kind, variable) = match mode {
+        ConsistencyMode::EffectivelyOnce => (Kind::Nisshi, "SWITCHYARD_TEST_BOOTSTRAP"),
+        ConsistencyMode::ExactlyOnce => (Kind::Crabka, "SWITCHYARD_TXN_BOOTSTRAP"),
     };
     let mut runs = vec![Run::Passthrough, effectively];
     match mode {
@@ -579,7 +607,7 @@ async fn main() {
             }
         }
     }
-    let brokers = Brokers::new(kind, variable, default_bootstrap, default_port);
+    let brokers = Brokers::new(kind, variable);
     let broker = |round: &str| brokers.next(&format!("bench-probe-{run_id}-{round}"));
     println!("{events} SUBMITTED events per run, {}", brokers.describe());
     let mut rates = vec![Vec::new(); runs.len()];
@@ -642,10 +670,8 @@ async fn main() {
         // nisshi re-reads a fetch's partitions on each poll round: even the bare forwarder's p99
         // is tens of ms there, so the latency runs default to crabka.
         let brokers = match std::env::var("BENCH_LATENCY_BROKER").as_deref() {
-            Ok("nisshi") => Brokers::new(kind, variable, default_bootstrap, default_port),
-            Ok("crabka") | Err(_) => {
-                Brokers::new("txn-broker", variable, default_bootstrap, "19392")
-            }
+            Ok("nisshi") => Brokers::new(Kind::Nisshi, variable),
+            Ok("crabka") | Err(_) => Brokers::new(Kind::Crabka, variable),
             Ok(other) => panic!("BENCH_LATENCY_BROKER is `{other}`; use crabka or nisshi"),
         };
         println!(
