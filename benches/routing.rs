@@ -1,16 +1,19 @@
 //! Routing throughput, in one invocation:
-//! (a) a bare rdkafka consume→produce passthrough over the same records, the baseline, and
-//! (b) the router deciding with the example rule table (a state event and two work items per
-//! event), and in effectively-once mode with a one-rule table too (a state event and one work item
-//! per event, `benches/fixtures/one-work-item.yaml`). Rates are measured from the first record
-//! handled to the last one acknowledged; the router's start-up is printed apart. Each run starts
-//! from a fresh broker (a long-lived nisshi slows down as topics accumulate); the runs alternate,
-//! [`ROUNDS`] times each; prints events/s, the medians and their ratios (the median, because a
-//! single run on a fresh nisshi is now and then a third of the others). Then (c) the latency from
-//! a task event's send to the arrival of its first work item at a consumer, both on this process's
-//! clock, at half the router's median rate, through the router and, as the baseline, through a
-//! bare forwarder, alternated [`LATENCY_ROUNDS`] times: p50, p99, max, each split at the work
-//! item's timestamp, and the median p99s.
+//! (a) a bare rdkafka consume→produce passthrough over the same records, the baseline, and (b) the
+//! router deciding with the example rule table (a state event and two work items per event), and in
+//! effectively-once mode with a one-rule table too (a state event and one work item per event,
+//! `benches/fixtures/one-work-item.yaml`), and (c) the router's records alone: the same records per
+//! event (a state record, acknowledged, then one or two work items) written by a bare forwarder
+//! that decides nothing, what the broker and the client charge for the records themselves, the most
+//! any router writing them could reach. Rates are measured from the first record handled to the
+//! last one acknowledged; the router's start-up is printed apart. Each run starts from a fresh
+//! broker (a long-lived nisshi slows down as topics accumulate); the runs alternate, [`ROUNDS`]
+//! times each; prints events/s, the medians and their ratios (the median, because a single run on a
+//! fresh nisshi is now and then a third of the others). Then (d) the latency from a task event's
+//! send to the arrival of its first work item at a consumer, both on this process's clock, at half
+//! the router's median rate, through the router and, as baselines, through a bare forwarder and
+//! through the forwarder of the router's records (state first), alternated [`LATENCY_ROUNDS`]
+//! times: p50, p99, max, each split at the work item's timestamp, and the median p99s.
 //! Run with `scripts/bench-routing`.
 //!
 //! `BENCH_MODE=effectively-once` (default) starts a fresh nisshi for each throughput run on
@@ -29,7 +32,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::FutureRecord;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use switchyard::envelope::{EventKind, TaskEvent};
 use switchyard::kafka::KafkaConfig;
 use switchyard::metrics::RouterMetrics;
@@ -102,16 +105,19 @@ fn assign_from_start(consumer: &StreamConsumer, kafka: &KafkaConfig, topic: &str
     consumer.assign(&tpl).unwrap();
 }
 
-async fn passthrough(kafka: &KafkaConfig, events: usize) -> f64 {
+/// A consumer of the whole tasks topic from its start, in group `<prefix>.<name>`, with the
+/// router's consumer defaults, so that it waits for fetches as the router does.
+fn tasks_reader(kafka: &KafkaConfig, name: &str) -> StreamConsumer {
     let mut client = kafka.client_config();
-    client
-        .set("group.id", format!("{}.passthrough", kafka.topic_prefix))
-        .set("auto.offset.reset", "earliest");
-    // The router's consumer defaults, so that both wait for fetches alike.
+    client.set("group.id", format!("{}.{name}", kafka.topic_prefix));
     switchyard::kafka::service_consumer_defaults(&mut client);
     let consumer: StreamConsumer = client.create().unwrap();
-    let tasks = kafka.topics().tasks();
-    assign_from_start(&consumer, kafka, &tasks);
+    assign_from_start(&consumer, kafka, &kafka.topics().tasks());
+    consumer
+}
+
+async fn passthrough(kafka: &KafkaConfig, events: usize) -> f64 {
+    let consumer = tasks_reader(kafka, "passthrough");
     let producer = kafka.producer().unwrap();
     let out = kafka.topics().dlq();
     let mut started = None;
@@ -133,6 +139,73 @@ async fn passthrough(kafka: &KafkaConfig, events: usize) -> f64 {
                 .map_err(|(e, _)| e)
                 .unwrap();
         }));
+    }
+    join_all(pending).await;
+    events as f64 / started.unwrap().elapsed().as_secs_f64()
+}
+
+/// The sizes of the router's records for these events on the example table (read back from a
+/// run's topics): its state record and each work item.
+const STATE_BYTES: usize = 835;
+const WORK_BYTES: usize = 233;
+
+/// The router's writes for an event without its decision: a [`STATE_BYTES`] record to the state
+/// topic and, once it is acknowledged, up to two [`WORK_BYTES`] work items to the example
+/// table's first agents (the state-first order of effectively-once).
+#[derive(Clone)]
+struct Records {
+    producer: FutureProducer,
+    state: String,
+    agents: [String; 2],
+}
+
+impl Records {
+    fn new(kafka: &KafkaConfig) -> Self {
+        Self {
+            producer: kafka.producer().unwrap(),
+            state: kafka.topics().state(),
+            agents: ["sentiment_analyzer", "intent_classifier"]
+                .map(|card| format!("{}.agent.{card}", kafka.topic_prefix)),
+        }
+    }
+
+    /// Writes `works` work items keyed `key` after the state record; waits for their
+    /// acknowledgements when `acked`.
+    async fn write(self, key: Vec<u8>, works: usize, acked: bool) {
+        let timeout = Duration::from_secs(30);
+        let state = FutureRecord::to(&self.state)
+            .key(&key)
+            .payload(&[b's'; STATE_BYTES]);
+        let sent = self.producer.send(state, timeout).await;
+        sent.map_err(|(e, _)| e).unwrap();
+        let sends = self.agents[..works].iter().map(|topic| {
+            let work = FutureRecord::to(topic)
+                .key(&key)
+                .payload(&[b'w'; WORK_BYTES]);
+            self.producer.send_result(work).map_err(|(e, _)| e).unwrap()
+        });
+        let deliveries: Vec<_> = sends.collect();
+        if acked {
+            for delivery in join_all(deliveries).await {
+                delivery.unwrap().map_err(|(e, _)| e).unwrap();
+            }
+        }
+    }
+}
+
+/// The router's records for each event without its decisions ([`Records`]), acknowledged: what
+/// the broker and the client charge for the records alone, the most a router that writes them
+/// could reach.
+async fn records_alone(kafka: &KafkaConfig, events: usize, works: usize) -> f64 {
+    let consumer = tasks_reader(kafka, "records");
+    let records = Records::new(kafka);
+    let mut started = None;
+    let mut pending = Vec::new();
+    for _ in 0..events {
+        let m = consumer.recv().await.unwrap();
+        started.get_or_insert_with(Instant::now);
+        let key = m.key().unwrap_or_default().to_vec();
+        pending.push(tokio::spawn(records.clone().write(key, works, true)));
     }
     join_all(pending).await;
     events as f64 / started.unwrap().elapsed().as_secs_f64()
@@ -384,6 +457,10 @@ enum Carrier {
     /// A bare consume→produce forwarder (the tasks topic to the agent's): what the broker and
     /// the clients cost without the router, the baseline.
     Passthrough,
+    /// The router's records without its decisions: a state record, acknowledged, then the
+    /// work items (the example table's two), as [`records_alone`] writes them: the floor that
+    /// the state-first order sets.
+    Records,
     /// The router, effectively-once, on the example rule table.
     Router,
 }
@@ -392,6 +469,7 @@ impl Carrier {
     fn name(self) -> &'static str {
         match self {
             Carrier::Passthrough => "passthrough",
+            Carrier::Records => "records",
             Carrier::Router => "router",
         }
     }
@@ -434,25 +512,41 @@ fn epoch_ms() -> f64 {
     now.unwrap().as_secs_f64() * 1000.0
 }
 
-/// Forwards every record of the tasks topic to `to` until `stop` turns true.
-async fn forward(kafka: KafkaConfig, to: String, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut client = kafka.client_config();
-    client.set("group.id", format!("{}.forward", kafka.topic_prefix));
-    switchyard::kafka::service_consumer_defaults(&mut client);
-    let consumer: StreamConsumer = client.create().unwrap();
-    let tasks = kafka.topics().tasks();
-    assign_from_start(&consumer, &kafka, &tasks);
-    let producer = kafka.producer().unwrap();
+/// Forwards every record of the tasks topic to `to` until `stop` turns true; with `state_first`,
+/// writes the router's records for it instead ([`Records`], two work items, the first to `to`).
+/// Deliveries of what reaches `to` are not awaited: the consumer at the other end sees it arrive.
+async fn forward(
+    kafka: KafkaConfig,
+    to: String,
+    state_first: bool,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let consumer = tasks_reader(&kafka, "forward");
+    let records = Records::new(&kafka);
+    assert_eq!(
+        records.agents[0], to,
+        "the records' first work item goes to `to`"
+    );
     loop {
         let m = tokio::select! {
             _ = stop.changed() => return,
             m = consumer.recv() => m.unwrap(),
         };
+        let key = m.key().unwrap_or_default();
+        if state_first {
+            tokio::spawn(records.clone().write(key.to_vec(), 2, false));
+            continue;
+        }
         let record = FutureRecord::to(&to)
-            .key(m.key().unwrap_or_default())
+            .key(key)
             .payload(m.payload().unwrap_or_default());
-        // The delivery is not awaited: the consumer at the other end sees it arrive.
-        drop(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        drop(
+            records
+                .producer
+                .send_result(record)
+                .map_err(|(e, _)| e)
+                .unwrap(),
+        );
     }
 }
 
@@ -473,8 +567,9 @@ async fn latency(
             router.restored().await;
             Some(router)
         }
-        Carrier::Passthrough => {
-            tokio::spawn(forward(kafka.clone(), inbox.clone(), stopped));
+        Carrier::Passthrough | Carrier::Records => {
+            let state_first = matches!(carrier, Carrier::Records);
+            tokio::spawn(forward(kafka.clone(), inbox.clone(), state_first, stopped));
             None
         }
     };
@@ -563,6 +658,9 @@ enum Run {
     /// The router effectively-once on a one-rule table: a state event and one work item per
     /// event (`benches/fixtures/one-work-item.yaml`).
     OneItem,
+    /// The records a router run writes per event (a state record, then this many work items),
+    /// written without deciding: [`records_alone`].
+    Records(usize),
 }
 
 impl Run {
@@ -572,6 +670,16 @@ impl Run {
             Run::Router(ConsistencyMode::EffectivelyOnce, _) => "router effectively-once".into(),
             Run::Router(mode, interval) => format!("router {mode} {}ms", interval.as_millis()),
             Run::OneItem => "router effectively-once, 1 item".into(),
+            Run::Records(works) => format!("its records alone, 1 + {works}"),
+        }
+    }
+
+    /// The work items per event of an effectively-once router run.
+    fn writes(self) -> Option<usize> {
+        match self {
+            Run::Router(ConsistencyMode::EffectivelyOnce, _) => Some(2),
+            Run::OneItem => Some(1),
+            _ => None,
         }
     }
 }
@@ -600,7 +708,9 @@ async fn main() {
     };
     let mut runs = vec![Run::Passthrough, effectively];
     match mode {
-        ConsistencyMode::EffectivelyOnce => runs.push(Run::OneItem),
+        ConsistencyMode::EffectivelyOnce => {
+            runs.extend([Run::OneItem, Run::Records(2), Run::Records(1)])
+        }
         ConsistencyMode::ExactlyOnce => {
             for ms in [10, 100, 1000] {
                 runs.push(Run::Router(mode, Duration::from_millis(ms)));
@@ -620,13 +730,16 @@ async fn main() {
             );
             let size = prepare(&kafka, &workflow, events).await;
             let routed = match *run {
-                Run::Passthrough => None,
+                Run::Passthrough | Run::Records(_) => None,
                 Run::Router(mode, interval) => Some((&workflow, mode, interval)),
                 Run::OneItem => Some((&one_item, ConsistencyMode::EffectivelyOnce, Duration::ZERO)),
             };
-            let (rate, startup) = match routed {
-                None => (passthrough(&kafka, events).await, String::new()),
-                Some((table, mode, interval)) => {
+            let (rate, startup) = match (routed, *run) {
+                (None, Run::Records(works)) => {
+                    (records_alone(&kafka, events, works).await, String::new())
+                }
+                (None, _) => (passthrough(&kafka, events).await, String::new()),
+                (Some((table, mode, interval)), _) => {
                     let (startup, rate) = route(&kafka, table, events, mode, interval).await;
                     (rate, format!(", start-up {startup:.2}s"))
                 }
@@ -650,6 +763,15 @@ async fn main() {
         let mut ratios = format!("{:.2} of the passthrough", rate / medians[0]);
         if let Run::Router(ConsistencyMode::ExactlyOnce, _) = run {
             ratios.push_str(&format!(", {:.2} of effectively-once", rate / medians[1]));
+        }
+        let alone = run.writes().and_then(|works| {
+            let i = runs
+                .iter()
+                .position(|r| matches!(r, Run::Records(w) if *w == works))?;
+            Some(rate / medians[i])
+        });
+        if let Some(alone) = alone {
+            ratios.push_str(&format!(", {alone:.2} of its records alone"));
         }
         println!("  {:<32} {rate:>10.0} events/s   {ratios}", run.name());
     }
@@ -678,12 +800,10 @@ async fn main() {
             "latency at {which} ({half:.0} events/s for {seconds}s each), event sent → first work item received, this process's clock, {}:",
             brokers.describe()
         );
-        let mut p99s = [Vec::new(), Vec::new()];
+        let carriers = [Carrier::Passthrough, Carrier::Records, Carrier::Router];
+        let mut p99s = [Vec::new(), Vec::new(), Vec::new()];
         for round in 1..=LATENCY_ROUNDS {
-            for (i, carrier) in [Carrier::Passthrough, Carrier::Router]
-                .into_iter()
-                .enumerate()
-            {
+            for (i, carrier) in carriers.into_iter().enumerate() {
                 let name = format!("latency-{round}-{}", carrier.name());
                 let kafka = config(
                     &brokers.next(&format!("bench-probe-{name}-{run_id}")),
@@ -696,9 +816,10 @@ async fn main() {
             }
         }
         println!(
-            "median p99 of {LATENCY_ROUNDS}: passthrough {:.1} ms, router {:.1} ms (goal: router < 20 ms)",
+            "median p99 of {LATENCY_ROUNDS}: passthrough {:.1} ms, records {:.1} ms, router {:.1} ms (goal: router < 20 ms)",
             median(&p99s[0]),
-            median(&p99s[1])
+            median(&p99s[1]),
+            median(&p99s[2])
         );
     }
 }
