@@ -686,6 +686,13 @@ impl Run {
 
 #[tokio::main]
 async fn main() {
+    // The binary's subscriber (log lines to stderr, spans for their trace context), so that the
+    // router is measured as it ships; without librdkafka's lines, since on crabka it logs a
+    // harmless protocol error for each fetch of an empty partition (thousands per second).
+    let tracing = switchyard::trace::Tracing::init("bench", None).unwrap();
+    tracing.install(tracing_subscriber::EnvFilter::new(
+        "info,librdkafka=off,rdkafka=off",
+    ));
     let events: usize = std::env::var("BENCH_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -1,9 +1,7 @@
 //! The `switchyard` binary: a thin shell over the library.
 
 use clap::Parser;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::EnvFilter;
 
 /// mimalloc rather than glibc's allocator: the router allocates and frees per record, and
 /// `scripts/bench-routing` measured 71.0k / 71.4k events/s with glibc against 81.1k / 74.5k with
@@ -23,14 +21,7 @@ async fn main() {
     };
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(cli.default_log_filter()));
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_filter(filter),
-        )
-        .with(tracing.layer())
-        .init();
+    tracing.install(filter);
     let result = cli.run().await;
     // The exporter's HTTP client blocks: export what is left off the runtime's threads.
     let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;

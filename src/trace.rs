@@ -18,10 +18,19 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::{filter_fn, FilterExt};
+use tracing_subscriber::layer::{Filter, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 /// The header that carries the W3C trace parent.
 pub const TRACEPARENT: &str = "traceparent";
+
+/// The name of the span each router decision is made in. One is built per event and none is
+/// ever entered, so no log line falls inside one: [`Tracing::install`] keeps them out of the log
+/// layer, which would otherwise format their fields for nothing on every event.
+pub const DECISION_SPAN: &str = "decide";
 
 /// The header that carries the W3C trace state.
 pub const TRACESTATE: &str = "tracestate";
@@ -88,6 +97,19 @@ impl Tracing {
             .with_filter(only_ours)
     }
 
+    /// Installs this process's subscriber: log lines to stderr through `filter` (without the
+    /// decision spans, [`DECISION_SPAN`]), and the spans of this crate through [`Tracing::layer`].
+    pub fn install(&self, filter: EnvFilter) {
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(logged(filter)),
+            )
+            .with(self.layer())
+            .init();
+    }
+
     /// Exports what is left and stops.
     pub fn shutdown(self) {
         if let Err(e) = self.provider.shutdown() {
@@ -96,6 +118,16 @@ impl Tracing {
             }
         }
     }
+}
+
+/// What the log layer sees: what `filter` lets through, but the decision spans.
+fn logged<S>(filter: EnvFilter) -> impl Filter<S>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+{
+    filter.and(filter_fn(|meta| {
+        !(meta.is_span() && meta.name() == DECISION_SPAN && meta.target().starts_with("switchyard"))
+    }))
 }
 
 /// `span`'s context as W3C headers (`traceparent`, and `tracestate` when not empty).
@@ -182,6 +214,26 @@ mod tests {
         let tracing = Tracing::init("test", None).unwrap();
         assert!(!tracing.exporting());
         tracing.shutdown();
+    }
+
+    #[test]
+    fn the_log_layer_builds_no_decision_span_but_the_others() {
+        let logs = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::sink)
+            .with_filter(logged(EnvFilter::new("info")));
+        let subscriber = tracing_subscriber::registry().with(logs);
+        tracing::subscriber::with_default(subscriber, || {
+            let decision = tracing::info_span!(DECISION_SPAN, task_id = "t-1");
+            assert!(
+                decision.is_disabled(),
+                "decision spans are left out of the logs"
+            );
+            let step = tracing::info_span!("agent_step", task_id = "t-1");
+            assert!(
+                !step.is_disabled(),
+                "other spans give log lines their context"
+            );
+        });
     }
 
     #[test]

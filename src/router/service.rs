@@ -1445,7 +1445,7 @@ impl Router {
             .as_deref()
             .map(trace::context_of)?;
         let consistency = self.config.consistency.to_string();
-        let span = tracing::info_span!("decide", task_id, cause, consistency);
+        let span = tracing::info_span!(trace::DECISION_SPAN, task_id, cause, consistency);
         trace::continue_in(&span, parent);
         trace::traceparent(&span)
     }
@@ -1640,7 +1640,7 @@ impl Router {
             };
             let consistency = self.config.consistency.to_string();
             let span = tracing::info_span!(
-                "decide",
+                trace::DECISION_SPAN,
                 task_id = tracing::field::Empty,
                 kind = tracing::field::Empty,
                 decision = tracing::field::Empty,
