@@ -310,7 +310,8 @@ fn is_transient(e: &KafkaError) -> bool {
 }
 
 /// The next record `consumer` delivers within `timeout`, waiting through transient connection
-/// errors ([`is_transient`]); other errors, and no record in time (`RequestTimedOut`), are errors.
+/// errors (a lost connection, an unresolved or unreachable broker); other errors, and no record
+/// in time (`RequestTimedOut`), are errors.
 pub fn next_record(
     consumer: &BaseConsumer,
     timeout: Duration,
@@ -333,7 +334,7 @@ pub fn next_record(
 }
 
 /// The next record `consumer` delivers within `timeout`, or `None` when none came, waiting
-/// through transient connection errors ([`is_transient`]) as [`next_record`] does.
+/// through transient connection errors as [`next_record`] does.
 pub async fn recv_within(
     consumer: &rdkafka::consumer::StreamConsumer,
     timeout: Duration,

@@ -27,13 +27,13 @@ use tracing_subscriber::{EnvFilter, Layer};
 /// The header that carries the W3C trace parent.
 pub const TRACEPARENT: &str = "traceparent";
 
+/// The header that carries the W3C trace state.
+pub const TRACESTATE: &str = "tracestate";
+
 /// The name of the span each router decision is made in. One is built per event and none is
 /// ever entered, so no log line falls inside one: [`Tracing::install`] keeps them out of the log
 /// layer, which would otherwise format their fields for nothing on every event.
 pub const DECISION_SPAN: &str = "decide";
-
-/// The header that carries the W3C trace state.
-pub const TRACESTATE: &str = "tracestate";
 
 /// This process's tracer provider; [`Tracing::shutdown`] exports what is left.
 pub struct Tracing {
@@ -84,7 +84,7 @@ impl Tracing {
     }
 
     /// The `tracing` layer that turns this crate's spans into OpenTelemetry spans.
-    pub fn layer<S>(&self) -> impl tracing_subscriber::Layer<S>
+    fn layer<S>(&self) -> impl tracing_subscriber::Layer<S>
     where
         S: tracing::Subscriber + for<'a> LookupSpan<'a>,
     {
@@ -98,7 +98,7 @@ impl Tracing {
     }
 
     /// Installs this process's subscriber: log lines to stderr through `filter` (without the
-    /// decision spans, [`DECISION_SPAN`]), and the spans of this crate through [`Tracing::layer`].
+    /// decision spans, [`DECISION_SPAN`]), and the spans of this crate as OpenTelemetry spans.
     pub fn install(&self, filter: EnvFilter) {
         tracing_subscriber::registry()
             .with(
