@@ -6,7 +6,10 @@
 //! event (a state record, acknowledged, then one or two work items) written by a bare forwarder
 //! that decides nothing, what the broker and the client charge for the records themselves, the most
 //! any router writing them could reach. Rates are measured from the first record handled to the
-//! last one acknowledged; the router's start-up is printed apart. Each run starts from a fresh
+//! last one acknowledged (every writer's first write is made and acknowledged before, see
+//! [`warm`]); the router's start-up is printed apart. Each run also prints this process's CPU
+//! time per event (all threads, the broker's not counted), which the machine's noise moves much
+//! less than the rates: the figure to compare when changing what the router does per event. Each run starts from a fresh
 //! broker (a long-lived nisshi slows down as topics accumulate); the runs alternate, [`ROUNDS`]
 //! times each; prints events/s, the medians and their ratios (the median, because a single run on a
 //! fresh nisshi is now and then a third of the others). Then (d) the latency from a task event's
@@ -116,15 +119,16 @@ fn tasks_reader(kafka: &KafkaConfig, name: &str) -> StreamConsumer {
     consumer
 }
 
-async fn passthrough(kafka: &KafkaConfig, events: usize) -> f64 {
+async fn passthrough(kafka: &KafkaConfig, events: usize) -> Measured {
     let consumer = tasks_reader(kafka, "passthrough");
     let producer = kafka.producer().unwrap();
     let out = kafka.topics().dlq();
+    warm(&producer, [&out]).await;
     let mut started = None;
     let mut pending = Vec::new();
     for _ in 0..events {
         let m = consumer.recv().await.unwrap().detach();
-        started.get_or_insert_with(Instant::now);
+        started.get_or_insert_with(Measure::start);
         let key = m.key().unwrap_or_default().to_vec();
         let payload = m.payload().unwrap_or_default().to_vec();
         let producer = producer.clone();
@@ -141,7 +145,65 @@ async fn passthrough(kafka: &KafkaConfig, events: usize) -> f64 {
         }));
     }
     join_all(pending).await;
-    events as f64 / started.unwrap().elapsed().as_secs_f64()
+    started.unwrap().end(events)
+}
+
+/// Sends one record to each of `topics` and waits for it: a fresh producer's first write
+/// otherwise now and then waits about a second (its producer id, the topic's metadata), which a
+/// run of 100,000 records would count.
+async fn warm<'a>(producer: &FutureProducer, topics: impl IntoIterator<Item = &'a String>) {
+    for topic in topics {
+        let record = FutureRecord::to(topic).key("warm").payload("warm");
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+/// This process's CPU time so far, all threads, user and system (`/proc/self/stat`), seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // After the command (in parentheses) come the state (field 3) ... utime (14), stime (15),
+    // in clock ticks of 1/100 s.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+/// A run being measured from its first record on: the wall clock and this process's CPU time.
+struct Measure {
+    wall: Instant,
+    cpu: f64,
+}
+
+impl Measure {
+    fn start() -> Self {
+        Self {
+            wall: Instant::now(),
+            cpu: cpu_seconds(),
+        }
+    }
+
+    /// The run's measure, `events` handled since the start.
+    fn end(&self, events: usize) -> Measured {
+        Measured {
+            rate: events as f64 / self.wall.elapsed().as_secs_f64(),
+            cpu_us: (cpu_seconds() - self.cpu) * 1e6 / events as f64,
+        }
+    }
+}
+
+/// A run's throughput and what it cost this process.
+#[derive(Clone, Copy)]
+struct Measured {
+    /// Events per second.
+    rate: f64,
+    /// Microseconds of this process's CPU time per event (the broker's not counted): the
+    /// router's (or the baseline's) own cost, which the machine's noise moves much less than the
+    /// rate.
+    cpu_us: f64,
 }
 
 /// The sizes of the router's records for these events on the example table (read back from a
@@ -196,29 +258,34 @@ impl Records {
 /// The router's records for each event without its decisions ([`Records`]), acknowledged: what
 /// the broker and the client charge for the records alone, the most a router that writes them
 /// could reach.
-async fn records_alone(kafka: &KafkaConfig, events: usize, works: usize) -> f64 {
+async fn records_alone(kafka: &KafkaConfig, events: usize, works: usize) -> Measured {
     let consumer = tasks_reader(kafka, "records");
     let records = Records::new(kafka);
+    warm(
+        &records.producer,
+        [&records.state].into_iter().chain(&records.agents),
+    )
+    .await;
     let mut started = None;
     let mut pending = Vec::new();
     for _ in 0..events {
         let m = consumer.recv().await.unwrap();
-        started.get_or_insert_with(Instant::now);
+        started.get_or_insert_with(Measure::start);
         let key = m.key().unwrap_or_default().to_vec();
         pending.push(tokio::spawn(records.clone().write(key, works, true)));
     }
     join_all(pending).await;
-    events as f64 / started.unwrap().elapsed().as_secs_f64()
+    started.unwrap().end(events)
 }
 
-/// Returns (start-up seconds until the first event is decided, events/s from then on).
+/// Returns (start-up seconds until the first event is decided, the run from then on).
 async fn route(
     kafka: &KafkaConfig,
     workflow: &Workflow,
     events: usize,
     mode: ConsistencyMode,
     commit_interval: Duration,
-) -> (f64, f64) {
+) -> (f64, Measured) {
     let metrics = RouterMetrics::new().unwrap();
     let spawned = Instant::now();
     let mut config = RouterConfig::new(kafka.clone());
@@ -234,16 +301,16 @@ async fn route(
     while decided() == 0 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let started = Instant::now();
+    let started = Measure::start();
     let startup = spawned.elapsed().as_secs_f64();
     let done = Done::new(kafka, mode, &group);
     while !done.all(events) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let rate = events as f64 / started.elapsed().as_secs_f64();
+    let measured = started.end(events);
     let _ = stop.send(true);
     handle.await.unwrap().unwrap();
-    (startup, rate)
+    (startup, measured)
 }
 
 /// When a router run is over. Effectively-once: its state events and work items are
@@ -728,6 +795,7 @@ async fn main() {
     let broker = |round: &str| brokers.next(&format!("bench-probe-{run_id}-{round}"));
     println!("{events} SUBMITTED events per run, {}", brokers.describe());
     let mut rates = vec![Vec::new(); runs.len()];
+    let mut cpus = vec![Vec::new(); runs.len()];
     for round in 1..=ROUNDS {
         let mut line = format!("round {round}:");
         for (i, run) in runs.iter().enumerate() {
@@ -741,21 +809,23 @@ async fn main() {
                 Run::Router(mode, interval) => Some((&workflow, mode, interval)),
                 Run::OneItem => Some((&one_item, ConsistencyMode::EffectivelyOnce, Duration::ZERO)),
             };
-            let (rate, startup) = match (routed, *run) {
+            let (measured, startup) = match (routed, *run) {
                 (None, Run::Records(works)) => {
                     (records_alone(&kafka, events, works).await, String::new())
                 }
                 (None, _) => (passthrough(&kafka, events).await, String::new()),
                 (Some((table, mode, interval)), _) => {
-                    let (startup, rate) = route(&kafka, table, events, mode, interval).await;
-                    (rate, format!(", start-up {startup:.2}s"))
+                    let (startup, measured) = route(&kafka, table, events, mode, interval).await;
+                    (measured, format!(", start-up {startup:.2}s"))
                 }
             };
+            let Measured { rate, cpu_us } = measured;
             line.push_str(&format!(
-                "\n  {:<32} {rate:>8.0} events/s ({size}-byte events{startup})",
+                "\n  {:<32} {rate:>8.0} events/s {cpu_us:>6.1} µs CPU/event ({size}-byte events{startup})",
                 run.name()
             ));
             rates[i].push(rate);
+            cpus[i].push(cpu_us);
         }
         println!("{line}");
     }
@@ -765,8 +835,8 @@ async fn main() {
         v[v.len() / 2]
     };
     let medians: Vec<f64> = rates.iter().map(|r| median(r)).collect();
-    println!("medians of {ROUNDS} (router: rule decisions, a state event and 2 work items per event unless said):");
-    for (run, rate) in runs.iter().zip(&medians) {
+    println!("medians of {ROUNDS} (router: rule decisions, a state event and 2 work items per event unless said; CPU: this process's, all threads, the broker's not counted):");
+    for ((run, rate), cpu) in runs.iter().zip(&medians).zip(&cpus) {
         let mut ratios = format!("{:.2} of the passthrough", rate / medians[0]);
         if let Run::Router(ConsistencyMode::ExactlyOnce, _) = run {
             ratios.push_str(&format!(", {:.2} of effectively-once", rate / medians[1]));
@@ -780,7 +850,11 @@ async fn main() {
         if let Some(alone) = alone {
             ratios.push_str(&format!(", {alone:.2} of its records alone"));
         }
-        println!("  {:<32} {rate:>10.0} events/s   {ratios}", run.name());
+        println!(
+            "  {:<32} {rate:>10.0} events/s {:>6.1} µs CPU/event   {ratios}",
+            run.name(),
+            median(cpu)
+        );
     }
     drop(brokers);
     if mode == ConsistencyMode::EffectivelyOnce {
