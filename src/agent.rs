@@ -305,11 +305,10 @@ pub async fn run<H: Handler>(
                         step_id = item.step_id,
                         attempt = item.attempt,
                     );
-                    trace::continue_in(&span, parent);
+                    let trace = trace::hop(&span, parent);
                     let result = handler.handle(item.clone()).instrument(span.clone()).await;
                     metrics.handle_seconds.with_label_values(&[&name]).observe(started.elapsed().as_secs_f64());
                     metrics.inflight.dec();
-                    let trace = trace::traceparent(&span);
                     (partition, offset, Some(Outcome { item, result, trace }))
                 });
             }
@@ -328,8 +327,8 @@ pub async fn run<H: Handler>(
 struct Outcome {
     item: WorkItem,
     result: Result<Reply, Failure>,
-    /// The `traceparent` of the step's span, put on the answer.
-    trace: Option<String>,
+    /// The `traceparent` of the step, put on the answer.
+    trace: String,
 }
 
 /// Publishes agents' answers.
@@ -481,18 +480,15 @@ async fn result_record(
     }
     metrics.work_items.with_label_values(&[card, label]).inc();
     let payload = codec.encode_task_event(tasks_topic, &event).await?;
-    let mut headers =
-        secret.map(|s| s.headers(&event.task_id, event.step_id, event.attempt, &payload));
-    if let Some(traceparent) = &trace {
-        headers = Some(trace::add(headers, traceparent));
-    }
+    let signed = secret.map(|s| s.headers(&event.task_id, event.step_id, event.attempt, &payload));
+    let headers = trace::add(signed, &trace);
     let mut record = Outgoing::bytes(
         tasks_topic.to_string(),
         Some(item.reply_partition),
         &item.task_id,
         payload,
     );
-    record.headers = headers;
+    record.headers = Some(headers);
     Ok(record)
 }
 

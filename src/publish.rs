@@ -11,23 +11,23 @@ use crate::error::Result;
 use crate::kafka::{self, KafkaConfig};
 use crate::signing::Secret;
 
-/// Publishes `event`, signed with `secret` when given (see [`crate::signing`]), with the trace
-/// context of `span`; returns once the broker acknowledged it.
+/// Publishes `event`, signed with `secret` when given (see [`crate::signing`]), carrying
+/// `traceparent` (see [`crate::trace::hop`]); returns once the broker acknowledged it.
 pub async fn publish(
     kafka: &KafkaConfig,
     codec: &Codec,
     event: &TaskEvent,
     secret: Option<&Secret>,
-    span: &tracing::Span,
+    traceparent: &str,
 ) -> Result<()> {
     let producer = kafka.producer()?;
     let topic = kafka.topics().tasks();
     let bytes = codec.encode_task_event(&topic, event).await?;
-    let mut record = FutureRecord::to(&topic).key(&event.task_id).payload(&bytes);
     let signed = secret.map(|s| s.headers(&event.task_id, event.step_id, event.attempt, &bytes));
-    if let Some(headers) = crate::trace::inject(span, signed) {
-        record = record.headers(headers);
-    }
+    let record = FutureRecord::to(&topic)
+        .key(&event.task_id)
+        .payload(&bytes)
+        .headers(crate::trace::add(signed, traceparent));
     producer
         .send(record, Duration::from_secs(30))
         .await

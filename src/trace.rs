@@ -2,19 +2,20 @@
 //!
 //! `switchyard submit` starts a trace (or continues one given with `--traceparent`), the router
 //! continues it in a span per decision, agents in a span per work item; each puts its span's
-//! context in the `traceparent` and `tracestate` headers of the records it writes. Spans are
+//! context in the `traceparent` header of the records it writes. Spans are
 //! exported over OTLP/HTTP only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
-//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, or `--otlp-endpoint`) is set; otherwise they are kept
-//! in process for their context alone and nothing connects anywhere.
+//! `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, or `--otlp-endpoint`) is set; otherwise no
+//! OpenTelemetry span is built, each hop carries the trace on with a span id of its own ([`hop`]),
+//! and nothing connects anywhere.
 
 use std::collections::HashMap;
 
-use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TraceFlags, TracerProvider as _};
 use opentelemetry::Context;
 use opentelemetry_otlp::{Protocol, SpanExporter, WithExportConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -26,9 +27,6 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 /// The header that carries the W3C trace parent.
 pub const TRACEPARENT: &str = "traceparent";
-
-/// The header that carries the W3C trace state.
-pub const TRACESTATE: &str = "tracestate";
 
 /// The name of the span each router decision is made in. One is built per event and none is
 /// ever entered, so no log line falls inside one: [`Tracing::install`] keeps them out of the log
@@ -98,7 +96,9 @@ impl Tracing {
     }
 
     /// Installs this process's subscriber: log lines to stderr through `filter` (without the
-    /// decision spans, [`DECISION_SPAN`]), and the spans of this crate as OpenTelemetry spans.
+    /// decision spans, [`DECISION_SPAN`]), and, when spans are exported, the spans of this crate
+    /// as OpenTelemetry spans. Without export no OpenTelemetry span is built: [`hop`] carries the
+    /// trace on by itself, and a decision span is not built at all.
     pub fn install(&self, filter: EnvFilter) {
         tracing_subscriber::registry()
             .with(
@@ -106,7 +106,7 @@ impl Tracing {
                     .with_writer(std::io::stderr)
                     .with_filter(logged(filter)),
             )
-            .with(self.layer())
+            .with(self.exporting.then(|| self.layer()))
             .init();
     }
 
@@ -130,35 +130,30 @@ where
     }))
 }
 
-/// `span`'s context as W3C headers (`traceparent`, and `tracestate` when not empty).
-fn carrier(span: &tracing::Span) -> HashMap<String, String> {
+/// `span`'s `traceparent`, when it is an OpenTelemetry span with a valid context.
+fn traceparent(span: &tracing::Span) -> Option<String> {
     let mut carrier = HashMap::new();
     TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
-    carrier.retain(|_, v| !v.is_empty());
-    carrier
+    carrier.remove(TRACEPARENT).filter(|v| !v.is_empty())
 }
 
-/// `span`'s `traceparent`, when it has a valid context.
-pub fn traceparent(span: &tracing::Span) -> Option<String> {
-    carrier(span).remove(TRACEPARENT)
-}
-
-/// `headers` with `span`'s trace context added.
-pub fn inject(span: &tracing::Span, headers: Option<OwnedHeaders>) -> Option<OwnedHeaders> {
-    let carrier = carrier(span);
-    if carrier.is_empty() {
-        return headers;
+/// Continues `parent` in `span`, the span of one hop (a decision, an agent step, a submission),
+/// and returns the `traceparent` that the records the hop writes carry. When spans are exported
+/// that is the span's own context. Otherwise no OpenTelemetry span is built (the layer is not
+/// installed, see [`Tracing::install`]) and the hop is a new span id in `parent`'s trace, or the
+/// root of a new trace when `parent` is empty: the trace still links every hop of a task.
+pub fn hop(span: &tracing::Span, parent: Context) -> String {
+    let context = parent.span().span_context().clone();
+    continue_in(span, parent);
+    if let Some(own) = traceparent(span) {
+        return own;
     }
-    let mut headers = headers.unwrap_or_default();
-    for key in [TRACEPARENT, TRACESTATE] {
-        if let Some(value) = carrier.get(key) {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
-            });
-        }
-    }
-    Some(headers)
+    let ids = RandomIdGenerator::default();
+    let (trace_id, flags) = match context.is_valid() {
+        true => (context.trace_id(), context.trace_flags()),
+        false => (ids.new_trace_id(), TraceFlags::SAMPLED),
+    };
+    format!("00-{trace_id}-{}-{:02x}", ids.new_span_id(), flags.to_u8())
 }
 
 /// Headers that carry `traceparent`.
@@ -176,17 +171,24 @@ pub fn add(headers: Option<OwnedHeaders>, traceparent: &str) -> OwnedHeaders {
 
 /// The trace context in a record's headers (an empty context when there is none).
 pub fn extract(headers: Option<&impl Headers>) -> Context {
-    let mut carrier = HashMap::new();
-    if let Some(headers) = headers {
-        for h in headers.iter() {
-            if h.key == TRACEPARENT || h.key == TRACESTATE {
-                if let Some(v) = h.value.and_then(|v| std::str::from_utf8(v).ok()) {
-                    carrier.insert(h.key.to_string(), v.to_string());
-                }
-            }
-        }
+    match headers {
+        Some(headers) => TraceContextPropagator::new().extract(&Carried(headers)),
+        None => Context::new(),
     }
-    TraceContextPropagator::new().extract(&carrier)
+}
+
+/// A record's headers as what the propagator reads the trace context from.
+struct Carried<'a, H>(&'a H);
+
+impl<H: Headers> Extractor for Carried<'_, H> {
+    fn get(&self, key: &str) -> Option<&str> {
+        let header = self.0.iter().find(|h| h.key == key)?;
+        std::str::from_utf8(header.value?).ok()
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|h| h.key).collect()
+    }
 }
 
 /// The context a `traceparent` names (an empty context when it is not valid).
@@ -247,5 +249,44 @@ mod tests {
             "0af7651916cd43dd8448eb211c80319c"
         );
         assert!(!context_of("garbage").span().span_context().is_valid());
+    }
+
+    /// The trace id, span id and flags of a `traceparent`.
+    fn parts(traceparent: &str) -> (String, String, String) {
+        let sc = context_of(traceparent).span().span_context().clone();
+        assert!(sc.is_valid(), "`{traceparent}` is a valid traceparent");
+        let flags = format!("{:02x}", sc.trace_flags().to_u8());
+        (sc.trace_id().to_string(), sc.span_id().to_string(), flags)
+    }
+
+    const PARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+
+    #[test]
+    fn without_export_a_hop_continues_the_trace_with_a_span_id_of_its_own() {
+        let span = tracing::info_span!(DECISION_SPAN, task_id = "t-1");
+        assert!(span.is_disabled(), "no subscriber builds the span");
+        let (trace, id, flags) = parts(&hop(&span, context_of(PARENT)));
+        assert_eq!(trace, "0af7651916cd43dd8448eb211c80319c");
+        assert_ne!(id, "b7ad6b7169203331");
+        assert_eq!(flags, "00", "the parent's sampling decision is kept");
+        let (root, _, flags) = parts(&hop(&span, Context::new()));
+        assert_ne!(root, trace, "without a parent the hop starts a trace");
+        assert_eq!(flags, "01");
+        assert_ne!(hop(&span, Context::new()), hop(&span, Context::new()));
+    }
+
+    #[test]
+    fn with_export_a_hop_is_its_opentelemetry_span() {
+        let tracing = Tracing::init("test", None).unwrap();
+        let subscriber = tracing_subscriber::registry().with(tracing.layer());
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(DECISION_SPAN, task_id = "t-1");
+            let own = hop(&span, context_of(PARENT));
+            assert_eq!(traceparent(&span).as_deref(), Some(own.as_str()));
+            let (trace, id, _) = parts(&own);
+            assert_eq!(trace, "0af7651916cd43dd8448eb211c80319c");
+            assert_ne!(id, "b7ad6b7169203331");
+        });
+        tracing.shutdown();
     }
 }

@@ -105,17 +105,17 @@ pub(super) async fn submit(kafka: &KafkaConfig, codec: &Codec, args: SubmitArgs)
         None => None,
     };
     let span = tracing::info_span!("submit", task_id = %task_id, kind = %event.kind.as_str());
-    if let Some(parent) = &args.traceparent {
-        crate::trace::continue_in(&span, crate::trace::context_of(parent));
-    }
-    crate::publish::publish(kafka, codec, &event, secret.as_ref(), &span).await?;
+    let parent = args.traceparent.as_deref().map(crate::trace::context_of);
+    let trace = crate::trace::hop(&span, parent.unwrap_or_default());
+    crate::publish::publish(kafka, codec, &event, secret.as_ref(), &trace).await?;
     Ok(task_id)
 }
 
 /// Publishes a task event to the tasks topic, keyed by its task id.
 pub(super) async fn publish(kafka: &KafkaConfig, codec: &Codec, event: &TaskEvent) -> Result<()> {
     let span = tracing::info_span!("submit", task_id = %event.task_id, kind = %event.kind.as_str());
-    Ok(crate::publish::publish(kafka, codec, event, None, &span).await?)
+    let trace = crate::trace::hop(&span, Default::default());
+    Ok(crate::publish::publish(kafka, codec, event, None, &trace).await?)
 }
 
 /// Prints each record of a task's timeline after `indent`, with the seconds since the first one.

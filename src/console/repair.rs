@@ -231,8 +231,9 @@ pub async fn inbox(
 async fn publish(console: &Console, event: TaskEvent, to: &str, done: &str) -> Response {
     let span =
         tracing::info_span!("console", task_id = %event.task_id, kind = %event.kind.as_str());
+    let trace = crate::trace::hop(&span, Default::default());
     let said =
-        match crate::publish::publish(&console.kafka, &console.codec, &event, None, &span).await {
+        match crate::publish::publish(&console.kafka, &console.codec, &event, None, &trace).await {
             Ok(()) => done.to_string(),
             Err(e) => format!("not published: {e}"),
         };

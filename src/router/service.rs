@@ -1444,10 +1444,13 @@ impl Router {
             .trace
             .as_deref()
             .map(trace::context_of)?;
-        let consistency = self.config.consistency.to_string();
-        let span = tracing::info_span!(trace::DECISION_SPAN, task_id, cause, consistency);
-        trace::continue_in(&span, parent);
-        trace::traceparent(&span)
+        let span = tracing::info_span!(
+            trace::DECISION_SPAN,
+            task_id,
+            cause,
+            consistency = %self.config.consistency
+        );
+        Some(trace::hop(&span, parent))
     }
 
     /// Emits decisions about events read earlier (an LLM answer, queued events): their dead
@@ -1638,7 +1641,6 @@ impl Router {
                 partition: p,
                 offset: message.offset(),
             };
-            let consistency = self.config.consistency.to_string();
             let span = tracing::info_span!(
                 trace::DECISION_SPAN,
                 task_id = tracing::field::Empty,
@@ -1647,13 +1649,13 @@ impl Router {
                 decided_by = tracing::field::Empty,
                 answers_step = tracing::field::Empty,
                 cards = tracing::field::Empty,
-                consistency,
+                consistency = %self.config.consistency,
             );
-            trace::continue_in(&span, trace::extract(message.headers()));
+            let trace = trace::hop(&span, trace::extract(message.headers()));
             let Some(mut partition) = self.partition(p) else {
                 continue;
             };
-            partition.trace = trace::traceparent(&span);
+            partition.trace = Some(trace);
             let step = partition.decide(at, raw, decoded);
             record_decision(&span, &step.record);
             let kind = step
@@ -1675,6 +1677,10 @@ impl Router {
 /// What a decision span says about its decision: the task, the event's kind, the decision, the
 /// rule or LLM that made it, the step it answers and the cards it sends work to.
 fn record_decision(span: &tracing::Span, record: &StateEvent) {
+    // Spans not exported are not built: nothing to describe.
+    if span.is_disabled() {
+        return;
+    }
     span.record("task_id", record.task_id.as_str());
     if let Some(event) = &record.event {
         span.record("kind", event.kind.as_str());
