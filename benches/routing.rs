@@ -7,16 +7,16 @@
 //! that decides nothing, what the broker and the client charge for the records themselves, the most
 //! any router writing them could reach. Rates are measured from the first record handled to the
 //! last one acknowledged (every writer's first write is made and acknowledged before, see
-//! [`warm`]); the router's start-up is printed apart. Each run also prints this process's CPU
-//! time per event (all threads, the broker's not counted), which the machine's noise moves much
-//! less than the rates: the figure to compare when changing what the router does per event. Each run starts from a fresh
-//! broker (a long-lived nisshi slows down as topics accumulate); the runs alternate, [`ROUNDS`]
-//! times each; prints events/s, the medians and their ratios (the median, because a single run on a
-//! fresh nisshi is now and then a third of the others). Then (d) the latency from a task event's
-//! send to the arrival of its first work item at a consumer, both on this process's clock, at half
-//! the router's median rate, through the router and, as baselines, through a bare forwarder and
-//! through the forwarder of the router's records (state first), alternated [`LATENCY_ROUNDS`]
-//! times: p50, p99, max, each split at the work item's timestamp, and the median p99s.
+//! [`warm`]); the router's start-up is printed apart. Each run also prints this process's CPU time
+//! per event (all threads, the broker's not counted): the figure to compare when changing what the
+//! router does per event (a busy machine raises it too, though less than it lowers the rates). Each
+//! run starts from a fresh broker (a long-lived nisshi slows down as topics accumulate); the runs
+//! alternate, [`ROUNDS`] times each; prints events/s, the medians and their ratios (the median: the
+//! machine's load moves single runs). Then (d) the latency from a task event's send to the arrival
+//! of its first work item at a consumer, both on this process's clock, at half the router's median
+//! rate, through the router and, as baselines, through a bare forwarder and through the forwarder
+//! of the router's records (state first), alternated [`LATENCY_ROUNDS`] times: p50, p99, max, each
+//! split at the work item's timestamp, and the median p99s.
 //! Run with `scripts/bench-routing`.
 //!
 //! `BENCH_MODE=effectively-once` (default) starts a fresh nisshi for each throughput run on
@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use switchyard::envelope::{EventKind, TaskEvent};
 use switchyard::kafka::KafkaConfig;
@@ -120,29 +120,40 @@ fn tasks_reader(kafka: &KafkaConfig, name: &str) -> StreamConsumer {
 }
 
 async fn passthrough(kafka: &KafkaConfig, events: usize) -> Measured {
-    let consumer = tasks_reader(kafka, "passthrough");
     let producer = kafka.producer().unwrap();
     let out = kafka.topics().dlq();
     warm(&producer, [&out]).await;
-    let mut started = None;
-    let mut pending = Vec::new();
-    for _ in 0..events {
-        let m = consumer.recv().await.unwrap().detach();
-        started.get_or_insert_with(Measure::start);
+    forwarded(kafka, "passthrough", events, |m| {
+        let (producer, out) = (producer.clone(), out.clone());
         let key = m.key().unwrap_or_default().to_vec();
         let payload = m.payload().unwrap_or_default().to_vec();
-        let producer = producer.clone();
-        let out = out.clone();
-        pending.push(tokio::spawn(async move {
-            producer
-                .send(
-                    FutureRecord::to(&out).key(&key).payload(&payload),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map_err(|(e, _)| e)
-                .unwrap();
-        }));
+        async move {
+            let record = FutureRecord::to(&out).key(&key).payload(&payload);
+            let sent = producer.send(record, Duration::from_secs(30)).await;
+            sent.map_err(|(e, _)| e).unwrap();
+        }
+    })
+    .await
+}
+
+/// Reads `events` records of the tasks topic (as group `<prefix>.<name>`) and spawns what
+/// `handle` makes of each; measured from the first record read until every handling ended.
+async fn forwarded<F>(
+    kafka: &KafkaConfig,
+    name: &str,
+    events: usize,
+    handle: impl Fn(&BorrowedMessage<'_>) -> F,
+) -> Measured
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let consumer = tasks_reader(kafka, name);
+    let mut started = None;
+    let mut pending = Vec::with_capacity(events);
+    for _ in 0..events {
+        let m = consumer.recv().await.unwrap();
+        started.get_or_insert_with(Measure::start);
+        pending.push(tokio::spawn(handle(&m)));
     }
     join_all(pending).await;
     started.unwrap().end(events)
@@ -201,8 +212,7 @@ struct Measured {
     /// Events per second.
     rate: f64,
     /// Microseconds of this process's CPU time per event (the broker's not counted): the
-    /// router's (or the baseline's) own cost, which the machine's noise moves much less than the
-    /// rate.
+    /// router's (or the baseline's) own cost.
     cpu_us: f64,
 }
 
@@ -259,23 +269,14 @@ impl Records {
 /// the broker and the client charge for the records alone, the most a router that writes them
 /// could reach.
 async fn records_alone(kafka: &KafkaConfig, events: usize, works: usize) -> Measured {
-    let consumer = tasks_reader(kafka, "records");
     let records = Records::new(kafka);
-    warm(
-        &records.producer,
-        [&records.state].into_iter().chain(&records.agents),
-    )
-    .await;
-    let mut started = None;
-    let mut pending = Vec::new();
-    for _ in 0..events {
-        let m = consumer.recv().await.unwrap();
-        started.get_or_insert_with(Measure::start);
+    let topics = [&records.state].into_iter().chain(&records.agents);
+    warm(&records.producer, topics).await;
+    forwarded(kafka, "records", events, |m| {
         let key = m.key().unwrap_or_default().to_vec();
-        pending.push(tokio::spawn(records.clone().write(key, works, true)));
-    }
-    join_all(pending).await;
-    started.unwrap().end(events)
+        records.clone().write(key, works, true)
+    })
+    .await
 }
 
 /// Returns (start-up seconds until the first event is decided, the run from then on).
