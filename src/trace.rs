@@ -95,19 +95,25 @@ impl Tracing {
             .with_filter(only_ours)
     }
 
-    /// Installs this process's subscriber: log lines to stderr through `filter` (without the
-    /// decision spans, [`DECISION_SPAN`]), and, when spans are exported, the spans of this crate
-    /// as OpenTelemetry spans. Without export no OpenTelemetry span is built: [`hop`] carries the
-    /// trace on by itself, and a decision span is not built at all.
+    /// Installs this process's subscriber (see [`Tracing::subscriber`]).
     pub fn install(&self, filter: EnvFilter) {
-        tracing_subscriber::registry()
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_filter(logged(filter)),
-            )
-            .with(self.exporting.then(|| self.layer()))
-            .init();
+        self.subscriber(filter).init();
+    }
+
+    /// Log lines to stderr through `filter` (without the decision spans, [`DECISION_SPAN`]),
+    /// and, when spans are exported, the spans of this crate as OpenTelemetry spans. Without
+    /// export no layer wants a decision span, so none is built: [`hop`] carries the trace on by
+    /// itself. (An absent layer is left out rather than added as `None`: tracing-subscriber
+    /// takes a `None` layer for one that wants every span.)
+    fn subscriber(&self, filter: EnvFilter) -> Box<dyn tracing::Subscriber + Send + Sync> {
+        let logs = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(logged(filter));
+        let registry = tracing_subscriber::registry().with(logs);
+        match self.exporting {
+            true => Box::new(registry.with(self.layer())),
+            false => Box::new(registry),
+        }
     }
 
     /// Exports what is left and stops.
@@ -219,16 +225,14 @@ mod tests {
     }
 
     #[test]
-    fn the_log_layer_builds_no_decision_span_but_the_others() {
-        let logs = tracing_subscriber::fmt::layer()
-            .with_writer(std::io::sink)
-            .with_filter(logged(EnvFilter::new("info")));
-        let subscriber = tracing_subscriber::registry().with(logs);
+    fn without_export_the_subscriber_builds_no_decision_span_but_the_others() {
+        let tracing = Tracing::init("test", None).unwrap();
+        let subscriber = tracing.subscriber(EnvFilter::new("info"));
         tracing::subscriber::with_default(subscriber, || {
             let decision = tracing::info_span!(DECISION_SPAN, task_id = "t-1");
             assert!(
                 decision.is_disabled(),
-                "decision spans are left out of the logs"
+                "decision spans are neither logged nor exported"
             );
             let step = tracing::info_span!("agent_step", task_id = "t-1");
             assert!(
@@ -236,6 +240,7 @@ mod tests {
                 "other spans give log lines their context"
             );
         });
+        tracing.shutdown();
     }
 
     #[test]
