@@ -7,6 +7,7 @@
 //! and replay read that record, never the clock.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::engine::{Engine, Outcome};
@@ -398,10 +399,11 @@ rules:
 /// A partition's tasks by when their next timer falls due, so that a tick looks only at the tasks
 /// with a timer due instead of at every task. The router refreshes a task's entry after each
 /// decision about it (and after taking one back); timers depend on the task and the engine only.
+/// Both maps share one copy of each task id.
 #[derive(Debug, Default)]
 pub struct TimerIndex {
-    by_due: BTreeSet<(i64, String)>,
-    tasks: HashMap<String, (i64, usize)>,
+    by_due: BTreeSet<(i64, Arc<str>)>,
+    tasks: HashMap<Arc<str>, (i64, usize), ahash::RandomState>,
     pending: usize,
 }
 
@@ -417,19 +419,31 @@ impl TimerIndex {
 
     /// Files `task_id` again by its next timer (`task`: its state now, `None` when it is gone).
     pub fn refresh(&mut self, engine: &Engine, task_id: &str, task: Option<&TaskState>) {
-        if let Some((due, held)) = self.tasks.remove(task_id) {
-            self.by_due.remove(&(due, task_id.to_string()));
-            self.pending -= held;
+        let next = task.and_then(|task| {
+            let timers = engine.timers(task);
+            let due = timers.iter().map(|f| f.due).min()?;
+            Some((due, timers.len()))
+        });
+        if let (Some(filed), Some((due, held))) = (self.tasks.get_mut(task_id), next) {
+            if filed.0 == due {
+                self.pending = self.pending - filed.1 + held;
+                filed.1 = held;
+                return;
+            }
         }
-        let Some(task) = task else {
+        let mut id = None;
+        if let Some((filed, (due, held))) = self.tasks.remove_entry(task_id) {
+            self.by_due.remove(&(due, filed.clone()));
+            self.pending -= held;
+            id = Some(filed);
+        }
+        let Some((due, held)) = next else {
             return;
         };
-        let timers = engine.timers(task);
-        if let Some(next) = timers.iter().map(|f| f.due).min() {
-            self.by_due.insert((next, task_id.to_string()));
-            self.tasks.insert(task_id.to_string(), (next, timers.len()));
-            self.pending += timers.len();
-        }
+        let id = id.unwrap_or_else(|| Arc::from(task_id));
+        self.by_due.insert((due, id.clone()));
+        self.tasks.insert(id, (due, held));
+        self.pending += held;
     }
 
     /// The tasks with a timer due at `now`.
@@ -437,7 +451,7 @@ impl TimerIndex {
         self.by_due
             .iter()
             .take_while(|(due, _)| *due <= now)
-            .map(|(_, id)| id.clone())
+            .map(|(_, id)| id.to_string())
             .collect()
     }
 
