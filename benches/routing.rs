@@ -583,13 +583,13 @@ fn epoch_ms() -> f64 {
 /// Forwards every record of the tasks topic to `to` until `stop` turns true; with `state_first`,
 /// writes the router's records for it instead ([`Records`], two work items, the first to `to`).
 /// Deliveries of what reaches `to` are not awaited: the consumer at the other end sees it arrive.
-async fn forward(
+async fn relay(
     kafka: KafkaConfig,
     to: String,
     state_first: bool,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let consumer = tasks_reader(&kafka, "forward");
+    let consumer = tasks_reader(&kafka, "relay");
     let records = Records::new(&kafka);
     assert_eq!(
         records.agents[0], to,
@@ -628,7 +628,7 @@ async fn latency(
 ) -> Latencies {
     prepare(kafka, workflow, 0).await;
     let inbox = format!("{}.agent.sentiment_analyzer", kafka.topic_prefix);
-    let (stop_forward, stopped) = tokio::sync::watch::channel(false);
+    let (stop_relay, stopped) = tokio::sync::watch::channel(false);
     let router = match carrier {
         Carrier::Router => {
             let router = router::Running::start(kafka, workflow).await;
@@ -637,7 +637,7 @@ async fn latency(
         }
         Carrier::Passthrough | Carrier::Records => {
             let state_first = matches!(carrier, Carrier::Records);
-            tokio::spawn(forward(kafka.clone(), inbox.clone(), state_first, stopped));
+            tokio::spawn(relay(kafka.clone(), inbox.clone(), state_first, stopped));
             None
         }
     };
@@ -708,7 +708,7 @@ async fn latency(
         }
     }
     drop(sender.await.unwrap());
-    let _ = stop_forward.send(true);
+    let _ = stop_relay.send(true);
     if let Some(router) = router {
         router.stop().await;
     }
@@ -795,8 +795,7 @@ async fn main() {
     let brokers = Brokers::new(kind, variable);
     let broker = |round: &str| brokers.next(&format!("bench-probe-{run_id}-{round}"));
     println!("{events} SUBMITTED events per run, {}", brokers.describe());
-    let mut rates = vec![Vec::new(); runs.len()];
-    let mut cpus = vec![Vec::new(); runs.len()];
+    let mut measures: Vec<Vec<Measured>> = vec![Vec::new(); runs.len()];
     for round in 1..=ROUNDS {
         let mut line = format!("round {round}:");
         for (i, run) in runs.iter().enumerate() {
@@ -821,12 +820,11 @@ async fn main() {
                 }
             };
             let Measured { rate, cpu_us } = measured;
+            measures[i].push(measured);
             line.push_str(&format!(
                 "\n  {:<32} {rate:>8.0} events/s {cpu_us:>6.1} µs CPU/event ({size}-byte events{startup})",
                 run.name()
             ));
-            rates[i].push(rate);
-            cpus[i].push(cpu_us);
         }
         println!("{line}");
     }
@@ -835,9 +833,12 @@ async fn main() {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
-    let medians: Vec<f64> = rates.iter().map(|r| median(r)).collect();
+    let of = |m: &[Measured], field: fn(&Measured) -> f64| {
+        median(&m.iter().map(field).collect::<Vec<_>>())
+    };
+    let medians: Vec<f64> = measures.iter().map(|m| of(m, |m| m.rate)).collect();
     println!("medians of {ROUNDS} (router: rule decisions, a state event and 2 work items per event unless said; CPU: this process's, all threads, the broker's not counted):");
-    for ((run, rate), cpu) in runs.iter().zip(&medians).zip(&cpus) {
+    for ((run, rate), measured) in runs.iter().zip(&medians).zip(&measures) {
         let mut ratios = format!("{:.2} of the passthrough", rate / medians[0]);
         if let Run::Router(ConsistencyMode::ExactlyOnce, _) = run {
             ratios.push_str(&format!(", {:.2} of effectively-once", rate / medians[1]));
@@ -854,7 +855,7 @@ async fn main() {
         println!(
             "  {:<32} {rate:>10.0} events/s {:>6.1} µs CPU/event   {ratios}",
             run.name(),
-            median(cpu)
+            of(measured, |m| m.cpu_us)
         );
     }
     drop(brokers);

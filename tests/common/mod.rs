@@ -399,16 +399,11 @@ pub struct Completions {
 impl Completions {
     /// A reader of `kafka`'s state topic from its beginning.
     pub fn new(kafka: &KafkaConfig) -> Self {
-        let mut config = kafka.client_config();
-        config
-            .set("group.id", "switchyard-test-reader")
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest");
-        let consumer: BaseConsumer = config.create().unwrap();
+        let consumer = reader(kafka);
         let state = kafka.topics().state();
         let mut tpl = TopicPartitionList::new();
         for p in 0..kafka.partition_count(&state).unwrap() {
-            tpl.add_partition_offset(&state, p, Offset::Offset(0))
+            tpl.add_partition_offset(&state, p, Offset::Beginning)
                 .unwrap();
         }
         consumer.assign(&tpl).unwrap();
@@ -680,16 +675,21 @@ pub async fn submit_until_one_completes(kafka: &KafkaConfig, prefix: &str) -> us
     panic!("ten tasks in turn were refused after the refusal was lifted");
 }
 
+/// A consumer with `kafka`'s settings that reads what it is assigned and commits nothing.
+fn reader(kafka: &KafkaConfig) -> BaseConsumer {
+    let mut config = kafka.client_config();
+    config
+        .set("group.id", "switchyard-test-reader")
+        .set("enable.auto.commit", "false");
+    config.create().unwrap()
+}
+
 /// Every record of `topic` that a consumer with `kafka`'s settings sees (read_committed unless
 /// `isolation.level` says otherwise), from the beginning to the high watermarks when called. The
 /// consumer's position passes commit and abort markers and aborted records without returning
 /// them; with read_committed it waits for a transaction open below a watermark to end.
 pub fn read_all(kafka: &KafkaConfig, topic: &str) -> Vec<OwnedMessage> {
-    let mut config = kafka.client_config();
-    config
-        .set("group.id", "switchyard-test-reader")
-        .set("enable.auto.commit", "false");
-    let consumer: BaseConsumer = config.create().unwrap();
+    let consumer = reader(kafka);
     let partitions = kafka.partition_count(topic).unwrap();
     let mut tpl = TopicPartitionList::new();
     let mut ends = HashMap::new();
