@@ -150,7 +150,11 @@ impl Codec {
     /// Encodes a work item for `topic`.
     pub async fn encode_work_item(&self, topic: &str, item: &WorkItem) -> Result<Vec<u8>, Error> {
         match self {
-            Codec::Json => Ok(serde_json::to_vec(item).expect("work items serialize")),
+            Codec::Json => {
+                let mut bytes = Vec::with_capacity(512);
+                serde_json::to_writer(&mut bytes, item).expect("work items serialize");
+                Ok(bytes)
+            }
             Codec::Avro(avro) => {
                 encode_avro(&avro.encoder, topic, WorkItemRecord::from_item(item)).await
             }
