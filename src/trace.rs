@@ -95,16 +95,17 @@ impl Tracing {
             .with_filter(only_ours)
     }
 
-    /// Installs this process's subscriber (see [`Tracing::subscriber`]).
+    /// Installs this process's subscriber: log lines to stderr through `filter` (without the
+    /// decision spans, [`DECISION_SPAN`]), and, when spans are exported, the spans of this crate
+    /// as OpenTelemetry spans. Without export no decision span is built at all.
     pub fn install(&self, filter: EnvFilter) {
         self.subscriber(filter).init();
     }
 
-    /// Log lines to stderr through `filter` (without the decision spans, [`DECISION_SPAN`]),
-    /// and, when spans are exported, the spans of this crate as OpenTelemetry spans. Without
-    /// export no layer wants a decision span, so none is built: [`hop`] carries the trace on by
-    /// itself. (An absent layer is left out rather than added as `None`: tracing-subscriber
-    /// takes a `None` layer for one that wants every span.)
+    /// The subscriber [`Tracing::install`] installs. Without export no layer wants a decision
+    /// span, so none is built: [`hop`] carries the trace on by itself. (An absent layer is left
+    /// out rather than added as `None`: tracing-subscriber takes a `None` layer for one that
+    /// wants every span.)
     fn subscriber(&self, filter: EnvFilter) -> Box<dyn tracing::Subscriber + Send + Sync> {
         let logs = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
