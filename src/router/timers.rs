@@ -238,6 +238,21 @@ rules:
         index.refresh(&run.engine, "t2", None);
         assert_eq!(index.pending(), 1);
         assert_eq!(index.due(5_000), ["t1"]);
+        let step_due = run.engine.timers(&run.state.tasks["t1"])[0].due;
+        let mut t1 = run.state.tasks["t1"].as_ref().clone();
+        t1.deadline = Some(step_due);
+        index.refresh(&run.engine, "t1", Some(&t1));
+        assert_eq!(
+            index.pending(),
+            2,
+            "a deadline at the same time: one more timer"
+        );
+        assert_eq!(index.due(step_due), ["t1"]);
+        t1.deadline = Some(500);
+        index.refresh(&run.engine, "t1", Some(&t1));
+        assert_eq!(index.pending(), 2);
+        assert!(index.due(499).is_empty());
+        assert_eq!(index.due(500), ["t1"], "filed again by its earliest timer");
     }
 
     #[test]
