@@ -43,9 +43,10 @@ use switchyard::router::{ConsistencyMode, Router, RouterConfig};
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 
-/// The binary's allocator (`src/main.rs`), so that the router is measured as it ships.
+/// The binary's allocator (`src/main.rs`, set up by `main` below), so that the router is measured
+/// as it ships.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: switchyard::allocator::Allocator = switchyard::allocator::Allocator {};
 
 #[path = "support/router.rs"]
 mod router;
@@ -752,8 +753,13 @@ impl Run {
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    switchyard::allocator::configure();
+    tokio::runtime::Runtime::new().unwrap().block_on(run());
+}
+
+/// Runs the benchmark (see the module's documentation).
+async fn run() {
     // The binary's subscriber (log lines to stderr, spans for their trace context), so that the
     // router is measured as it ships; without librdkafka's lines, since on crabka it logs a
     // harmless protocol error for each fetch of an empty partition (thousands per second).

@@ -6,6 +6,7 @@
 //! state topic and sends work items to the agents' topics. See the README for a walk-through.
 
 pub mod agent;
+pub mod allocator;
 pub mod cards;
 pub mod cli;
 pub mod codec;

@@ -3,14 +3,23 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc rather than glibc's allocator: the router allocates and frees per record, and
-/// `scripts/bench-routing` measured 71.0k / 71.4k events/s with glibc against 81.1k / 74.5k with
-/// mimalloc (alternated, a fresh broker per run).
+/// mimalloc, set up by `main` (see [`switchyard::allocator`]).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: switchyard::allocator::Allocator = switchyard::allocator::Allocator {};
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    switchyard::allocator::configure();
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Parses the command line, sets up logs and traces, and runs the subcommand.
+async fn run() {
     let cli = switchyard::cli::Cli::parse();
     let tracing = match switchyard::trace::Tracing::init(cli.service_name(), cli.otlp_endpoint()) {
         Ok(tracing) => tracing,
