@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod allocator;
+pub mod by_task;
 pub mod cards;
 pub mod cli;
 pub mod codec;

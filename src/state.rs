@@ -3,12 +3,13 @@
 //! The same [`PartitionState::apply`] runs when the router decides live and when it restores a
 //! partition from the state topic, so a restored router holds exactly the state it had.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::by_task::ByTask;
 use crate::envelope::{
     BreakerPhase, Decision, EventKind, InputRef, StateEvent, Step, TaskEvent, TimerKind, Usage,
 };
@@ -208,12 +209,6 @@ pub struct Finished {
     /// Whether it ended in the dead-letter topic (a redriven submission may start it again).
     pub dead_lettered: bool,
 }
-
-/// A map by task id, hashed with aHash: keyed at random per process like std's SipHash (task ids
-/// come from clients), and cheaper on keys this short. The router looks a task up, inserts it and
-/// files its timers by id for every event: in a `perf` profile of `scripts/bench-routing`,
-/// hashing was 3.6 % of the router's route task with SipHash and 1.8 % with aHash.
-pub type ByTask<V> = HashMap<String, V, ahash::RandomState>;
 
 /// A bounded memory of finished tasks.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -6,11 +6,12 @@
 //! records the firing and the decision that follows (see [`super::Partition::fire`]); restore
 //! and replay read that record, never the clock.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::engine::{Engine, Outcome};
+use crate::by_task::ByTask;
 use crate::envelope::{DecidedBy, Decision, Firing, Step, TimerKind};
 use crate::rules::{Facts, Kind, HUMAN_TIMEOUT};
 use crate::state::{PartitionState, StepStatus, TaskState};
@@ -418,7 +419,7 @@ rules:
 #[derive(Debug, Default)]
 pub struct TimerIndex {
     by_due: BTreeSet<(i64, Arc<str>)>,
-    tasks: HashMap<Arc<str>, (i64, usize), ahash::RandomState>,
+    tasks: ByTask<(i64, usize), Arc<str>>,
     pending: usize,
 }
 
