@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::envelope::{
-    decode_task_event, DecodeError, EventKind, TaskEvent, Usage, WorkItem, JSON,
+    decode_task_event, DecodeError, EventKind, TaskEvent, Usage, WorkItem, WorkItemRef, JSON,
 };
 
 /// Errors encoding a record.
@@ -148,11 +148,15 @@ impl Codec {
     }
 
     /// Encodes a work item for `topic`.
-    pub async fn encode_work_item(&self, topic: &str, item: &WorkItem) -> Result<Vec<u8>, Error> {
+    pub async fn encode_work_item(
+        &self,
+        topic: &str,
+        item: WorkItemRef<'_>,
+    ) -> Result<Vec<u8>, Error> {
         match self {
             Codec::Json => {
                 let mut bytes = Vec::with_capacity(512);
-                serde_json::to_writer(&mut bytes, item).expect("work items serialize");
+                serde_json::to_writer(&mut bytes, &item).expect("work items serialize");
                 Ok(bytes)
             }
             Codec::Avro(avro) => {
@@ -367,14 +371,14 @@ struct WorkItemRecord {
 }
 
 impl WorkItemRecord {
-    fn from_item(w: &WorkItem) -> Self {
+    fn from_item(w: WorkItemRef<'_>) -> Self {
         Self {
-            task_id: w.task_id.clone(),
-            tenant: w.tenant.clone(),
+            task_id: w.task_id.to_string(),
+            tenant: w.tenant.to_string(),
             step_id: w.step_id as i32,
             attempt: w.attempt as i32,
-            card: w.card.clone(),
-            input: serde_json::to_vec(&w.input).expect("JSON values serialize"),
+            card: w.card.to_string(),
+            input: serde_json::to_vec(w.input).expect("JSON values serialize"),
             context: w
                 .context
                 .iter()
@@ -468,7 +472,7 @@ mod tests {
             reply_partition: 1,
         };
         let schema = schema("WorkItem.avsc");
-        let value = apache_avro::to_value(WorkItemRecord::from_item(&item))
+        let value = apache_avro::to_value(WorkItemRecord::from_item(item.borrowed()))
             .unwrap()
             .resolve(&schema)
             .unwrap();

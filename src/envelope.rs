@@ -261,6 +261,68 @@ pub struct WorkItem {
     pub reply_partition: i32,
 }
 
+impl WorkItem {
+    /// The item borrowed.
+    pub fn borrowed(&self) -> WorkItemRef<'_> {
+        WorkItemRef {
+            task_id: &self.task_id,
+            tenant: &self.tenant,
+            step_id: self.step_id,
+            attempt: self.attempt,
+            card: &self.card,
+            input: &self.input,
+            context: &self.context,
+            labels: &self.labels,
+            deadline: self.deadline,
+            reply_partition: self.reply_partition,
+        }
+    }
+}
+
+/// A [`WorkItem`] borrowed from the task it is for, so that the router writes it without copying
+/// the task's input, context and labels; it serializes to the same JSON as the owned item.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct WorkItemRef<'a> {
+    /// The task.
+    pub task_id: &'a str,
+    /// Tenant that owns the task.
+    pub tenant: &'a str,
+    /// Stable id of the step within the task.
+    pub step_id: u32,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// The card that should act.
+    pub card: &'a str,
+    /// The task's input payload.
+    pub input: &'a Value,
+    /// The latest output of each card that has answered so far.
+    pub context: &'a BTreeMap<String, Value>,
+    /// The task's labels.
+    pub labels: &'a BTreeMap<String, String>,
+    /// Deadline, milliseconds since the Unix epoch.
+    pub deadline: Option<i64>,
+    /// The tasks-topic partition to publish the result to.
+    pub reply_partition: i32,
+}
+
+impl WorkItemRef<'_> {
+    /// The owned work item.
+    pub fn to_item(self) -> WorkItem {
+        WorkItem {
+            task_id: self.task_id.to_string(),
+            tenant: self.tenant.to_string(),
+            step_id: self.step_id,
+            attempt: self.attempt,
+            card: self.card.to_string(),
+            input: self.input.clone(),
+            context: self.context.clone(),
+            labels: self.labels.clone(),
+            deadline: self.deadline,
+            reply_partition: self.reply_partition,
+        }
+    }
+}
+
 /// Where a state event's input came from. A record that does not copy its input (it could not
 /// be decoded, or it is too large to copy) refers to it by position, size and SHA-256, which
 /// replay, audit and redrive follow.

@@ -163,9 +163,7 @@ impl fmt::Debug for KafkaConfig {
 impl KafkaConfig {
     /// The topic names under this config's prefix.
     pub fn topics(&self) -> Topics {
-        Topics {
-            prefix: self.topic_prefix.clone(),
-        }
+        Topics::new(&self.topic_prefix)
     }
 
     /// A client config with the bootstrap servers and the pass-through options.
@@ -422,19 +420,30 @@ pub fn set_default(config: &mut ClientConfig, key: &str, value: &str) {
 /// The topic names of one deployment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
-    /// The prefix.
-    pub prefix: String,
+    prefix: String,
+    /// The names the router asks for per batch or per decision, formatted once.
+    tasks: String,
+    state: String,
 }
 
 impl Topics {
+    /// The topics under `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+            tasks: format!("{prefix}.tasks"),
+            state: format!("{prefix}.state"),
+        }
+    }
+
     /// Task events: submissions, results, failures, human decisions.
     pub fn tasks(&self) -> String {
-        format!("{}.tasks", self.prefix)
+        self.tasks.clone()
     }
 
     /// The event-sourced decision log.
     pub fn state(&self) -> String {
-        format!("{}.state", self.prefix)
+        self.state.clone()
     }
 
     /// Snapshots of the state partitions (compacted, co-partitioned with `state`).

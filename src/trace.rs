@@ -160,7 +160,27 @@ pub fn hop(span: &tracing::Span, parent: Context) -> String {
         true => (context.trace_id(), context.trace_flags()),
         false => (ids.new_trace_id(), TraceFlags::SAMPLED),
     };
-    format!("00-{trace_id}-{}-{:02x}", ids.new_span_id(), flags.to_u8())
+    traceparent_of(
+        &trace_id.to_bytes(),
+        &ids.new_span_id().to_bytes(),
+        flags.to_u8(),
+    )
+}
+
+/// The W3C `traceparent` (version 00) of a trace id, span id and flags: what `format!` with
+/// the ids' `Display` writes, without the formatting machinery (once per decision).
+fn traceparent_of(trace_id: &[u8; 16], span_id: &[u8; 8], flags: u8) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(55);
+    out.push_str("00");
+    for bytes in [&trace_id[..], &span_id[..], &[flags]] {
+        out.push('-');
+        for b in bytes {
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0xf)] as char);
+        }
+    }
+    out
 }
 
 /// Headers that carry `traceparent`.
@@ -266,6 +286,18 @@ mod tests {
     }
 
     const PARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+
+    #[test]
+    fn a_traceparent_is_written_as_the_ids_display_it() {
+        let ids = RandomIdGenerator::default();
+        for flags in [TraceFlags::SAMPLED, TraceFlags::default()] {
+            let (trace, span) = (ids.new_trace_id(), ids.new_span_id());
+            let written = traceparent_of(&trace.to_bytes(), &span.to_bytes(), flags.to_u8());
+            let formatted = format!("00-{trace}-{span}-{:02x}", flags.to_u8());
+            assert_eq!(written, formatted);
+            assert_eq!(written.len(), 55);
+        }
+    }
 
     #[test]
     fn without_export_a_hop_continues_the_trace_with_a_span_id_of_its_own() {

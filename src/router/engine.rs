@@ -6,7 +6,7 @@
 use crate::cards::Cards;
 use crate::envelope::{
     BreakerChange, DecidedBy, Decision, DecodeError, EventKind, LlmRecord, Step, TaskEvent, Usage,
-    WorkItem,
+    WorkItem, WorkItemRef,
 };
 use crate::rules::{Action, Escalation, Facts, Kind, LlmRoute, Rule, RuleTable, COMPLETE, HUMAN};
 use crate::signing::Secrets;
@@ -544,33 +544,41 @@ impl Engine {
         }
     }
 
-    /// The work items a decision sends, built from the task's state after the decision.
-    pub fn work_items(
+    /// The work items a decision sends, borrowed from the task's state after the decision.
+    pub fn work_items<'a>(
         &self,
-        task: &TaskState,
-        decision: &Decision,
+        task: &'a TaskState,
+        decision: &'a Decision,
         reply_partition: i32,
-    ) -> Vec<WorkItem> {
+    ) -> impl Iterator<Item = WorkItemRef<'a>> {
         decision
             .steps()
             .iter()
             .filter(|step| step.delay_ms.is_none())
-            .map(|step| work_item(task, step, reply_partition))
-            .collect()
+            .map(move |step| work_item_ref(task, step, reply_partition))
     }
 }
 
 /// The work item for one step of a task.
 pub fn work_item(task: &TaskState, step: &Step, reply_partition: i32) -> WorkItem {
-    WorkItem {
-        task_id: task.task_id.clone(),
-        tenant: task.tenant.clone(),
+    work_item_ref(task, step, reply_partition).to_item()
+}
+
+/// [`work_item`], borrowed from the task.
+pub fn work_item_ref<'a>(
+    task: &'a TaskState,
+    step: &'a Step,
+    reply_partition: i32,
+) -> WorkItemRef<'a> {
+    WorkItemRef {
+        task_id: &task.task_id,
+        tenant: &task.tenant,
         step_id: step.step_id,
         attempt: step.attempt,
-        card: step.card.clone(),
-        input: task.input.clone(),
-        context: task.outputs.clone(),
-        labels: task.labels.clone(),
+        card: &step.card,
+        input: &task.input,
+        context: &task.outputs,
+        labels: &task.labels,
         deadline: task.deadline,
         reply_partition,
     }
@@ -681,6 +689,30 @@ rules:
             }
             other => panic!("expected ROUTED, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_work_item_borrowed_from_its_task_is_written_as_the_owned_item() {
+        let mut run = Run::new(RULES, &["a", "b", "c", "h"]);
+        let mut submitted = TaskEvent::new("t1", EventKind::Submitted, "client");
+        submitted.payload = serde_json::json!({ "text": "a \"quoted\" line\n", "n": [1, 2.5] });
+        submitted.labels.insert("team".into(), "blue".into());
+        submitted.deadline = Some(4_000_000_000_000);
+        run.send(submitted);
+        let mut answer = run.answer(EventKind::Result, 2, 1, None);
+        answer.payload = serde_json::json!({ "b": "done" });
+        run.send(answer);
+        let joined = run.send(run.answer(EventKind::Result, 1, 1, None));
+        let task = &run.state.tasks["t1"];
+        let items: Vec<_> = run.engine.work_items(task, &joined, 7).collect();
+        assert_eq!(items.len(), 1, "the join routes to c");
+        let owned = items[0].to_item();
+        assert_eq!(owned.context.len(), 2, "a's and b's outputs");
+        assert_eq!(
+            serde_json::to_string(&items[0]).unwrap(),
+            serde_json::to_string(&owned).unwrap()
+        );
+        assert_eq!(owned.borrowed().to_item(), owned);
     }
 
     #[test]

@@ -16,9 +16,8 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::TopicPartitionList;
 use tokio::task::JoinHandle;
 
-use super::service::state_refused;
+use super::service::{state_refused, Sent};
 use crate::commit::{self, Outgoing};
-use crate::envelope::WorkItem;
 use crate::error::{Error, Result};
 use crate::kafka;
 
@@ -49,7 +48,7 @@ pub struct Landed {
     /// Where its state records landed: partition and offset.
     pub states: Vec<(i32, i64)>,
     /// Work items the broker refused for good, with the record and the error.
-    pub refused: Vec<(WorkItem, Outgoing, KafkaError)>,
+    pub refused: Vec<(Sent, Outgoing, KafkaError)>,
 }
 
 /// The batches in flight, oldest first: each one's landing runs as a task of its own.
@@ -73,13 +72,13 @@ impl Pipeline {
     }
 
     /// Hands the batch's `states` to `producer` now, and puts in flight the wait for them,
-    /// then the writing of `works` (encoded `items`) and the wait for those.
+    /// then the writing of `works` (for `items`) and the wait for those.
     pub async fn launch(
         &mut self,
         producer: &FutureProducer,
         states: Vec<Outgoing>,
         works: Vec<Outgoing>,
-        items: Vec<WorkItem>,
+        items: Vec<Sent>,
         flight: Flight,
     ) -> Result<()> {
         let mut acks = Vec::with_capacity(states.len());

@@ -29,7 +29,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use super::engine::{work_item, Engine, Outcome};
+use super::engine::{work_item_ref, Engine, Outcome};
 use super::guard::Raw;
 use super::inbox::{Inbox, RebalanceContext, RebalanceEvent, TasksConsumer};
 use super::partition::{Partition, Position, Step};
@@ -42,7 +42,7 @@ use crate::commit::{self, ConsistencyMode, Outgoing, Writer, Written};
 use crate::dlq;
 use crate::envelope::{
     now_ms, BreakerPhase, Decision, DecodeError, EventKind, InputRef, LlmRecord, Rejection,
-    StateEvent, TaskEvent, TimerKind, WorkItem,
+    StateEvent, TaskEvent, TimerKind, WorkItemRef,
 };
 use crate::error::{Error, Result};
 use crate::kafka::{self, set_default, KafkaConfig, Topics};
@@ -159,10 +159,10 @@ const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
 struct Decided {
     dead: Vec<Outgoing>,
     states: Vec<Outgoing>,
-    /// Work items, encoded when written.
-    works: Vec<WorkItem>,
-    /// The `traceparent` of the decision that sent each work item (as many as `works`).
-    traces: Vec<Option<String>>,
+    /// Work items, encoded for their cards' topics.
+    works: Vec<Outgoing>,
+    /// What each work item is for (as many as `works`).
+    sent: Vec<Sent>,
     /// Exactly-once: how to take the decisions back if their transaction aborts.
     undo: Vec<(i32, Undo)>,
     /// Tasks that started waiting for the LLM: asked once the decisions are written.
@@ -175,9 +175,31 @@ impl Decided {
         Self {
             states: Vec::with_capacity(events),
             works: Vec::with_capacity(events),
-            traces: Vec::with_capacity(events),
+            sent: Vec::with_capacity(events),
             ..Self::default()
         }
+    }
+}
+
+/// What the router keeps of a work item it writes: enough to end its task when the broker
+/// refuses the record.
+pub struct Sent {
+    /// The task.
+    pub task_id: String,
+    /// The card the item is for.
+    pub card: String,
+    /// The step.
+    pub step_id: u32,
+    /// The attempt.
+    pub attempt: u32,
+    /// The task's partition.
+    pub partition: i32,
+}
+
+impl Sent {
+    /// `(task, step, attempt)`: what identifies a work item.
+    fn key(&self) -> (String, u32, u32) {
+        (self.task_id.clone(), self.step_id, self.attempt)
     }
 }
 
@@ -241,6 +263,9 @@ pub struct Router {
     pipeline: Pipeline,
     /// A batch landed since the input positions were last committed.
     uncommitted: bool,
+    /// The input positions last committed: the same positions are not committed twice (each
+    /// pipelined batch would otherwise commit those of the latest landed batch once more).
+    committed: Option<TopicPartitionList>,
     /// Snapshots that ended, from their background tasks.
     snapshots_done: mpsc::UnboundedSender<(Due, Ended)>,
     snapshots_done_rx: Option<mpsc::UnboundedReceiver<(Due, Ended)>>,
@@ -363,6 +388,7 @@ impl Router {
             inbox: Inbox::default(),
             pipeline: Pipeline::default(),
             uncommitted: false,
+            committed: None,
             snapshots_done,
             snapshots_done_rx: Some(snapshots_done_rx),
             max_record: config
@@ -553,9 +579,10 @@ impl Router {
         let Some(tpl) = self.pipeline.committable(self.positions()) else {
             return;
         };
-        if tpl.count() > 0 {
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                tracing::debug!(error = %e, "offset commit failed");
+        if tpl.count() > 0 && self.committed.as_ref() != Some(&tpl) {
+            match consumer.commit(&tpl, CommitMode::Async) {
+                Ok(()) => self.committed = Some(tpl),
+                Err(e) => tracing::debug!(error = %e, "offset commit failed"),
             }
         }
     }
@@ -568,12 +595,11 @@ impl Router {
             self.seek(consumer, &batch.refetch)?;
             let Decided {
                 states,
-                works: items,
-                traces,
+                works,
+                sent,
                 asks,
                 ..
             } = batch.out;
-            let works = self.encode_works(&items, &traces).await?;
             let flight = Flight {
                 positions: self.positions(),
                 decided: batch.decided,
@@ -582,7 +608,7 @@ impl Router {
             };
             let producer = self.writer.producer().clone();
             self.pipeline
-                .launch(&producer, states, works, items, flight)
+                .launch(&producer, states, works, sent, flight)
                 .await?;
             while self.pipeline.is_full() {
                 if let Some(landed) = self.pipeline.next().await {
@@ -674,17 +700,16 @@ impl Router {
         let Decided {
             dead,
             states,
-            works: mut items,
-            traces,
+            works,
+            mut sent,
             undo,
             asks,
         } = out;
         let (n_dead, n_states) = (dead.len(), states.len());
         let state_parts: Vec<i32> = states.iter().filter_map(|r| r.partition).collect();
-        let works = self.encode_works(&items, &traces).await?;
         let written = match self.writer.mode() {
             ConsistencyMode::EffectivelyOnce => {
-                self.deliver(dead, states, works, std::mem::take(&mut items))
+                self.deliver(dead, states, works, std::mem::take(&mut sent))
                     .await?;
                 Written::Committed(Vec::new())
             }
@@ -713,9 +738,8 @@ impl Router {
                         self.refused.dead.extend(dlq::source_of(&record));
                     } else if i < n_dead + n_states {
                         return Err(state_refused(&record, error));
-                    } else if let Some(item) = items.get(i - n_dead - n_states) {
-                        let key = (item.task_id.clone(), item.step_id, item.attempt);
-                        self.refused.works.insert(key, (record, error));
+                    } else if let Some(item) = sent.get(i - n_dead - n_states) {
+                        self.refused.works.insert(item.key(), (record, error));
                     }
                 }
                 Ok(Some(self.take_back(undo, &cause)))
@@ -750,14 +774,13 @@ impl Router {
     /// way effectively-once does at once: a refused work item ends its task (a decision that
     /// carries the refusal), a refused dead letter is written without its value.
     async fn apply_refusals(&mut self, out: &mut Decided) -> Result<()> {
-        let traces = std::mem::take(&mut out.traces);
-        for (i, item) in std::mem::take(&mut out.works).into_iter().enumerate() {
-            let key = (item.task_id.clone(), item.step_id, item.attempt);
-            match self.refused.works.remove(&key) {
+        let works = std::mem::take(&mut out.works);
+        for (work, item) in works.into_iter().zip(std::mem::take(&mut out.sent)) {
+            match self.refused.works.remove(&item.key()) {
                 Some((record, error)) => self.refuse_work(&item, &record, &error, out).await?,
                 None => {
-                    out.works.push(item);
-                    out.traces.push(traces.get(i).cloned().flatten());
+                    out.works.push(work);
+                    out.sent.push(item);
                 }
             }
         }
@@ -780,7 +803,7 @@ impl Router {
         mut dead: Vec<Outgoing>,
         mut states: Vec<Outgoing>,
         mut works: Vec<Outgoing>,
-        mut items: Vec<WorkItem>,
+        mut items: Vec<Sent>,
     ) -> Result<()> {
         loop {
             self.deliver_dead_letters(dead).await?;
@@ -833,7 +856,7 @@ impl Router {
     /// longer waits for that attempt), with a decision that carries the refusal.
     async fn refuse_work(
         &mut self,
-        item: &WorkItem,
+        item: &Sent,
         record: &Outgoing,
         error: &KafkaError,
         out: &mut Decided,
@@ -843,7 +866,7 @@ impl Router {
             .with_label_values(&["work_item"])
             .inc();
         tracing::warn!(task = %item.task_id, card = %item.card, step = item.step_id, bytes = record.size(), %error, "the broker refused a work item");
-        let p = item.reply_partition;
+        let p = item.partition;
         let waiting = self
             .partitions
             .get(&p)
@@ -1004,7 +1027,7 @@ impl Router {
         )
         .await?;
         let committed = self.committed(consumer, &parts);
-        let (mut pending, mut traces) = (Vec::new(), Vec::new());
+        let mut reemit = Decided::default();
         let now = Instant::now();
         for ((p, (state, previous)), epoch) in parts.iter().zip(restored).zip(&epochs) {
             self.schedule.owned(*p, *epoch, now, previous);
@@ -1014,20 +1037,16 @@ impl Router {
                     .reemitted
                     .with_label_values(&[&step.card])
                     .inc();
-                pending.push(work_item(task, &step, *p));
-                traces.push(task.trace.clone());
+                let item = work_item_ref(task, &step, *p);
+                self.add_work(item, task.trace.as_deref(), &mut reemit)
+                    .await?;
             }
             self.timers
                 .insert(*p, TimerIndex::build(&self.engine, &state));
             self.partitions.insert(*p, state);
             self.gaps.remove(p);
         }
-        let resent = pending.len();
-        let reemit = Decided {
-            works: pending,
-            traces,
-            ..Decided::default()
-        };
+        let resent = reemit.works.len();
         if self.write(reemit, None).await?.is_some() {
             return Err(Error::Restore {
                 topic: self.topics.state(),
@@ -1513,10 +1532,9 @@ impl Router {
         }
         count_decision(&self.metrics, &record);
         if let Some(task) = state.tasks.get(&record.task_id) {
-            let items = self.engine.work_items(task, &record.decision, p);
-            out.traces
-                .extend(std::iter::repeat_n(record.trace.clone(), items.len()));
-            out.works.extend(items);
+            for item in self.engine.work_items(task, &record.decision, p) {
+                self.add_work(item, record.trace.as_deref(), out).await?;
+            }
         }
         match &record.decision {
             Decision::AwaitingLlm { .. } => out.asks.push((p, record.task_id.clone())),
@@ -1573,26 +1591,27 @@ impl Router {
         })
     }
 
-    /// Work items as records for their cards' topics, with the trace context of the decision
-    /// that sent each (`traces`, by index).
-    async fn encode_works(
+    /// Adds `item` to `out`, encoded for its card's topic, with the trace context of the
+    /// decision that sends it.
+    async fn add_work(
         &self,
-        items: &[WorkItem],
-        traces: &[Option<String>],
-    ) -> Result<Vec<Outgoing>> {
-        let mut out = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            let topic = self
-                .card_topics
-                .get(&item.card)
-                .cloned()
-                .unwrap_or_default();
-            let payload = self.codec.encode_work_item(&topic, item).await?;
-            let mut record = Outgoing::bytes(topic, None, &item.task_id, payload);
-            record.headers = traces.get(i).cloned().flatten().map(|t| trace::headers(&t));
-            out.push(record);
-        }
-        Ok(out)
+        item: WorkItemRef<'_>,
+        trace: Option<&str>,
+        out: &mut Decided,
+    ) -> Result<()> {
+        let topic = self.card_topics.get(item.card).cloned().unwrap_or_default();
+        let payload = self.codec.encode_work_item(&topic, item).await?;
+        let mut record = Outgoing::bytes(topic, None, item.task_id, payload);
+        record.headers = trace.map(trace::headers);
+        out.works.push(record);
+        out.sent.push(Sent {
+            task_id: item.task_id.to_string(),
+            card: item.card.to_string(),
+            step_id: item.step_id,
+            attempt: item.attempt,
+            partition: item.reply_partition,
+        });
+        Ok(())
     }
 
     /// Decodes a record that will be decided (Avro may ask the registry for a schema); a record
