@@ -170,17 +170,15 @@ pub fn hop(span: &tracing::Span, parent: Context) -> String {
 /// The W3C `traceparent` (version 00) of a trace id, span id and flags: what `format!` with
 /// the ids' `Display` writes, without the formatting machinery (once per decision).
 fn traceparent_of(trace_id: &[u8; 16], span_id: &[u8; 8], flags: u8) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(55);
-    out.push_str("00");
-    for bytes in [&trace_id[..], &span_id[..], &[flags]] {
-        out.push('-');
-        for b in bytes {
-            out.push(HEX[usize::from(b >> 4)] as char);
-            out.push(HEX[usize::from(b & 0xf)] as char);
-        }
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    for (bytes, digits) in [
+        (&trace_id[..], 3..35),
+        (&span_id[..], 36..52),
+        (&[flags], 53..55),
+    ] {
+        hex::encode_to_slice(bytes, &mut out[digits]).expect("room for two digits a byte");
     }
-    out
+    String::from_utf8(out.to_vec()).expect("hex digits are ASCII")
 }
 
 /// Headers that carry `traceparent`.

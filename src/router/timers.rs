@@ -440,25 +440,22 @@ impl TimerIndex {
             let due = timers.iter().map(|f| f.due).min()?;
             Some((due, timers.len()))
         });
-        let filed = match self.tasks.get_mut(task_id) {
-            Some(filed) => {
-                if let Some((_, held)) = next.filter(|(due, _)| *due == filed.0) {
-                    self.pending = self.pending - filed.1 + held;
-                    filed.1 = held;
-                    return;
+        let mut id = None;
+        match (self.tasks.get_mut(task_id), next) {
+            (Some(filed), Some((due, held))) if due == filed.0 => {
+                self.pending = self.pending - filed.1 + held;
+                filed.1 = held;
+                return;
+            }
+            (Some(_), _) => {
+                if let Some((filed, (due, held))) = self.tasks.remove_entry(task_id) {
+                    self.by_due.remove(&(due, filed.clone()));
+                    self.pending -= held;
+                    id = Some(filed);
                 }
-                true
             }
             // A new task (the common case) is looked up once before it is filed.
-            None => false,
-        };
-        let mut id = None;
-        if let Some((filed, (due, held))) =
-            filed.then(|| self.tasks.remove_entry(task_id)).flatten()
-        {
-            self.by_due.remove(&(due, filed.clone()));
-            self.pending -= held;
-            id = Some(filed);
+            (None, _) => {}
         }
         let Some((due, held)) = next else {
             return;
