@@ -228,6 +228,84 @@ async fn every_kind_of_endpoint_failure_ends_in_the_fallback_while_other_tasks_k
     router.stop().await;
 }
 
+/// A question in flight when its partition moves to another router and back is answered once:
+/// the router it comes back to uses the answer it is still waiting for instead of asking again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_question_in_flight_is_not_asked_again_when_its_partition_comes_back() {
+    const WAIT: Duration = Duration::from_secs(60);
+    let kafka = kafka("llm-comeback");
+    let workflow = setup_faults(&kafka).await;
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let fake = FakeLlm::start(Arc::new(move |_: &str, _: &str| {
+        Behaviour::Gated(gate.clone(), choose("sales"))
+    }))
+    .await;
+    let mut config = fake_config(&fake.url);
+    config.timeout = Duration::from_secs(3600);
+    config.concurrency = 64;
+    let start = || RunningRouter::start_with(&kafka, &workflow, |c| c.llm = Some(config.clone()));
+    let first = start().await;
+    let owned = |r: &RunningRouter| r.metrics.partitions.get();
+    let restored = |r: &RunningRouter| r.metrics.partitions_restored.get();
+    let tasks: Vec<String> = (0..20).map(|i| format!("ref-back{i}")).collect();
+    for id in &tasks {
+        publish(&kafka, &submission(id, &format!("{id}: a question"))).await;
+    }
+    eventually(WAIT, "every task asked about once", || async {
+        tasks.iter().all(|id| fake.calls(id) == 1).then_some(())
+    })
+    .await;
+    let partitions: std::collections::HashSet<i32> = tasks
+        .iter()
+        .filter_map(|id| {
+            task_events(&kafka, id)
+                .first()?
+                .input
+                .as_ref()
+                .map(|i| i.partition)
+        })
+        .collect();
+    assert_eq!(
+        partitions.len(),
+        3,
+        "the tasks are on every tasks partition"
+    );
+
+    // A second router takes some partitions (and asks about their tasks), then leaves.
+    let second = start().await;
+    eventually(WAIT, "the second router to ask about its tasks", || async {
+        let theirs = second.metrics.llm_pending.get() as u32;
+        (owned(&second) > 0
+            && restored(&second) == owned(&second) as u64
+            && theirs > 0
+            && fake.total() == 20 + theirs)
+            .then_some(theirs)
+    })
+    .await;
+    let (moved, given) = (fake.total() - 20, restored(&second));
+    second.stop().await;
+    eventually(WAIT, "the partitions to come back", || async {
+        (owned(&first) == 3 && restored(&first) == 3 + given).then_some(())
+    })
+    .await;
+    open.send(true).unwrap();
+    for id in &tasks {
+        resolution(&kafka, id, WAIT).await;
+    }
+    let resolutions = state_events(&kafka)
+        .into_iter()
+        .filter(|e| e.llm.is_some())
+        .count();
+    assert_eq!(resolutions, 20, "each decision recorded once");
+    assert_eq!(
+        fake.total(),
+        20 + moved,
+        "the first router asked nothing again: {:?}",
+        fake.all()
+    );
+    first.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_circuit_breaker_short_cuts_to_the_fallback_while_the_endpoint_is_down() {
     let kafka = kafka("llm-breaker");

@@ -1,6 +1,7 @@
 //! The router: reads task events, decides with the rule table, records decisions on the state
 //! topic and sends work items to agents.
 
+mod asking;
 pub mod breaker;
 pub mod engine;
 pub mod guard;

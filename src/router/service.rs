@@ -29,6 +29,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
+use super::asking::{Answer, Question};
 use super::engine::{work_item_ref, Engine, Outcome};
 use super::guard::Raw;
 use super::inbox::{Inbox, RebalanceContext, RebalanceEvent, TasksConsumer};
@@ -223,14 +224,6 @@ enum Origin<'a> {
     Task(TaskEvent),
 }
 
-/// The decider's answer for a task of a partition owned at `epoch`.
-struct Answer {
-    partition: i32,
-    epoch: Option<i64>,
-    task_id: String,
-    call: LlmRecord,
-}
-
 /// A running router.
 pub struct Router {
     config: RouterConfig,
@@ -248,6 +241,8 @@ pub struct Router {
     llm: Option<Arc<LlmClient>>,
     answers: mpsc::UnboundedSender<Answer>,
     answers_rx: Option<mpsc::UnboundedReceiver<Answer>>,
+    /// LLM questions in flight, by partition and task, whether the partition is still owned or
+    /// not (see [`super::asking`]).
     asking: HashSet<(i32, String)>,
     /// Largest record the producer writes (`message.max.bytes`): dead letters are cut to fit.
     max_record: usize,
@@ -948,7 +943,8 @@ impl Router {
     }
 
     /// Drops what this instance holds of partitions `parts`: their state, timers, snapshot
-    /// schedule, queued records and pending LLM questions.
+    /// schedule and queued records. LLM questions in flight go on: their answers are used if
+    /// the partitions come back meanwhile.
     fn forget(&mut self, parts: &[i32]) {
         self.inbox.remove(parts);
         for p in parts {
@@ -956,7 +952,6 @@ impl Router {
             self.timers.remove(p);
             self.schedule.revoked(*p);
             self.gaps.remove(p);
-            self.asking.retain(|(q, _)| q != p);
         }
     }
 
@@ -1213,7 +1208,8 @@ impl Router {
     }
 
     /// Asks the LLM about `task_id`'s pending decision in the background; the answer comes back
-    /// through the answers channel. A decision already being asked is not asked twice.
+    /// through the answers channel. A task already being asked about is not asked again before
+    /// that answer comes back.
     fn ask(&mut self, p: i32, task_id: String) {
         let Some(state) = self.partitions.get(&p) else {
             return;
@@ -1225,7 +1221,7 @@ impl Router {
             return;
         }
         let task = &state.tasks[&task_id];
-        let question = match (self.engine.rules.rule(&awaiting.rule_id), &self.llm) {
+        let asked = match (self.engine.rules.rule(&awaiting.rule_id), &self.llm) {
             (Some(rule), Some(llm)) => match &rule.then {
                 Action::Llm(route) => Some((
                     crate::llm::ask_for(&self.engine.cards, route, task, llm.config()),
@@ -1235,7 +1231,7 @@ impl Router {
             },
             _ => None,
         };
-        let (epoch, answers) = (state.epoch, self.answers.clone());
+        let (question, answers) = (Question::of(awaiting, state.epoch), self.answers.clone());
         self.metrics.llm_pending.set(self.asking.len() as i64);
         // The LLM call continues the trace of the decision that asked.
         let span = tracing::info_span!("ask_llm", task_id = %task_id);
@@ -1243,7 +1239,7 @@ impl Router {
             trace::continue_in(&span, trace::context_of(parent));
         }
         let asking = async move {
-            let call = match question {
+            let call = match asked {
                 Some((ask, llm)) => llm.decide(&ask).await,
                 None => LlmRecord {
                     error: Some("not_configured".into()),
@@ -1253,8 +1249,8 @@ impl Router {
             };
             let _ = answers.send(Answer {
                 partition: p,
-                epoch,
                 task_id,
+                question,
                 call,
             });
         };
@@ -1262,26 +1258,29 @@ impl Router {
     }
 
     /// Records the LLM's answers as decisions, decides the events queued behind them, and writes
-    /// it all. Answers for partitions no longer owned (or owned since under a new epoch) are
-    /// dropped: the new owner asks again.
+    /// it all. An answer is applied only while its task waits on the question it answers: answers
+    /// for partitions no longer owned are dropped (the new owner asks again), and a task that
+    /// waits on another question by now is asked that one.
     async fn resolve(&mut self, answers: Vec<Answer>) -> Result<()> {
         self.drain().await?;
         let mut out = Decided::default();
         let mut taken = Vec::new();
         for answer in answers {
             let p = answer.partition;
-            let Some(state) = self.partitions.get(&p) else {
-                continue;
-            };
-            if state.epoch != answer.epoch {
-                continue;
-            }
             self.asking.remove(&(p, answer.task_id.clone()));
-            let asked_at = state
-                .tasks
-                .get(&answer.task_id)
-                .and_then(|t| t.awaiting.as_ref())
-                .and_then(|a| a.input.clone());
+            let current = self.partitions.get(&p).and_then(|state| {
+                let awaiting = state.tasks.get(&answer.task_id)?.awaiting.as_ref()?;
+                let asked = answer.question.asked_by(awaiting, state.epoch);
+                Some((asked, awaiting.input.clone()))
+            });
+            let asked_at = match current {
+                None => continue,
+                Some((false, _)) => {
+                    self.ask(p, answer.task_id);
+                    continue;
+                }
+                Some((true, input)) => input,
+            };
             let followed = self.follow_up(p, &answer.task_id, "llm_answer");
             let Some(mut partition) = self.partition(p) else {
                 continue;

@@ -23,6 +23,8 @@ pub enum Behaviour {
     Status(u16),
     /// Answer only after this long (longer than the client's time limit).
     Hang(Duration),
+    /// Answer with this content once the gate is open (`true`).
+    Gated(tokio::sync::watch::Receiver<bool>, String),
 }
 
 /// Chooses a behaviour from the request body (the whole JSON as text) and the model asked for.
@@ -128,23 +130,32 @@ async fn complete(State(shared): State<Shared>, Json(body): Json<Value>) -> Resp
             tokio::time::sleep(d).await;
             (StatusCode::GATEWAY_TIMEOUT, "too late").into_response()
         }
+        Behaviour::Gated(mut gate, content) => {
+            let _ = gate.wait_for(|open| *open).await;
+            answer(&model, &content)
+        }
         Behaviour::Answer(content, delay) => {
             tokio::time::sleep(delay).await;
-            Json(json!({
-                "id": "fake",
-                "object": "chat.completion",
-                "created": 0,
-                "model": model,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": "stop"
-                }],
-                "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
-            }))
-            .into_response()
+            answer(&model, &content)
         }
     }
+}
+
+/// A chat completion of `model` saying `content`.
+fn answer(model: &str, content: &str) -> Response {
+    Json(json!({
+        "id": "fake",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": "stop"
+        }],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
+    }))
+    .into_response()
 }
 
 /// A valid decider answer choosing `agent`.
