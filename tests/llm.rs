@@ -228,37 +228,39 @@ async fn every_kind_of_endpoint_failure_ends_in_the_fallback_while_other_tasks_k
     router.stop().await;
 }
 
-/// A question in flight when its partition moves to another router and back is answered once:
-/// the router it comes back to uses the answer it is still waiting for instead of asking again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_question_in_flight_is_not_asked_again_when_its_partition_comes_back() {
-    const WAIT: Duration = Duration::from_secs(60);
-    let kafka = kafka("llm-comeback");
-    let workflow = setup_faults(&kafka).await;
-    let (open, gate) = tokio::sync::watch::channel(false);
-    let fake = FakeLlm::start(Arc::new(move |_: &str, _: &str| {
-        Behaviour::Gated(gate.clone(), choose("sales"))
-    }))
-    .await;
-    let mut config = fake_config(&fake.url);
+/// A router whose LLM endpoint is `url`, waiting as long as it takes for as many answers as asked.
+async fn patient_router(kafka: &KafkaConfig, workflow: &Workflow, url: &str) -> RunningRouter {
+    let mut config = fake_config(url);
     config.timeout = Duration::from_secs(3600);
     config.concurrency = 64;
-    let start = || RunningRouter::start_with(&kafka, &workflow, |c| c.llm = Some(config.clone()));
-    let first = start().await;
-    let owned = |r: &RunningRouter| r.metrics.partitions.get();
-    let restored = |r: &RunningRouter| r.metrics.partitions_restored.get();
-    let tasks: Vec<String> = (0..20).map(|i| format!("ref-back{i}")).collect();
+    RunningRouter::start_with(kafka, workflow, |c| c.llm = Some(config)).await
+}
+
+/// An endpoint that answers every question with `sales` once `gate` is open.
+async fn gated(gate: tokio::sync::watch::Receiver<bool>) -> FakeLlm {
+    FakeLlm::start(Arc::new(move |_: &str, _: &str| {
+        Behaviour::Gated(gate.clone(), choose("sales"))
+    }))
+    .await
+}
+
+/// Publishes 20 tasks the LLM rule decides, waits until the endpoint `fake` was asked
+/// about each, and checks they are spread over the 3 tasks partitions.
+async fn twenty_questions(kafka: &KafkaConfig, fake: &FakeLlm, prefix: &str) -> Vec<String> {
+    let tasks: Vec<String> = (0..20).map(|i| format!("ref-{prefix}{i}")).collect();
     for id in &tasks {
-        publish(&kafka, &submission(id, &format!("{id}: a question"))).await;
+        publish(kafka, &submission(id, &format!("{id}: a question"))).await;
     }
-    eventually(WAIT, "every task asked about once", || async {
-        tasks.iter().all(|id| fake.calls(id) == 1).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "every task asked about once",
+        || async { tasks.iter().all(|id| fake.calls(id) == 1).then_some(()) },
+    )
     .await;
     let partitions: std::collections::HashSet<i32> = tasks
         .iter()
         .filter_map(|id| {
-            task_events(&kafka, id)
+            task_events(kafka, id)
                 .first()?
                 .input
                 .as_ref()
@@ -270,39 +272,121 @@ async fn a_question_in_flight_is_not_asked_again_when_its_partition_comes_back()
         3,
         "the tasks are on every tasks partition"
     );
+    tasks
+}
 
-    // A second router takes some partitions (and asks about their tasks), then leaves.
-    let second = start().await;
-    eventually(WAIT, "the second router to ask about its tasks", || async {
-        let theirs = second.metrics.llm_pending.get() as u32;
-        (owned(&second) > 0
-            && restored(&second) == owned(&second) as u64
-            && theirs > 0
-            && fake.total() == 20 + theirs)
-            .then_some(theirs)
-    })
+/// Starts a second router on `fake`'s endpoint and waits until it owns some partitions and has
+/// asked about their tasks; returns how many partitions it restored and how many tasks it asked
+/// about.
+async fn second_router(
+    kafka: &KafkaConfig,
+    workflow: &Workflow,
+    fake: &FakeLlm,
+) -> (RunningRouter, u64, u32) {
+    let second = patient_router(kafka, workflow, &fake.url).await;
+    let theirs = eventually(
+        Duration::from_secs(60),
+        "the second router to ask about its tasks",
+        || async {
+            let owned = second.metrics.partitions.get();
+            let theirs = second.metrics.llm_pending.get() as u32;
+            (owned > 0
+                && second.metrics.partitions_restored.get() == owned as u64
+                && theirs > 0
+                && fake.total() == theirs)
+                .then_some(theirs)
+        },
+    )
     .await;
-    let (moved, given) = (fake.total() - 20, restored(&second));
+    let given = second.metrics.partitions_restored.get();
+    (second, given, theirs)
+}
+
+/// Stops `second` and waits until `first` owns all 3 partitions again, `given` of them restored
+/// a second time.
+async fn give_back(first: &RunningRouter, second: RunningRouter, given: u64) {
     second.stop().await;
-    eventually(WAIT, "the partitions to come back", || async {
-        (owned(&first) == 3 && restored(&first) == 3 + given).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the partitions to come back",
+        || async {
+            (first.metrics.partitions.get() == 3
+                && first.metrics.partitions_restored.get() == 3 + given)
+                .then_some(())
+        },
+    )
     .await;
-    open.send(true).unwrap();
-    for id in &tasks {
-        resolution(&kafka, id, WAIT).await;
+}
+
+/// Waits until every one of `tasks` is decided; checks each was decided once and the endpoint
+/// `fake` was asked about each once.
+async fn each_decided_once(kafka: &KafkaConfig, tasks: &[String], fake: &FakeLlm) {
+    for id in tasks {
+        resolution(kafka, id, Duration::from_secs(60)).await;
     }
-    let resolutions = state_events(&kafka)
-        .into_iter()
-        .filter(|e| e.llm.is_some())
-        .count();
-    assert_eq!(resolutions, 20, "each decision recorded once");
+    assert_eq!(llm_resolutions(kafka), 20, "each decision recorded once");
     assert_eq!(
         fake.total(),
-        20 + moved,
+        20,
         "the first router asked nothing again: {:?}",
         fake.all()
     );
+}
+
+/// The decisions recorded with an LLM call.
+fn llm_resolutions(kafka: &KafkaConfig) -> usize {
+    state_events(kafka)
+        .iter()
+        .filter(|e| e.llm.is_some())
+        .count()
+}
+
+/// A question in flight when its partition moves to another router and back is answered once:
+/// the router it comes back to uses the answer it is still waiting for instead of asking again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_question_in_flight_is_not_asked_again_when_its_partition_comes_back() {
+    let kafka = kafka("llm-comeback");
+    let workflow = setup_faults(&kafka).await;
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let fake = gated(gate.clone()).await;
+    let second_fake = gated(gate).await;
+    let first = patient_router(&kafka, &workflow, &fake.url).await;
+    let tasks = twenty_questions(&kafka, &fake, "back").await;
+    let (second, given, moved) = second_router(&kafka, &workflow, &second_fake).await;
+    give_back(&first, second, given).await;
+    open.send(true).unwrap();
+    each_decided_once(&kafka, &tasks, &fake).await;
+    assert_eq!(second_fake.total(), moved);
+    first.stop().await;
+}
+
+/// An answer that comes while its partition is with another router is kept and used when the
+/// partition comes back, instead of asking again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_that_came_while_its_partition_was_away_is_used_when_it_comes_back() {
+    let kafka = kafka("llm-away");
+    let workflow = setup_faults(&kafka).await;
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let fake = gated(gate).await;
+    // The second router's endpoint never answers: only the first's answers can decide.
+    let (_never_opened, closed) = tokio::sync::watch::channel(false);
+    let silent = gated(closed).await;
+    let first = patient_router(&kafka, &workflow, &fake.url).await;
+    let tasks = twenty_questions(&kafka, &fake, "away").await;
+    let (second, given, moved) = second_router(&kafka, &workflow, &silent).await;
+    open.send(true).unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the first router's partitions decided, the others' answers kept",
+        || async {
+            (first.metrics.llm_pending.get() == 0 && llm_resolutions(&kafka) == 20 - moved as usize)
+                .then_some(())
+        },
+    )
+    .await;
+    give_back(&first, second, given).await;
+    each_decided_once(&kafka, &tasks, &fake).await;
+    assert_eq!(silent.total(), moved);
     first.stop().await;
 }
 

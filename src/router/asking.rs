@@ -1,11 +1,15 @@
-//! LLM questions in flight: what each one is about, so that an answer is applied only to the
-//! decision it was asked for.
+//! LLM questions in flight and answers waiting for their partition: what each one is about, so
+//! that an answer is applied only to the decision it was asked for.
 //!
-//! A question outlives its partition's ownership: when a partition is revoked (a rebalance, an
-//! expired session, a producer started over) and comes back to the same instance while the
-//! question is still being asked, the answer is used instead of asking the model again (a call
-//! costs time and money). An answer whose task waits on another question by then (another owner
-//! decided meanwhile and the task moved on), or no longer waits, is dropped.
+//! A question outlives its partition's ownership. When a partition is revoked (a rebalance, an
+//! expired session, a producer started over) and comes back to the same instance, its tasks are
+//! not asked about again: a question still in flight is awaited, and an answer that came while
+//! the partition was away is used (a model call costs time and money). An answer whose task
+//! waits on another question by then (another owner decided meanwhile and the task moved on), or
+//! no longer waits, is dropped; so is one whose partition has not come back within [`PARKED_FOR`].
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use crate::envelope::LlmRecord;
 use crate::state::Awaiting;
@@ -52,6 +56,57 @@ pub(super) struct Answer {
     pub(super) call: LlmRecord,
 }
 
+/// How long an answer whose partition is not owned is kept for the partition's return.
+pub(super) const PARKED_FOR: Duration = Duration::from_secs(600);
+
+/// The questions this instance is asking and the answers it holds for partitions it does not
+/// own now, by partition and task.
+#[derive(Default)]
+pub(super) struct Questions {
+    asking: HashSet<(i32, String)>,
+    parked: HashMap<(i32, String), (Instant, Answer)>,
+}
+
+impl Questions {
+    /// Starts asking about `task_id` of `p`: `false` when it is being asked already.
+    pub(super) fn start(&mut self, p: i32, task_id: &str) -> bool {
+        self.asking.insert((p, task_id.to_string()))
+    }
+
+    /// The answer held for `task_id` of `p` if it answers the question the task waits on
+    /// (`awaiting`, under `epoch`); an answer to another question is dropped.
+    pub(super) fn parked(
+        &mut self,
+        p: i32,
+        task_id: &str,
+        awaiting: &Awaiting,
+        epoch: Option<i64>,
+    ) -> Option<Answer> {
+        let (_, answer) = self.parked.remove(&(p, task_id.to_string()))?;
+        answer.question.asked_by(awaiting, epoch).then_some(answer)
+    }
+
+    /// `answer` came back: it is no longer being asked.
+    pub(super) fn answered(&mut self, answer: &Answer) {
+        self.asking
+            .remove(&(answer.partition, answer.task_id.clone()));
+    }
+
+    /// Keeps `answer`, whose partition is not owned, for the partition's return; drops the
+    /// answers kept longer than [`PARKED_FOR`].
+    pub(super) fn park(&mut self, answer: Answer, now: Instant) {
+        self.parked
+            .retain(|_, (at, _)| now.duration_since(*at) < PARKED_FOR);
+        let key = (answer.partition, answer.task_id.clone());
+        self.parked.insert(key, (now, answer));
+    }
+
+    /// Questions being asked.
+    pub(super) fn pending(&self) -> usize {
+        self.asking.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +140,47 @@ mod tests {
         let asked = Question::of(&awaiting("triage", None), Some(3));
         assert!(asked.asked_by(&awaiting("triage", None), Some(3)));
         assert!(!asked.asked_by(&awaiting("triage", None), Some(4)));
+    }
+
+    fn answer(task_id: &str, asked: &Awaiting) -> Answer {
+        Answer {
+            partition: 1,
+            task_id: task_id.into(),
+            question: Question::of(asked, Some(3)),
+            call: LlmRecord::default(),
+        }
+    }
+
+    #[test]
+    fn a_parked_answer_is_used_once_and_only_for_its_question() {
+        let (asked, now) = (awaiting("triage", Some(7)), Instant::now());
+        let mut questions = Questions::default();
+        assert!(questions.start(1, "a"));
+        assert!(!questions.start(1, "a"), "asked once at a time");
+        questions.answered(&answer("a", &asked));
+        assert_eq!(questions.pending(), 0);
+        questions.park(answer("a", &asked), now);
+        questions.park(answer("b", &asked), now);
+        assert!(questions.parked(1, "a", &asked, Some(5)).is_some());
+        assert!(
+            questions.parked(1, "a", &asked, Some(5)).is_none(),
+            "used once"
+        );
+        let moved_on = awaiting("triage", Some(12));
+        assert!(questions.parked(1, "b", &moved_on, Some(5)).is_none());
+        assert!(
+            questions.parked(1, "b", &asked, Some(5)).is_none(),
+            "an answer to another question is dropped"
+        );
+    }
+
+    #[test]
+    fn parked_answers_are_dropped_after_a_while() {
+        let (asked, then) = (awaiting("triage", Some(7)), Instant::now());
+        let mut questions = Questions::default();
+        questions.park(answer("old", &asked), then);
+        questions.park(answer("new", &asked), then + PARKED_FOR);
+        assert!(questions.parked(1, "old", &asked, None).is_none());
+        assert!(questions.parked(1, "new", &asked, None).is_some());
     }
 }

@@ -29,7 +29,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use super::asking::{Answer, Question};
+use super::asking::{Answer, Question, Questions};
 use super::engine::{work_item_ref, Engine, Outcome};
 use super::guard::Raw;
 use super::inbox::{Inbox, RebalanceContext, RebalanceEvent, TasksConsumer};
@@ -241,9 +241,8 @@ pub struct Router {
     llm: Option<Arc<LlmClient>>,
     answers: mpsc::UnboundedSender<Answer>,
     answers_rx: Option<mpsc::UnboundedReceiver<Answer>>,
-    /// LLM questions in flight, by partition and task, whether the partition is still owned or
-    /// not (see [`super::asking`]).
-    asking: HashSet<(i32, String)>,
+    /// LLM questions in flight, and answers held for partitions not owned now.
+    questions: Questions,
     /// Largest record the producer writes (`message.max.bytes`): dead letters are cut to fit.
     max_record: usize,
     /// Exactly-once: records the broker refused in aborted transactions, to decide again.
@@ -376,7 +375,7 @@ impl Router {
             llm,
             answers,
             answers_rx: Some(answers_rx),
-            asking: HashSet::new(),
+            questions: Questions::default(),
             refused: Refusals::default(),
             store,
             schedule: Schedule::new(config.snapshots.clone()),
@@ -944,7 +943,7 @@ impl Router {
 
     /// Drops what this instance holds of partitions `parts`: their state, timers, snapshot
     /// schedule and queued records. LLM questions in flight go on: their answers are used if
-    /// the partitions come back meanwhile.
+    /// the partitions come back (see [`super::asking`]).
     fn forget(&mut self, parts: &[i32]) {
         self.inbox.remove(parts);
         for p in parts {
@@ -1209,7 +1208,8 @@ impl Router {
 
     /// Asks the LLM about `task_id`'s pending decision in the background; the answer comes back
     /// through the answers channel. A task already being asked about is not asked again before
-    /// that answer comes back.
+    /// that answer comes back, and one whose answer came while its partition was away is
+    /// answered with it.
     fn ask(&mut self, p: i32, task_id: String) {
         let Some(state) = self.partitions.get(&p) else {
             return;
@@ -1217,7 +1217,12 @@ impl Router {
         let Some(awaiting) = state.tasks.get(&task_id).and_then(|t| t.awaiting.as_ref()) else {
             return;
         };
-        if !self.asking.insert((p, task_id.clone())) {
+        if !self.questions.start(p, &task_id) {
+            return;
+        }
+        if let Some(answer) = self.questions.parked(p, &task_id, awaiting, state.epoch) {
+            tracing::info!(partition = p, %task_id, "using the LLM answer that came while the partition was away");
+            let _ = self.answers.send(answer);
             return;
         }
         let task = &state.tasks[&task_id];
@@ -1232,7 +1237,9 @@ impl Router {
             _ => None,
         };
         let (question, answers) = (Question::of(awaiting, state.epoch), self.answers.clone());
-        self.metrics.llm_pending.set(self.asking.len() as i64);
+        self.metrics
+            .llm_pending
+            .set(self.questions.pending() as i64);
         // The LLM call continues the trace of the decision that asked.
         let span = tracing::info_span!("ask_llm", task_id = %task_id);
         if let Some(parent) = task.trace.as_deref() {
@@ -1258,21 +1265,28 @@ impl Router {
     }
 
     /// Records the LLM's answers as decisions, decides the events queued behind them, and writes
-    /// it all. An answer is applied only while its task waits on the question it answers: answers
-    /// for partitions no longer owned are dropped (the new owner asks again), and a task that
-    /// waits on another question by now is asked that one.
+    /// it all. An answer is applied only while its task waits on the question it answers: an
+    /// answer for a partition not owned now is kept for its return (see [`super::asking`]), and
+    /// a task that waits on another question by now is asked that one.
     async fn resolve(&mut self, answers: Vec<Answer>) -> Result<()> {
         self.drain().await?;
         let mut out = Decided::default();
         let mut taken = Vec::new();
         for answer in answers {
             let p = answer.partition;
-            self.asking.remove(&(p, answer.task_id.clone()));
-            let current = self.partitions.get(&p).and_then(|state| {
-                let awaiting = state.tasks.get(&answer.task_id)?.awaiting.as_ref()?;
-                let asked = answer.question.asked_by(awaiting, state.epoch);
-                Some((asked, awaiting.input.clone()))
-            });
+            self.questions.answered(&answer);
+            let Some(state) = self.partitions.get(&p) else {
+                self.questions.park(answer, Instant::now());
+                continue;
+            };
+            let current = state
+                .tasks
+                .get(&answer.task_id)
+                .and_then(|t| t.awaiting.as_ref())
+                .map(|awaiting| {
+                    let asked = answer.question.asked_by(awaiting, state.epoch);
+                    (asked, awaiting.input.clone())
+                });
             let asked_at = match current {
                 None => continue,
                 Some((false, _)) => {
@@ -1293,14 +1307,15 @@ impl Router {
             self.emit_all(p, steps, asked_at, &mut out).await?;
             taken.push(answer);
         }
-        self.metrics.llm_pending.set(self.asking.len() as i64);
+        self.metrics
+            .llm_pending
+            .set(self.questions.pending() as i64);
         if out.states.is_empty() {
             return Ok(());
         }
         if self.write(out, None).await?.is_some() {
             for answer in taken {
-                self.asking
-                    .insert((answer.partition, answer.task_id.clone()));
+                self.questions.start(answer.partition, &answer.task_id);
                 let _ = self.answers.send(answer);
             }
         }
