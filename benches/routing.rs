@@ -5,7 +5,9 @@
 //! `benches/fixtures/one-work-item.yaml`), and (c) the router's records alone: the same records per
 //! event (a state record, acknowledged, then one or two work items) written by a bare forwarder
 //! that decides nothing, what the broker and the client charge for the records themselves, the most
-//! any router writing them could reach. Rates are measured from the first record handled to the
+//! any router writing them could reach, and the same with one state record per partition and batch
+//! instead of one per event (what a router recording a batch's decisions together could reach; the
+//! state topic's format records one decision per record today). Rates are measured from the first record handled to the
 //! last one acknowledged (every writer's first write is made and acknowledged before, see
 //! [`warm`]); the router's start-up is printed apart. Each run also prints this process's CPU time
 //! per event (all threads, the broker's not counted): the figure to compare when changing what the
@@ -32,13 +34,17 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use futures::future::join_all;
+use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use switchyard::envelope::{EventKind, TaskEvent};
 use switchyard::kafka::KafkaConfig;
 use switchyard::metrics::RouterMetrics;
+use switchyard::router::service::DEFAULT_MAX_BATCH;
 use switchyard::router::{ConsistencyMode, Router, RouterConfig};
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
@@ -160,6 +166,37 @@ where
     started.unwrap().end(events)
 }
 
+/// Like [`forwarded`], a batch at a time: the records already read (up to the router's default
+/// batch, [`DEFAULT_MAX_BATCH`]), given to `handle` as their partitions and keys.
+async fn forwarded_in_batches<F>(
+    kafka: &KafkaConfig,
+    name: &str,
+    events: usize,
+    handle: impl Fn(Vec<(i32, Vec<u8>)>) -> F,
+) -> Measured
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let consumer = tasks_reader(kafka, name);
+    let of = |m: BorrowedMessage<'_>| (m.partition(), m.key().unwrap_or_default().to_vec());
+    let mut started = None;
+    let (mut read, mut pending) = (0, Vec::new());
+    while read < events {
+        let mut batch = vec![of(consumer.recv().await.unwrap())];
+        started.get_or_insert_with(Measure::start);
+        while batch.len() < DEFAULT_MAX_BATCH && read + batch.len() < events {
+            match consumer.recv().now_or_never() {
+                Some(m) => batch.push(of(m.unwrap())),
+                None => break,
+            }
+        }
+        read += batch.len();
+        pending.push(tokio::spawn(handle(batch)));
+    }
+    join_all(pending).await;
+    started.unwrap().end(events)
+}
+
 /// Sends one record to each of `topics` and waits for it: a fresh producer's first write
 /// otherwise now and then waits about a second (its producer id, the topic's metadata), which a
 /// run of 100,000 records would count.
@@ -264,6 +301,44 @@ impl Records {
             }
         }
     }
+
+    /// Writes one state record per partition of `batch`, as large as its events' state records
+    /// together, then, once they are acknowledged, `works` work items per event, acknowledged.
+    async fn write_batch(self, batch: Vec<(i32, Vec<u8>)>, works: usize) {
+        let mut events: BTreeMap<i32, usize> = BTreeMap::new();
+        for (p, _) in &batch {
+            *events.entry(*p).or_default() += 1;
+        }
+        let states: Vec<_> = events
+            .iter()
+            .map(|(p, n)| {
+                let payload = vec![b's'; STATE_BYTES * n];
+                let state = FutureRecord::to(&self.state)
+                    .partition(*p)
+                    .key("")
+                    .payload(&payload);
+                self.producer
+                    .send_result(state)
+                    .map_err(|(e, _)| e)
+                    .unwrap()
+            })
+            .collect();
+        for delivery in join_all(states).await {
+            delivery.unwrap().map_err(|(e, _)| e).unwrap();
+        }
+        let mut deliveries = Vec::with_capacity(batch.len() * works);
+        for (_, key) in &batch {
+            for topic in &self.agents[..works] {
+                let work = FutureRecord::to(topic)
+                    .key(key)
+                    .payload(&[b'w'; WORK_BYTES]);
+                deliveries.push(self.producer.send_result(work).map_err(|(e, _)| e).unwrap());
+            }
+        }
+        for delivery in join_all(deliveries).await {
+            delivery.unwrap().map_err(|(e, _)| e).unwrap();
+        }
+    }
 }
 
 /// The router's records for each event without its decisions ([`Records`]), acknowledged: what
@@ -276,6 +351,19 @@ async fn records_alone(kafka: &KafkaConfig, events: usize, works: usize) -> Meas
     forwarded(kafka, "records", events, |m| {
         let key = m.key().unwrap_or_default().to_vec();
         records.clone().write(key, works, true)
+    })
+    .await
+}
+
+/// [`records_alone`] with one state record per partition and batch instead of one per event
+/// ([`Records::write_batch`]): what a router that recorded a batch's decisions in one record per
+/// partition could reach (the state topic's format does not allow it today).
+async fn records_batched(kafka: &KafkaConfig, events: usize, works: usize) -> Measured {
+    let records = Records::new(kafka);
+    let topics = [&records.state].into_iter().chain(&records.agents);
+    warm(&records.producer, topics).await;
+    forwarded_in_batches(kafka, "records-batched", events, |batch| {
+        records.clone().write_batch(batch, works)
     })
     .await
 }
@@ -740,6 +828,8 @@ enum Run {
     /// The records a router run writes per event (a state record, then this many work items),
     /// written without deciding: [`records_alone`].
     Records(usize),
+    /// The same with one state record per partition and batch: [`records_batched`].
+    RecordsBatched(usize),
 }
 
 impl Run {
@@ -750,6 +840,7 @@ impl Run {
             Run::Router(mode, interval) => format!("router {mode} {}ms", interval.as_millis()),
             Run::OneItem => "router effectively-once, 1 item".into(),
             Run::Records(works) => format!("its records alone, 1 + {works}"),
+            Run::RecordsBatched(works) => format!("records, state batched, 1 + {works}"),
         }
     }
 
@@ -799,9 +890,13 @@ async fn run() {
     };
     let mut runs = vec![Run::Passthrough, effectively];
     match mode {
-        ConsistencyMode::EffectivelyOnce => {
-            runs.extend([Run::OneItem, Run::Records(2), Run::Records(1)])
-        }
+        ConsistencyMode::EffectivelyOnce => runs.extend([
+            Run::OneItem,
+            Run::Records(2),
+            Run::Records(1),
+            Run::RecordsBatched(2),
+            Run::RecordsBatched(1),
+        ]),
         ConsistencyMode::ExactlyOnce => {
             for ms in [10, 100, 1000] {
                 runs.push(Run::Router(mode, Duration::from_millis(ms)));
@@ -821,13 +916,16 @@ async fn run() {
             );
             let size = prepare(&kafka, &workflow, events).await;
             let routed = match *run {
-                Run::Passthrough | Run::Records(_) => None,
+                Run::Passthrough | Run::Records(_) | Run::RecordsBatched(_) => None,
                 Run::Router(mode, interval) => Some((&workflow, mode, interval)),
                 Run::OneItem => Some((&one_item, ConsistencyMode::EffectivelyOnce, Duration::ZERO)),
             };
             let (measured, startup) = match (routed, *run) {
                 (None, Run::Records(works)) => {
                     (records_alone(&kafka, events, works).await, String::new())
+                }
+                (None, Run::RecordsBatched(works)) => {
+                    (records_batched(&kafka, events, works).await, String::new())
                 }
                 (None, _) => (passthrough(&kafka, events).await, String::new()),
                 (Some((table, mode, interval)), _) => {
