@@ -6,7 +6,8 @@
 //! not asked about again: a question still in flight is awaited, and an answer that came while
 //! the partition was away is used (a model call costs time and money). An answer whose task
 //! waits on another question by then (another owner decided meanwhile and the task moved on), or
-//! no longer waits, is dropped; so is one whose partition has not come back within [`PARKED_FOR`].
+//! no longer waits, is dropped; so is one whose partition has not come back within about
+//! [`PARKED_FOR`].
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -65,7 +66,13 @@ pub(super) const PARKED_FOR: Duration = Duration::from_secs(600);
 pub(super) struct Questions {
     asking: HashSet<(i32, String)>,
     parked: HashMap<(i32, String), (Instant, Answer)>,
+    /// When the parked answers were last swept for old ones.
+    swept: Option<Instant>,
 }
+
+/// How often the parked answers are swept: a sweep reads them all, and thousands can be parked
+/// at once when a busy partition is revoked.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 impl Questions {
     /// Starts asking about `task_id` of `p`: `false` when it is being asked already.
@@ -93,10 +100,16 @@ impl Questions {
     }
 
     /// Keeps `answer`, whose partition is not owned, for the partition's return; drops the
-    /// answers kept longer than [`PARKED_FOR`].
+    /// answers kept longer than [`PARKED_FOR`] (swept at most once a minute).
     pub(super) fn park(&mut self, answer: Answer, now: Instant) {
-        self.parked
-            .retain(|_, (at, _)| now.duration_since(*at) < PARKED_FOR);
+        if self
+            .swept
+            .is_none_or(|swept| now.duration_since(swept) >= SWEEP_EVERY)
+        {
+            self.parked
+                .retain(|_, (at, _)| now.duration_since(*at) < PARKED_FOR);
+            self.swept = Some(now);
+        }
         let key = (answer.partition, answer.task_id.clone());
         self.parked.insert(key, (now, answer));
     }
