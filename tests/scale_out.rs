@@ -38,9 +38,12 @@ async fn routers_killed_in_turn_and_one_added_lose_and_duplicate_nothing() {
     let mut next = 3;
     for turn in 0..3 {
         let target = TASKS * (turn + 1) / 5;
-        eventually(WAIT, &format!("{target} tasks to complete"), || async {
-            (completed_tasks(&kafka) >= target).then_some(())
-        })
+        eventually_or_report(
+            WAIT,
+            &format!("{target} tasks to complete"),
+            || async { (completed_tasks(&kafka) >= target).then_some(()) },
+            || stall::report(&kafka),
+        )
         .await;
         routers[turn].kill().unwrap();
         routers[turn].wait().unwrap();
@@ -51,9 +54,12 @@ async fn routers_killed_in_turn_and_one_added_lose_and_duplicate_nothing() {
             next += 1;
         }
     }
-    eventually(WAIT, "every task to complete", || async {
-        (completed_tasks(&kafka) >= TASKS).then_some(())
-    })
+    eventually_or_report(
+        WAIT,
+        "every task to complete",
+        || async { (completed_tasks(&kafka) >= TASKS).then_some(()) },
+        || stall::report(&kafka),
+    )
     .await;
     for router in &mut routers {
         router.kill().unwrap();

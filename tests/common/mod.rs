@@ -26,6 +26,7 @@ use switchyard::workflow::Workflow;
 use tokio::sync::watch;
 
 pub mod llm;
+pub mod stall;
 
 /// Logs to the test output when `RUST_LOG` is set.
 pub fn logging() {
@@ -199,7 +200,21 @@ pub async fn replay_all(kafka: &KafkaConfig, engine: &Engine) -> Report {
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    eventually_or_report(timeout, what, check, String::new).await
+}
+
+/// [`eventually`], with what `report` says in the panic message.
+pub async fn eventually_or_report<T, F, Fut>(
+    timeout: Duration,
+    what: &str,
+    mut check: F,
+    report: impl FnOnce() -> String,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -209,10 +224,12 @@ where
         if let Some(t) = check().await {
             return t;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                report()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
