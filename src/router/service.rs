@@ -1081,14 +1081,16 @@ impl Router {
                 message: "the transaction deciding queued events aborted".into(),
             });
         }
-        let reasked = asks.len();
-        for (p, id) in asks {
-            self.ask(p, id);
-        }
-        if reasked > 0 {
+        let awaiting = asks.len();
+        let reasked = asks
+            .into_iter()
+            .filter(|(p, id)| self.ask(*p, id.clone()))
+            .count();
+        if awaiting > 0 {
             tracing::info!(
+                awaiting,
                 reasked,
-                "asked the LLM again for decisions that were never recorded"
+                "decisions waiting for the LLM: asked again where no question was in flight or answered"
             );
         }
         self.inbox.split(consumer, &self.topics.tasks(), &parts);
@@ -1209,21 +1211,21 @@ impl Router {
     /// Asks the LLM about `task_id`'s pending decision in the background; the answer comes back
     /// through the answers channel. A task already being asked about is not asked again before
     /// that answer comes back, and one whose answer came while its partition was away is
-    /// answered with it.
-    fn ask(&mut self, p: i32, task_id: String) {
+    /// answered with it. Returns whether the model is asked.
+    fn ask(&mut self, p: i32, task_id: String) -> bool {
         let Some(state) = self.partitions.get(&p) else {
-            return;
+            return false;
         };
         let Some(awaiting) = state.tasks.get(&task_id).and_then(|t| t.awaiting.as_ref()) else {
-            return;
+            return false;
         };
         if !self.questions.start(p, &task_id) {
-            return;
+            return false;
         }
         if let Some(answer) = self.questions.parked(p, &task_id, awaiting, state.epoch) {
-            tracing::info!(partition = p, %task_id, "using the LLM answer that came while the partition was away");
+            tracing::debug!(partition = p, %task_id, "using the LLM answer that came while the partition was away");
             let _ = self.answers.send(answer);
-            return;
+            return false;
         }
         let task = &state.tasks[&task_id];
         let asked = match (self.engine.rules.rule(&awaiting.rule_id), &self.llm) {
@@ -1262,6 +1264,7 @@ impl Router {
             });
         };
         tokio::spawn(asking.instrument(span));
+        true
     }
 
     /// Records the LLM's answers as decisions, decides the events queued behind them, and writes
