@@ -694,9 +694,14 @@ pub async fn submit_until_one_completes(kafka: &KafkaConfig, prefix: &str) -> us
 
 /// A consumer with `kafka`'s settings that reads what it is assigned and commits nothing.
 fn reader(kafka: &KafkaConfig) -> BaseConsumer {
+    reader_in(kafka, "switchyard-test-reader")
+}
+
+/// [`reader`] as a member of `group` (whose committed offsets it can ask for), without joining it.
+pub fn reader_in(kafka: &KafkaConfig, group: &str) -> BaseConsumer {
     let mut config = kafka.client_config();
     config
-        .set("group.id", "switchyard-test-reader")
+        .set("group.id", group)
         .set("enable.auto.commit", "false");
     config.create().unwrap()
 }

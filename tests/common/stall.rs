@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::TopicPartitionList;
 use switchyard::envelope::Decision;
 use switchyard::kafka::KafkaConfig;
 
-use super::state_events;
+use super::{reader_in, state_events};
 
 /// The report: open tasks by tasks partition and the card of their latest step, then each
 /// partition's high watermark against the offset its readers committed, for the tasks topic (the
@@ -66,14 +66,7 @@ pub fn report(kafka: &KafkaConfig) -> String {
 
 /// Each partition's high watermark and the offset `group` committed.
 fn positions(kafka: &KafkaConfig, topic: &str, group: &str) -> String {
-    let mut config = kafka.client_config();
-    config
-        .set("group.id", group)
-        .set("enable.auto.commit", "false");
-    let consumer: BaseConsumer = match config.create() {
-        Ok(c) => c,
-        Err(e) => return format!("no consumer: {e}"),
-    };
+    let consumer = reader_in(kafka, group);
     let Ok(partitions) = kafka.partition_count(topic) else {
         return "no metadata".into();
     };
