@@ -7,18 +7,18 @@
 //! that decides nothing, what the broker and the client charge for the records themselves, the most
 //! any router writing them could reach, and the same with one state record per partition and batch
 //! instead of one per event (what a router recording a batch's decisions together could reach; the
-//! state topic's format records one decision per record today). Rates are measured from the first record handled to the
-//! last one acknowledged (every writer's first write is made and acknowledged before, see
-//! [`warm`]); the router's start-up is printed apart. Each run also prints this process's CPU time
-//! per event (all threads, the broker's not counted): the figure to compare when changing what the
-//! router does per event (a busy machine raises it too, though less than it lowers the rates). Each
-//! run starts from a fresh broker (a long-lived nisshi slows down as topics accumulate); the runs
-//! alternate, [`ROUNDS`] times each; prints events/s, the medians and their ratios (the median: the
-//! machine's load moves single runs). Then (d) the latency from a task event's send to the arrival
-//! of its first work item at a consumer, both on this process's clock, at half the router's median
-//! rate, through the router and, as baselines, through a bare forwarder and through the forwarder
-//! of the router's records (state first), alternated [`LATENCY_ROUNDS`] times: p50, p99, max, each
-//! split at the work item's timestamp, and the median p99s.
+//! state topic's format records one decision per record today). Rates are measured from the first
+//! record handled to the last one acknowledged (every writer's first write is made and acknowledged
+//! before, see [`warm`]); the router's start-up is printed apart. Each run also prints this
+//! process's CPU time per event (all threads, the broker's not counted): the figure to compare when
+//! changing what the router does per event (a busy machine raises it too, though less than it
+//! lowers the rates). Each run starts from a fresh broker (a long-lived nisshi slows down as topics
+//! accumulate); the runs alternate, [`ROUNDS`] times each; prints events/s, the medians and their
+//! ratios (the median: the machine's load moves single runs). Then (d) the latency from a task
+//! event's send to the arrival of its first work item at a consumer, both on this process's clock,
+//! at half the router's median rate, through the router and, as baselines, through a bare forwarder
+//! and through the forwarder of the router's records (state first), alternated [`LATENCY_ROUNDS`]
+//! times: p50, p99, max, each split at the work item's timestamp, and the median p99s.
 //! Run with `scripts/bench-routing`.
 //!
 //! `BENCH_MODE=effectively-once` (default) starts a fresh nisshi for each throughput run on
@@ -31,16 +31,15 @@
 //! the two runs the router in exactly-once mode at commit intervals of 10, 100 and 1,000 ms, with
 //! their ratios to the effectively-once router on the same broker.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-use std::collections::BTreeMap;
 
 use futures::future::join_all;
 use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use switchyard::envelope::{EventKind, TaskEvent};
 use switchyard::kafka::KafkaConfig;
 use switchyard::metrics::RouterMetrics;
@@ -279,6 +278,14 @@ impl Records {
         }
     }
 
+    /// Records for `kafka`'s topics, each topic written once and acknowledged ([`warm`]).
+    async fn warmed(kafka: &KafkaConfig) -> Self {
+        let records = Self::new(kafka);
+        let topics = [&records.state].into_iter().chain(&records.agents);
+        warm(&records.producer, topics).await;
+        records
+    }
+
     /// Writes `works` work items keyed `key` after the state record; waits for their
     /// acknowledgements when `acked`.
     async fn write(self, key: Vec<u8>, works: usize, acked: bool) {
@@ -288,17 +295,10 @@ impl Records {
             .payload(&[b's'; STATE_BYTES]);
         let sent = self.producer.send(state, timeout).await;
         sent.map_err(|(e, _)| e).unwrap();
-        let sends = self.agents[..works].iter().map(|topic| {
-            let work = FutureRecord::to(topic)
-                .key(&key)
-                .payload(&[b'w'; WORK_BYTES]);
-            self.producer.send_result(work).map_err(|(e, _)| e).unwrap()
-        });
-        let deliveries: Vec<_> = sends.collect();
+        let mut deliveries = Vec::with_capacity(works);
+        self.send_works(&key, works, &mut deliveries);
         if acked {
-            for delivery in join_all(deliveries).await {
-                delivery.unwrap().map_err(|(e, _)| e).unwrap();
-            }
+            acknowledged(deliveries).await;
         }
     }
 
@@ -309,7 +309,7 @@ impl Records {
         for (p, _) in &batch {
             *events.entry(*p).or_default() += 1;
         }
-        let states: Vec<_> = events
+        let states = events
             .iter()
             .map(|(p, n)| {
                 let payload = vec![b's'; STATE_BYTES * n];
@@ -323,21 +323,29 @@ impl Records {
                     .unwrap()
             })
             .collect();
-        for delivery in join_all(states).await {
-            delivery.unwrap().map_err(|(e, _)| e).unwrap();
-        }
+        acknowledged(states).await;
         let mut deliveries = Vec::with_capacity(batch.len() * works);
         for (_, key) in &batch {
-            for topic in &self.agents[..works] {
-                let work = FutureRecord::to(topic)
-                    .key(key)
-                    .payload(&[b'w'; WORK_BYTES]);
-                deliveries.push(self.producer.send_result(work).map_err(|(e, _)| e).unwrap());
-            }
+            self.send_works(key, works, &mut deliveries);
         }
-        for delivery in join_all(deliveries).await {
-            delivery.unwrap().map_err(|(e, _)| e).unwrap();
+        acknowledged(deliveries).await;
+    }
+
+    /// Hands `works` work items keyed `key` to the producer, their deliveries added to `into`.
+    fn send_works(&self, key: &[u8], works: usize, into: &mut Vec<DeliveryFuture>) {
+        for topic in &self.agents[..works] {
+            let work = FutureRecord::to(topic)
+                .key(key)
+                .payload(&[b'w'; WORK_BYTES]);
+            into.push(self.producer.send_result(work).map_err(|(e, _)| e).unwrap());
         }
+    }
+}
+
+/// Waits for `deliveries`; each must be acknowledged.
+async fn acknowledged(deliveries: Vec<DeliveryFuture>) {
+    for delivery in join_all(deliveries).await {
+        delivery.unwrap().map_err(|(e, _)| e).unwrap();
     }
 }
 
@@ -345,9 +353,7 @@ impl Records {
 /// the broker and the client charge for the records alone, the most a router that writes them
 /// could reach.
 async fn records_alone(kafka: &KafkaConfig, events: usize, works: usize) -> Measured {
-    let records = Records::new(kafka);
-    let topics = [&records.state].into_iter().chain(&records.agents);
-    warm(&records.producer, topics).await;
+    let records = Records::warmed(kafka).await;
     forwarded(kafka, "records", events, |m| {
         let key = m.key().unwrap_or_default().to_vec();
         records.clone().write(key, works, true)
@@ -359,9 +365,7 @@ async fn records_alone(kafka: &KafkaConfig, events: usize, works: usize) -> Meas
 /// ([`Records::write_batch`]): what a router that recorded a batch's decisions in one record per
 /// partition could reach (the state topic's format does not allow it today).
 async fn records_batched(kafka: &KafkaConfig, events: usize, works: usize) -> Measured {
-    let records = Records::new(kafka);
-    let topics = [&records.state].into_iter().chain(&records.agents);
-    warm(&records.producer, topics).await;
+    let records = Records::warmed(kafka).await;
     forwarded_in_batches(kafka, "records-batched", events, |batch| {
         records.clone().write_batch(batch, works)
     })
