@@ -1,18 +1,19 @@
-//! Routing throughput, in one invocation:
-//! (a) a bare rdkafka consume→produce passthrough over the same records, the baseline, and (b) the
-//! router deciding with the example rule table (a state event and two work items per event), and in
-//! effectively-once mode with a one-rule table too (a state event and one work item per event,
-//! `benches/fixtures/one-work-item.yaml`), and (c) the router's records alone: the same records per
-//! event (a state record, acknowledged, then one or two work items) written by a bare forwarder
-//! that decides nothing, what the broker and the client charge for the records themselves, the most
-//! any router writing them could reach, and the same with one state record per partition and batch
-//! instead of one per event (what a router recording a batch's decisions together could reach; the
-//! state topic's format records one decision per record today). Rates are measured from the first
-//! record handled to the last one acknowledged (every writer's first write is made and acknowledged
-//! before, see [`warm`]); the router's start-up is printed apart. Each run also prints this
-//! process's CPU time per event (all threads, the broker's not counted): the figure to compare when
-//! changing what the router does per event (a busy machine raises it too, though less than it
-//! lowers the rates). Each run starts from a fresh broker (a long-lived nisshi slows down as topics
+//! Routing throughput, in one invocation: (a) a bare rdkafka consume→produce passthrough over the
+//! same records, the baseline, and (b) the router deciding with the example rule table (a state
+//! event and two work items per event), and in effectively-once mode with a one-rule table too (a
+//! state event and one work item per event, `benches/fixtures/one-work-item.yaml`), and (c) the
+//! router's records alone: the same records per event (a state record, acknowledged, then one or
+//! two work items) written by a bare forwarder that decides nothing, what the broker and the client
+//! charge for the records themselves, the most any router writing them could reach, and the same
+//! with one state record per partition and batch instead of one per event (what a router recording
+//! a batch's decisions together could reach; the state topic's format records one decision per
+//! record today). Rates are measured from the first record handled to the last one acknowledged
+//! (every writer's first write is made and acknowledged before, see [`warm`]); the router's
+//! start-up is printed apart. Each run also prints this process's CPU time per event (all threads):
+//! the figure to compare when changing what the router does per event (a busy machine raises it
+//! too, though less than it lowers the rates), and the fresh broker's (`/proc/<pid>/stat` of the
+//! PID its script wrote): both share the machine's cores, so the two together are what an event
+//! costs the machine. Each run starts from a fresh broker (a long-lived nisshi slows down as topics
 //! accumulate); the runs alternate, [`ROUNDS`] times each; prints events/s, the medians and their
 //! ratios (the median: the machine's load moves single runs). Then (d) the latency from a task
 //! event's send to the arrival of its first work item at a consumer, both on this process's clock,
@@ -33,6 +34,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -210,9 +212,12 @@ async fn warm<'a>(producer: &FutureProducer, topics: impl IntoIterator<Item = &'
     }
 }
 
-/// This process's CPU time so far, all threads, user and system (`/proc/self/stat`), seconds.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+/// The PID of the fresh broker of the run under way (0: none, the caller's own broker).
+static BROKER_PID: AtomicU32 = AtomicU32::new(0);
+
+/// A process's CPU time so far, all threads, user and system (`/proc/<pid>/stat`), seconds.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // After the command (in parentheses) come the state (field 3) ... utime (14), stime (15),
     // in clock ticks of 1/100 s.
     let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
@@ -220,30 +225,52 @@ fn cpu_seconds() -> f64 {
     ticks as f64 / 100.0
 }
 
-/// A run being measured from its first record on: the wall clock and this process's CPU time.
+/// The fresh broker's CPU time so far, when the run has one.
+fn broker_cpu_seconds() -> Option<f64> {
+    match BROKER_PID.load(Ordering::Relaxed) {
+        0 => None,
+        pid => Some(cpu_seconds(&pid.to_string())),
+    }
+}
+
+/// A run being measured from its first record on: the wall clock, this process's CPU time and
+/// the fresh broker's.
 struct Measure {
     wall: Instant,
     cpu: f64,
+    broker: Option<f64>,
 }
 
 impl Measure {
     fn start() -> Self {
         Self {
             wall: Instant::now(),
-            cpu: cpu_seconds(),
+            cpu: cpu_seconds("self"),
+            broker: broker_cpu_seconds(),
         }
     }
 
     /// The run's measure, `events` handled since the start.
     fn end(&self, events: usize) -> Measured {
+        let per_event = |seconds: f64| seconds * 1e6 / events as f64;
         Measured {
             rate: events as f64 / self.wall.elapsed().as_secs_f64(),
-            cpu_us: (cpu_seconds() - self.cpu) * 1e6 / events as f64,
+            cpu_us: per_event(cpu_seconds("self") - self.cpu),
+            broker_us: self
+                .broker
+                .zip(broker_cpu_seconds())
+                .map(|(start, end)| per_event(end - start)),
         }
     }
 }
 
-/// A run's throughput and what it cost this process.
+/// CPU time per event as printed: this process's, and the broker's when it is measured.
+fn cpu(process_us: f64, broker_us: Option<f64>) -> String {
+    let broker = broker_us.map_or(String::new(), |b| format!(" + broker {b:>5.1} µs"));
+    format!("{process_us:>6.1} µs CPU/event{broker}")
+}
+
+/// A run's throughput and what it cost this process and the broker.
 #[derive(Clone, Copy)]
 struct Measured {
     /// Events per second.
@@ -251,6 +278,9 @@ struct Measured {
     /// Microseconds of this process's CPU time per event (the broker's not counted): the
     /// router's (or the baseline's) own cost.
     cpu_us: f64,
+    /// Microseconds of the fresh broker's CPU time per event (`None` on a broker of the
+    /// caller's): with `cpu_us`, what an event costs the machine, both sharing its cores.
+    broker_us: Option<f64>,
 }
 
 /// The sizes of the router's records for these events on the example table (read back from a
@@ -551,6 +581,12 @@ impl Fresh {
         // A new data directory each time: crabka keeps its log there.
         let _ = std::fs::remove_dir_all(self.home.path().join("txn-broker"));
         self.script("start");
+        let pid = self
+            .home
+            .path()
+            .join(format!("{}.pid", self.kind.scripts()));
+        let pid = std::fs::read_to_string(&pid).unwrap_or_default();
+        BROKER_PID.store(pid.trim().parse().unwrap_or(0), Ordering::Relaxed);
         format!("127.0.0.1:{}", self.port)
     }
 }
@@ -937,11 +973,12 @@ async fn run() {
                     (measured, format!(", start-up {startup:.2}s"))
                 }
             };
-            let Measured { rate, cpu_us } = measured;
             measures[i].push(measured);
             line.push_str(&format!(
-                "\n  {:<32} {rate:>8.0} events/s {cpu_us:>6.1} µs CPU/event ({size}-byte events{startup})",
-                run.name()
+                "\n  {:<32} {:>8.0} events/s {} ({size}-byte events{startup})",
+                run.name(),
+                measured.rate,
+                cpu(measured.cpu_us, measured.broker_us),
             ));
         }
         println!("{line}");
@@ -955,7 +992,7 @@ async fn run() {
         median(&m.iter().map(field).collect::<Vec<_>>())
     };
     let medians: Vec<f64> = measures.iter().map(|m| of(m, |m| m.rate)).collect();
-    println!("medians of {ROUNDS} (router: rule decisions, a state event and 2 work items per event unless said; CPU: this process's, all threads, the broker's not counted):");
+    println!("medians of {ROUNDS} (router: rule decisions, a state event and 2 work items per event unless said; CPU: this process's, all threads, then the broker's):");
     for ((run, rate), measured) in runs.iter().zip(&medians).zip(&measures) {
         let mut ratios = format!("{:.2} of the passthrough", rate / medians[0]);
         if let Run::Router(ConsistencyMode::ExactlyOnce, _) = run {
@@ -970,10 +1007,14 @@ async fn run() {
         if let Some(alone) = alone {
             ratios.push_str(&format!(", {alone:.2} of its records alone"));
         }
+        let broker = measured
+            .iter()
+            .all(|m| m.broker_us.is_some())
+            .then(|| of(measured, |m| m.broker_us.unwrap_or_default()));
         println!(
-            "  {:<32} {rate:>10.0} events/s {:>6.1} µs CPU/event   {ratios}",
+            "  {:<32} {rate:>10.0} events/s {}   {ratios}",
             run.name(),
-            of(measured, |m| m.cpu_us)
+            cpu(of(measured, |m| m.cpu_us), broker)
         );
     }
     drop(brokers);
