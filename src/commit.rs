@@ -25,6 +25,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::TopicPartitionList;
 
 use crate::kafka::{Error, KafkaConfig, Result};
+use crate::trace;
 
 /// The processing guarantee.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -116,6 +117,10 @@ pub struct Outgoing {
     pub payload: Option<Vec<u8>>,
     /// Headers.
     pub headers: Option<OwnedHeaders>,
+    /// A W3C trace context, written as a `traceparent` header after `headers`. Kept as text
+    /// until the record is handed to the producer: a header list built with the record would be
+    /// copied for the producer and then freed, for every record.
+    pub traceparent: Option<String>,
 }
 
 impl Outgoing {
@@ -141,12 +146,20 @@ impl Outgoing {
             key: key.as_bytes().to_vec(),
             payload: Some(payload),
             headers: None,
+            traceparent: None,
         }
     }
 
     /// The value of header `name`, if the record has one.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         use rdkafka::message::Headers;
+        if let Some(t) = self
+            .traceparent
+            .as_ref()
+            .filter(|_| name == trace::TRACEPARENT)
+        {
+            return Some(t.as_bytes());
+        }
         self.headers
             .as_ref()?
             .iter()
@@ -167,8 +180,12 @@ impl Outgoing {
         if let Some(p) = self.partition {
             record = record.partition(p);
         }
-        if let Some(h) = &self.headers {
-            record = record.headers(h.clone());
+        let headers = match &self.traceparent {
+            Some(t) => Some(trace::add(self.headers.clone(), t)),
+            None => self.headers.clone(),
+        };
+        if let Some(h) = headers {
+            record = record.headers(h);
         }
         record
     }

@@ -160,6 +160,7 @@ pub fn record(
         key,
         payload: value,
         headers: Some(hs),
+        traceparent: None,
     }
 }
 
@@ -287,6 +288,7 @@ pub fn stub(record: &Outgoing) -> Outgoing {
         key: record.key.clone(),
         payload: record.payload.as_ref().map(|_| Vec::new()),
         headers: Some(hs),
+        traceparent: record.traceparent.clone(),
     }
 }
 

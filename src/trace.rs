@@ -181,11 +181,6 @@ fn traceparent_of(trace_id: &[u8; 16], span_id: &[u8; 8], flags: u8) -> String {
     String::from_utf8(out.to_vec()).expect("hex digits are ASCII")
 }
 
-/// Headers that carry `traceparent`.
-pub fn headers(traceparent: &str) -> OwnedHeaders {
-    add(None, traceparent)
-}
-
 /// `headers` with `traceparent` added.
 pub fn add(headers: Option<OwnedHeaders>, traceparent: &str) -> OwnedHeaders {
     headers.unwrap_or_default().insert(Header {

@@ -1583,7 +1583,7 @@ impl Router {
         }
         let mut state_record =
             Outgoing::json(self.topics.state(), Some(p), &record.task_id, &record);
-        state_record.headers = record.trace.as_deref().map(trace::headers);
+        state_record.traceparent = record.trace.clone();
         out.states.push(state_record);
         Ok(())
     }
@@ -1619,7 +1619,7 @@ impl Router {
         let topic = self.card_topics.get(item.card).cloned().unwrap_or_default();
         let payload = self.codec.encode_work_item(&topic, item).await?;
         let mut record = Outgoing::bytes(topic, None, item.task_id, payload);
-        record.headers = trace.map(trace::headers);
+        record.traceparent = trace.map(str::to_string);
         out.works.push(record);
         out.sent.push(Sent {
             task_id: item.task_id.to_string(),
