@@ -15,6 +15,7 @@ use switchyard::agent::{self, AgentConfig};
 use switchyard::envelope::{Decision, EventKind, StateEvent, TaskEvent};
 use switchyard::metrics::AgentMetrics;
 use switchyard::runtime::CommandHandler;
+use switchyard::state_record;
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 
@@ -93,8 +94,9 @@ async fn run(dir: &Path, tasks: usize, name: &str) -> f64 {
             .await
             .expect("tasks complete within 10 minutes")
             .unwrap();
-        let record: StateEvent = serde_json::from_slice(message.payload().unwrap()).unwrap();
-        completed += usize::from(matches!(record.decision, Decision::Completed { .. }));
+        let events = state_record::decode(message.payload().unwrap()).unwrap();
+        let done = |e: &&StateEvent| matches!(e.decision, Decision::Completed { .. });
+        completed += events.iter().filter(done).count();
     }
     let rate = tasks as f64 / started.elapsed().as_secs_f64();
     let _ = stop.send(true);

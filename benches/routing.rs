@@ -427,7 +427,7 @@ async fn route(
     }
     let started = Measure::start();
     let startup = spawned.elapsed().as_secs_f64();
-    let done = Done::new(kafka, mode, &group);
+    let done = Done::new(kafka, mode, &group, &metrics);
     while !done.all(events) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -437,48 +437,52 @@ async fn route(
     (startup, measured)
 }
 
-/// When a router run is over. Effectively-once: its state events and work items are
-/// acknowledged (the state topic holds one record per event and one ownership record per
-/// partition). Exactly-once: its transactions committed (the group's committed offsets reach the
-/// end of the tasks topic; the state topic's watermarks count commit markers too).
-struct Done {
-    mode: ConsistencyMode,
-    reader: BaseConsumer,
-    /// The topic whose progress says it: state (effectively-once) or tasks (exactly-once).
-    topic: String,
-    partitions: i32,
+/// When a router run is over. Effectively-once: every event's writes are acknowledged (the
+/// router's `routing_latency` counts each event once its batch's state records and work items
+/// are). Exactly-once: its transactions committed (the group's committed offsets reach the end of
+/// the tasks topic).
+enum Done {
+    Landed(prometheus::Histogram),
+    Committed {
+        reader: BaseConsumer,
+        tasks: String,
+        partitions: i32,
+    },
 }
 
 impl Done {
-    fn new(kafka: &KafkaConfig, mode: ConsistencyMode, group: &str) -> Self {
+    fn new(
+        kafka: &KafkaConfig,
+        mode: ConsistencyMode,
+        group: &str,
+        metrics: &RouterMetrics,
+    ) -> Self {
+        if mode == ConsistencyMode::EffectivelyOnce {
+            return Self::Landed(metrics.routing_latency.clone());
+        }
         let mut config = kafka.client_config();
         config.set("group.id", group);
-        let topic = match mode {
-            ConsistencyMode::EffectivelyOnce => kafka.topics().state(),
-            ConsistencyMode::ExactlyOnce => kafka.topics().tasks(),
-        };
-        Self {
-            mode,
+        let tasks = kafka.topics().tasks();
+        Self::Committed {
             reader: config.create().unwrap(),
-            partitions: kafka.partition_count(&topic).unwrap(),
-            topic,
+            partitions: kafka.partition_count(&tasks).unwrap(),
+            tasks,
         }
     }
 
     fn all(&self, events: usize) -> bool {
-        let written = match self.mode {
-            ConsistencyMode::EffectivelyOnce => {
-                switchyard::kafka::high_watermark_sum(&self.reader, &self.topic, self.partitions)
-                    .unwrap()
-                    - i64::from(self.partitions)
-            }
-            ConsistencyMode::ExactlyOnce => {
+        let written = match self {
+            Self::Landed(landed) => landed.get_sample_count() as i64,
+            Self::Committed {
+                reader,
+                tasks,
+                partitions,
+            } => {
                 let mut tpl = rdkafka::TopicPartitionList::new();
-                for p in 0..self.partitions {
-                    tpl.add_partition(&self.topic, p);
+                for p in 0..*partitions {
+                    tpl.add_partition(tasks, p);
                 }
-                let committed = self
-                    .reader
+                let committed = reader
                     .committed_offsets(tpl, Duration::from_secs(10))
                     .unwrap();
                 committed

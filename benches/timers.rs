@@ -17,14 +17,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
-use switchyard::envelope::{now_ms, EventKind, StateEvent, TaskEvent};
-use switchyard::kafka::{high_watermark_sum, KafkaConfig};
+use switchyard::envelope::{now_ms, EventKind, TaskEvent};
+use switchyard::kafka::KafkaConfig;
 use switchyard::router::{Engine, Partition, Position, Raw};
 use switchyard::state::PartitionState;
+use switchyard::state_record;
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 
@@ -138,13 +139,6 @@ fn kafka(bootstrap: &str, prefix: String) -> KafkaConfig {
     }
 }
 
-fn written(kafka: &KafkaConfig) -> i64 {
-    let state = kafka.topics().state();
-    let watermarks: BaseConsumer = kafka.client_config().create().unwrap();
-    let partitions = kafka.partition_count(&state).unwrap();
-    high_watermark_sum(&watermarks, &state, partitions).unwrap()
-}
-
 /// A consumer of `kafka`'s state topic from its current end.
 fn from_end(kafka: &KafkaConfig) -> StreamConsumer {
     let state = kafka.topics().state();
@@ -161,20 +155,18 @@ fn from_end(kafka: &KafkaConfig) -> StreamConsumer {
     consumer
 }
 
-/// Reads `consumer` until `count` records for which `counts` holds have arrived; returns when
-/// the last arrived (ms since the Unix epoch, this machine's clock) and the records counted.
+/// Reads `consumer` until `count` items have arrived, `items` saying what a record holds (a
+/// value for each); returns when the last arrived (ms since the Unix epoch, this machine's
+/// clock) and the items' values.
 async fn arrivals(
     consumer: &StreamConsumer,
     count: usize,
-    counts: impl Fn(&[u8]) -> bool,
-) -> (i64, Vec<Vec<u8>>) {
+    items: impl Fn(&[u8]) -> Vec<i64>,
+) -> (i64, Vec<i64>) {
     let mut seen = Vec::with_capacity(count);
     while seen.len() < count {
         let message = consumer.recv().await.unwrap();
-        let value = message.payload().unwrap_or_default();
-        if counts(value) {
-            seen.push(value.to_vec());
-        }
+        seen.extend(items(message.payload().unwrap_or_default()));
     }
     (now_ms(), seen)
 }
@@ -184,7 +176,6 @@ async fn arrivals(
 async fn fire_after_restart(kafka: &KafkaConfig, workflow: &Workflow, timers: usize) -> f64 {
     let specs = TopicSpecs::load(Path::new("topics/switchyard.yaml")).unwrap();
     topics::apply(kafka, &specs, &workflow.cards).await.unwrap();
-    let partitions = i64::from(kafka.partition_count(&kafka.topics().state()).unwrap());
     let producer = kafka.producer().unwrap();
     let topic = kafka.topics().tasks();
     let submissions: Vec<TaskEvent> = (0..timers).map(submission).collect();
@@ -203,7 +194,7 @@ async fn fire_after_restart(kafka: &KafkaConfig, workflow: &Workflow, timers: us
         }
     }
     let first = router::Running::start(kafka, workflow).await;
-    while written(kafka) < timers as i64 + partitions {
+    while first.metrics.routing_latency.get_sample_count() < timers as u64 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     first.stop().await;
@@ -211,14 +202,16 @@ async fn fire_after_restart(kafka: &KafkaConfig, workflow: &Workflow, timers: us
 
     let consumer = from_end(kafka);
     let restarted = router::Running::start(kafka, workflow).await;
-    let firing =
-        |v: &[u8]| serde_json::from_slice::<StateEvent>(v).is_ok_and(|e| e.timer.is_some());
-    let (last, records) = arrivals(&consumer, timers, firing).await;
-    let first = records
-        .iter()
-        .map(|v| serde_json::from_slice::<StateEvent>(v).unwrap().at)
-        .min()
-        .unwrap();
+    let firings = |v: &[u8]| {
+        let events = state_record::decode(v).unwrap_or_default();
+        events
+            .iter()
+            .filter(|e| e.timer.is_some())
+            .map(|e| e.at)
+            .collect()
+    };
+    let (last, at) = arrivals(&consumer, timers, firings).await;
+    let first = at.into_iter().min().unwrap();
     restarted.stop().await;
     timers as f64 * 1000.0 / (last - first).max(1) as f64
 }
@@ -253,7 +246,7 @@ async fn produce(kafka: &KafkaConfig, workflow: &Workflow, count: usize, size: u
             sent.map_err(|(e, _)| e).unwrap();
         }
     });
-    let (last, _) = arrivals(&consumer, count, |_| true).await;
+    let (last, _) = arrivals(&consumer, count, |_| vec![0]).await;
     writer.await.unwrap();
     count as f64 * 1000.0 / (last - first).max(1) as f64
 }

@@ -598,8 +598,10 @@ impl Decision {
     }
 }
 
-/// A record on the state topic: one decision about one input event. The state topic is the
-/// event-sourced source of truth of the router; folding it restores every task's state.
+/// One decision about one input event, as the state topic records it: a record's value is one
+/// state event, or a JSON array of several of one partition (see [`crate::state_record`]). The
+/// state topic is the event-sourced source of truth of the router; folding it restores every
+/// task's state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct StateEvent {
     /// The task (empty for ownership records and undecodable input).

@@ -10,6 +10,7 @@ use crate::envelope::{
     BreakerPhase, DecidedBy, Decision, EventKind, Firing, StateEvent, TimerKind,
 };
 use crate::kafka::{self, partition_for_key, KafkaConfig};
+use crate::state_record;
 
 /// Whether a decision ends the task.
 pub fn is_final(decision: &Decision) -> bool {
@@ -226,14 +227,11 @@ pub async fn follow(
             return Ok(false);
         };
         let message = message?;
-        let Some(record) = message
-            .payload()
-            .and_then(|b| serde_json::from_slice::<StateEvent>(b).ok())
-        else {
-            continue;
-        };
-        if record.task_id == task_id && on(&record) {
-            return Ok(true);
+        let records = message.payload().and_then(|b| state_record::decode(b).ok());
+        for record in records.unwrap_or_default() {
+            if record.task_id == task_id && on(&record) {
+                return Ok(true);
+            }
         }
     }
 }
@@ -245,7 +243,7 @@ pub struct Timeline {
     pub task_id: String,
     /// The partition of the tasks and state topics that holds it.
     pub partition: i32,
-    /// State events in order, with their state-topic offsets.
+    /// State events in order, with the state-topic offsets of their records.
     pub decisions: Vec<(i64, StateEvent)>,
     /// Its dead letters.
     pub dead_letters: Vec<crate::dlq::DeadLetter>,
@@ -258,10 +256,8 @@ pub fn audit(kafka: &KafkaConfig, task_id: &str) -> Result<Timeline, crate::kafk
     let partition = partition_for_key(task_id.as_bytes(), kafka.partition_count(&topics.state())?);
     let mut decisions = Vec::new();
     kafka::read_topic(kafka, &topics.state(), Some(&[partition]), |m| {
-        if let Some(record) = m
-            .payload()
-            .and_then(|b| serde_json::from_slice::<StateEvent>(b).ok())
-        {
+        let records = m.payload().and_then(|b| state_record::decode(b).ok());
+        for record in records.unwrap_or_default() {
             if record.task_id == task_id {
                 decisions.push((m.offset(), record));
             }

@@ -31,6 +31,7 @@ pub mod runtime;
 pub mod schema;
 pub mod signing;
 pub mod state;
+pub mod state_record;
 pub mod steps;
 pub mod topics;
 pub mod trace;

@@ -22,6 +22,7 @@ use crate::kafka::{self, read_topic, KafkaConfig};
 use crate::router::{Engine, Outcome, Raw};
 use crate::signing::{sha256_hex, SIGNATURE_HEADER};
 use crate::state::PartitionState;
+use crate::state_record;
 
 /// Which recorded decisions to check. The fold always starts at the beginning of each partition.
 #[derive(Debug, Clone, Default)]
@@ -183,58 +184,62 @@ pub async fn replay(
         let (partition, offset) = (m.partition(), m.offset());
         report.records += 1;
         progress(report.records);
-        let record: StateEvent = match serde_json::from_slice(m.payload().unwrap_or_default()) {
+        let records = match state_record::decode(m.payload().unwrap_or_default()) {
             Ok(r) => r,
             Err(e) => {
                 corrupt = Some(Error::Corrupt {
                     topic: state_topic.clone(),
                     partition,
                     offset,
-                    what: "state event",
+                    what: "state record",
                     message: e.to_string(),
                 });
                 return;
             }
         };
-        let state = states.entry(partition).or_default();
-        let owned = matches!(record.decision, Decision::Owned { .. });
-        if !owned && filter.admits(offset, &record) && state.epoch.is_none_or(|e| e == record.epoch)
-        {
-            report.checked += 1;
-            let divergence = match (&record.input, &record.llm) {
-                _ if record.rejected.is_some() => {
-                    report.refused_writes += 1;
-                    None
-                }
-                _ if record.timer.is_some() => {
-                    report.timers_fired += 1;
-                    check_timer(engine, state, &record, (partition, offset))
-                }
-                (None, Some(call)) => {
-                    report.llm_recorded += 1;
-                    check_llm(engine, state, &record, call, (partition, offset))
-                }
-                _ => {
-                    let input = record
-                        .input
-                        .as_ref()
-                        .and_then(|i| inputs.get(&(i.partition, i.offset)));
-                    if input.is_none() {
-                        report.inputs_missing += 1;
+        for record in records {
+            let state = states.entry(partition).or_default();
+            let owned = matches!(record.decision, Decision::Owned { .. });
+            if !owned
+                && filter.admits(offset, &record)
+                && state.epoch.is_none_or(|e| e == record.epoch)
+            {
+                report.checked += 1;
+                let divergence = match (&record.input, &record.llm) {
+                    _ if record.rejected.is_some() => {
+                        report.refused_writes += 1;
+                        None
                     }
-                    let unchecked = input
-                        .and_then(|i| i.decoded.as_ref().ok())
-                        .is_some_and(|e| !record.dequeued && engine.unverifiable(state, e));
-                    if unchecked {
-                        report.signatures_unchecked += 1;
+                    _ if record.timer.is_some() => {
+                        report.timers_fired += 1;
+                        check_timer(engine, state, &record, (partition, offset))
                     }
-                    check(engine, state, &record, input, partition, offset)
-                }
-            };
-            report.divergences.extend(divergence);
-        }
-        if !state.restore(&record, offset) {
-            report.fenced += 1;
+                    (None, Some(call)) => {
+                        report.llm_recorded += 1;
+                        check_llm(engine, state, &record, call, (partition, offset))
+                    }
+                    _ => {
+                        let input = record
+                            .input
+                            .as_ref()
+                            .and_then(|i| inputs.get(&(i.partition, i.offset)));
+                        if input.is_none() {
+                            report.inputs_missing += 1;
+                        }
+                        let unchecked = input
+                            .and_then(|i| i.decoded.as_ref().ok())
+                            .is_some_and(|e| !record.dequeued && engine.unverifiable(state, e));
+                        if unchecked {
+                            report.signatures_unchecked += 1;
+                        }
+                        check(engine, state, &record, input, partition, offset)
+                    }
+                };
+                report.divergences.extend(divergence);
+            }
+            if !state.restore(&record, offset) {
+                report.fenced += 1;
+            }
         }
     })?;
     match corrupt {

@@ -1,6 +1,6 @@
 //! Fairness under backlog: with a backlog on every tasks partition, the router decides events of
 //! every partition in turn, so no partition's tasks wait for another partition's backlog.
-//! Progress is counted in decisions (state records) per partition and 10 s window: a task's
+//! Progress is counted in decisions (state events) per partition and 10 s window: a task's
 //! completion waits behind its own partition's backlog whatever the order, decisions do not.
 
 mod common;
@@ -8,25 +8,30 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use switchyard::envelope::TaskEvent;
 use switchyard::kafka::{partition_for_key, KafkaConfig};
 
 const PER_PARTITION: usize = 40_000;
 const WINDOW: Duration = Duration::from_secs(10);
 
-/// The state records written to each partition so far.
-fn written(kafka: &KafkaConfig, partitions: i32) -> Vec<i64> {
-    let consumer: BaseConsumer = kafka.client_config().create().unwrap();
-    let topic = kafka.topics().state();
-    (0..partitions)
-        .map(|p| {
-            let (low, high) = consumer
-                .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                .unwrap();
-            high - low
-        })
-        .collect()
+/// The decisions recorded in each partition so far (ownership records included).
+struct Decided {
+    tail: StateTail,
+    per: Vec<i64>,
+}
+
+impl Decided {
+    fn new(kafka: &KafkaConfig, partitions: i32) -> Self {
+        let tail = StateTail::new(kafka);
+        let per = vec![0; partitions as usize];
+        Self { tail, per }
+    }
+
+    fn counts(&mut self) -> Vec<i64> {
+        let per = &mut self.per;
+        self.tail.read(|p, _| per[p as usize] += 1);
+        self.per.clone()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -60,10 +65,11 @@ async fn every_partition_progresses_in_every_window_under_backlog() {
     let target = PER_PARTITION as i64 + 1;
     let started = Instant::now();
     let mut windows = Vec::new();
-    let mut before = written(&kafka, partitions);
+    let mut decided = Decided::new(&kafka, partitions);
+    let mut before = decided.counts();
     loop {
         tokio::time::sleep(WINDOW).await;
-        let now = written(&kafka, partitions);
+        let now = decided.counts();
         windows.push((before.clone(), now.clone()));
         if now.iter().all(|w| *w >= target) || started.elapsed() > Duration::from_secs(600) {
             break;
@@ -72,7 +78,7 @@ async fn every_partition_progresses_in_every_window_under_backlog() {
     }
     router.kill().unwrap();
     router.wait().unwrap();
-    eprintln!("state records per partition at each window's end: {windows:?}");
+    eprintln!("decisions per partition at each window's end: {windows:?}");
     for (n, (before, after)) in windows.iter().enumerate() {
         let busy: Vec<usize> = (0..partitions as usize)
             .filter(|p| after[*p] < target)

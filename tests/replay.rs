@@ -12,6 +12,7 @@ use switchyard::dlq::{self, Redriven, Selection};
 use switchyard::envelope::{DecidedBy, Decision, EventKind, StateEvent, TaskEvent};
 use switchyard::kafka::KafkaConfig;
 use switchyard::replay;
+use switchyard::state_record;
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 
@@ -79,9 +80,16 @@ async fn copy_history(
         for m in read_all(from, &src) {
             let mut payload = m.payload().unwrap_or_default().to_vec();
             if is_state {
-                let mut record: StateEvent = serde_json::from_slice(&payload).unwrap();
-                if edit(&mut record) {
-                    payload = serde_json::to_vec(&record).unwrap();
+                let mut records = state_record::decode(&payload).unwrap();
+                let mut edited = false;
+                for record in &mut records {
+                    edited |= edit(record);
+                }
+                if edited {
+                    payload = match payload.starts_with(b"[") {
+                        true => serde_json::to_vec(&records).unwrap(),
+                        false => serde_json::to_vec(&records[0]).unwrap(),
+                    };
                 }
             }
             let key = m.key().unwrap_or_default().to_vec();

@@ -11,11 +11,11 @@ use std::time::Duration;
 use common::*;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
-use switchyard::envelope::StateEvent;
 use switchyard::kafka::KafkaConfig;
 use switchyard::router::snapshot::store::Store;
 use switchyard::router::snapshot::{self, Header, SnapshotConfig};
 use switchyard::state::PartitionState;
+use switchyard::state_record;
 
 const TASKS: usize = 2_000;
 const KILLS: usize = 3;
@@ -114,8 +114,9 @@ fn full_fold(kafka: &KafkaConfig, p: i32, to: i64) -> PartitionState {
     let mut state = PartitionState::default();
     for m in read_all(kafka, &kafka.topics().state()) {
         if m.partition() == p && m.offset() <= to {
-            let record: StateEvent = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            state.restore(&record, m.offset());
+            for record in state_record::decode(m.payload().unwrap()).unwrap() {
+                state.restore(&record, m.offset());
+            }
         }
     }
     state
@@ -242,8 +243,9 @@ async fn corrupt_unknown_and_foreign_snapshots_are_skipped_and_the_restore_is_st
     let mut restored = snapshot.state;
     for m in read_all(&kafka, &kafka.topics().state()) {
         if m.partition() == 0 && m.offset() > covers {
-            let record: StateEvent = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            restored.restore(&record, m.offset());
+            for record in state_record::decode(m.payload().unwrap()).unwrap() {
+                restored.restore(&record, m.offset());
+            }
         }
     }
     assert_eq!(

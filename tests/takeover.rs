@@ -13,6 +13,7 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use switchyard::envelope::{now_ms, DecidedBy, Decision, InputRef, StateEvent, Step, WorkItem};
 use switchyard::kafka::KafkaConfig;
+use switchyard::state_record;
 
 const TASKS: usize = 1_000;
 const ORPHANS: usize = 5;
@@ -71,8 +72,7 @@ async fn a_take_over_re_sends_exactly_the_work_items_that_may_be_missing() {
     // recorded for inputs past its committed positions, whose work items were never written.
     let mut owners: HashMap<i32, (i64, String)> = HashMap::new();
     for m in read_all(&kafka, &state) {
-        let record: StateEvent = serde_json::from_slice(m.payload().unwrap()).unwrap();
-        if let Decision::Owned { instance } = record.decision {
+        if let Some(instance) = state_record::owner(m.payload().unwrap()) {
             owners.insert(m.partition(), (m.offset(), instance));
         }
     }

@@ -12,9 +12,9 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::index::Index;
 use crate::dlq::DeadLetter;
-use crate::envelope::StateEvent;
 use crate::error::Result;
 use crate::kafka::KafkaConfig;
+use crate::state_record;
 
 /// How many records one index transaction takes at most.
 const BATCH: usize = 5_000;
@@ -56,10 +56,8 @@ pub fn start(
                 match consumer.poll(Duration::from_millis(50)) {
                     Some(Ok(m)) if m.topic() == dlq => letters.push(DeadLetter::from_message(&m)),
                     Some(Ok(m)) => {
-                        let record = m
-                            .payload()
-                            .and_then(|b| serde_json::from_slice::<StateEvent>(b).ok());
-                        states.push((m.partition(), m.offset(), record));
+                        let events = m.payload().and_then(|b| state_record::decode(b).ok());
+                        states.push((m.partition(), m.offset(), events.unwrap_or_default()));
                     }
                     Some(Err(e)) => tracing::warn!(error = %e, "console: reading the topics"),
                     None if states.is_empty() && letters.is_empty() => break,

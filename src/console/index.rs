@@ -14,7 +14,7 @@ use crate::dlq::DeadLetter;
 use crate::envelope::{Decision, EventKind, StateEvent};
 
 /// The version of [`SCHEMA`]; an index of another version is built again.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
@@ -34,9 +34,9 @@ CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status, updated_at);
 CREATE INDEX IF NOT EXISTS tasks_card ON tasks (card, updated_at);
 CREATE INDEX IF NOT EXISTS tasks_tenant ON tasks (tenant, updated_at);
 CREATE TABLE IF NOT EXISTS events (
-    partition INTEGER NOT NULL, offset INTEGER NOT NULL, task_id TEXT NOT NULL,
-    at INTEGER NOT NULL, kind TEXT NOT NULL, decision TEXT NOT NULL, record TEXT NOT NULL,
-    PRIMARY KEY (partition, offset));
+    partition INTEGER NOT NULL, offset INTEGER NOT NULL, idx INTEGER NOT NULL,
+    task_id TEXT NOT NULL, at INTEGER NOT NULL, kind TEXT NOT NULL, decision TEXT NOT NULL,
+    record TEXT NOT NULL, PRIMARY KEY (partition, offset, idx));
 CREATE INDEX IF NOT EXISTS events_task ON events (task_id);
 CREATE INDEX IF NOT EXISTS events_at ON events (at);
 CREATE TABLE IF NOT EXISTS edges (at INTEGER NOT NULL, source TEXT NOT NULL, target TEXT NOT NULL);
@@ -210,18 +210,21 @@ impl Index {
         rows.collect()
     }
 
-    /// Adds state records `(partition, offset, record)` read from `topic` (records that are not
-    /// state events are passed as `None` and only advance the position), in one transaction.
+    /// Adds state records `(partition, offset, events)` read from `topic` (records that are not
+    /// state records are passed without events and only advance the position), in one
+    /// transaction.
     pub fn add_state(
         &self,
         topic: &str,
-        records: &[(i32, i64, Option<StateEvent>)],
+        records: &[(i32, i64, Vec<StateEvent>)],
     ) -> Result<(), Error> {
         let mut db = self.db();
         let tx = db.transaction()?;
-        for (partition, offset, record) in records {
-            if let Some(record) = record.as_ref().filter(|r| !r.task_id.is_empty()) {
-                add_event(&tx, *partition, *offset, record)?;
+        for (partition, offset, events) in records {
+            for (idx, record) in events.iter().enumerate() {
+                if !record.task_id.is_empty() {
+                    add_event(&tx, (*partition, *offset, idx), record)?;
+                }
             }
             advance(&tx, topic, *partition, *offset)?;
         }
@@ -328,7 +331,7 @@ impl Index {
     pub fn timeline(&self, task_id: &str) -> Result<Vec<(i64, StateEvent)>, Error> {
         let db = self.db();
         let mut q = db.prepare(
-            "SELECT offset, record FROM events WHERE task_id = ?1 ORDER BY partition, offset",
+            "SELECT offset, record FROM events WHERE task_id = ?1 ORDER BY partition, offset, idx",
         )?;
         let rows = q.query_map([task_id], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
@@ -535,19 +538,19 @@ fn status_of(decision: &Decision) -> Option<(&'static str, String, Option<u32>)>
 
 fn add_event(
     tx: &rusqlite::Transaction<'_>,
-    partition: i32,
-    offset: i64,
+    (partition, offset, idx): (i32, i64, usize),
     record: &StateEvent,
 ) -> Result<(), Error> {
     let kind = record.event.as_ref().map_or("", |e| e.kind.as_str());
     let decision = record.decision.name();
     let json = serde_json::to_string(record).unwrap_or_default();
     let added = tx.execute(
-        "INSERT OR IGNORE INTO events (partition, offset, task_id, at, kind, decision, record)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT OR IGNORE INTO events (partition, offset, idx, task_id, at, kind, decision, record)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
             partition,
             offset,
+            idx as i64,
             record.task_id,
             record.at,
             kind,
@@ -667,6 +670,26 @@ mod tests {
     }
 
     #[test]
+    fn each_decision_of_a_record_that_holds_several_is_indexed_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(&dir.path().join("i.sqlite")).unwrap();
+        let cancelled = |seq| record("t", seq, Decision::Cancelled, "a", 5);
+        let together = vec![
+            record("t", 1, Decision::Queued, "a", 5),
+            record("u", 1, Decision::Queued, "a", 5),
+            cancelled(2),
+        ];
+        let records = [(1, 7, together)];
+        index.add_state("s", &records).unwrap();
+        index.add_state("s", &records).unwrap();
+        assert_eq!(index.counts().unwrap(), (2, 3));
+        assert_eq!(index.positions("s").unwrap(), vec![(1, 8)]);
+        let timeline = index.timeline("t").unwrap();
+        let seqs: Vec<_> = timeline.iter().map(|(o, r)| (*o, r.seq)).collect();
+        assert_eq!(seqs, [(7, 1), (7, 2)]);
+    }
+
+    #[test]
     fn tasks_are_filtered_paged_and_never_indexed_twice() {
         let dir = tempfile::tempdir().unwrap();
         let index = Index::open(&dir.path().join("i.sqlite")).unwrap();
@@ -689,10 +712,10 @@ mod tests {
             records.push((
                 0,
                 i,
-                Some(record(&format!("task-{i}"), 1, decision, tenant, i)),
+                vec![record(&format!("task-{i}"), 1, decision, tenant, i)],
             ));
         }
-        records.push((0, 120, None));
+        records.push((0, 120, Vec::new()));
         index.add_state("s", &records).unwrap();
         index.add_state("s", &records[..10]).unwrap();
         assert_eq!(index.counts().unwrap(), (120, 120));

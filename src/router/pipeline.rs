@@ -20,6 +20,7 @@ use super::service::{state_refused, Sent};
 use crate::commit::{self, Outgoing};
 use crate::error::{Error, Result};
 use crate::kafka;
+use crate::state_record::Batched;
 
 /// Most batches in flight. Each batch waits two produce round trips (its state records, then its
 /// work items) while the router decides the next ones; with 4, `scripts/bench-routing` measured
@@ -45,8 +46,8 @@ pub struct Flight {
 pub struct Landed {
     /// What the router kept of it.
     pub flight: Flight,
-    /// Where its state records landed: partition and offset.
-    pub states: Vec<(i32, i64)>,
+    /// Where its state records landed (partition, offset) and how many decisions each holds.
+    pub states: Vec<(i32, i64, usize)>,
     /// Work items the broker refused for good, with the record and the error.
     pub refused: Vec<(Sent, Outgoing, KafkaError)>,
 }
@@ -76,11 +77,15 @@ impl Pipeline {
     pub async fn launch(
         &mut self,
         producer: &FutureProducer,
-        states: Vec<Outgoing>,
+        states: Batched,
         works: Vec<Outgoing>,
         items: Vec<Sent>,
         flight: Flight,
     ) -> Result<()> {
+        let Batched {
+            records: states,
+            events,
+        } = states;
         let mut acks = Vec::with_capacity(states.len());
         for record in &states {
             match commit::enqueue(producer, record).await {
@@ -96,14 +101,14 @@ impl Pipeline {
         let producer = producer.clone();
         let landing = async move {
             let mut landed = Vec::with_capacity(acks.len());
-            for (record, ack) in states.iter().zip(acks) {
+            for ((record, ack), events) in states.iter().zip(acks).zip(events) {
                 let delivery = ack.await.map_err(|_| {
                     let source = KafkaError::Canceled;
                     let topic = record.topic.clone();
                     Error::from(kafka::Error::Produce { topic, source })
                 })?;
                 match delivery {
-                    Ok(d) => landed.push((d.partition, d.offset)),
+                    Ok(d) => landed.push((d.partition, d.offset, events)),
                     Err((e, _)) if commit::refuses_record(&e) => {
                         return Err(state_refused(record, e))
                     }

@@ -52,6 +52,7 @@ use crate::metrics::RouterMetrics;
 use crate::rules::Action;
 use crate::signing::SIGNATURE_HEADER;
 use crate::state::{PartitionState, TaskState, Undo};
+use crate::state_record::{self, Batched};
 use crate::trace;
 
 /// The error for a state event the broker refused.
@@ -601,6 +602,7 @@ impl Router {
                 started: Instant::now(),
             };
             let producer = self.writer.producer().clone();
+            let states = state_record::batched(states, self.engine.rules.max_event_bytes);
             self.pipeline
                 .launch(&producer, states, works, sent, flight)
                 .await?;
@@ -644,8 +646,8 @@ impl Router {
             states,
             refused,
         } = landed;
-        for (p, offset) in states {
-            self.schedule.written(p, offset);
+        for (p, offset, events) in states {
+            self.schedule.written(p, offset, events);
         }
         self.uncommitted = true;
         self.observe_batch(flight.started, flight.decided);
@@ -699,8 +701,12 @@ impl Router {
             undo,
             asks,
         } = out;
-        let (n_dead, n_states) = (dead.len(), states.len());
-        let state_parts: Vec<i32> = states.iter().filter_map(|r| r.partition).collect();
+        let states = state_record::batched(states, self.engine.rules.max_event_bytes);
+        let (n_dead, n_states) = (dead.len(), states.records.len());
+        let state_parts: Vec<(i32, usize)> = (states.records.iter())
+            .filter_map(|r| r.partition)
+            .zip(states.events.iter().copied())
+            .collect();
         let written = match self.writer.mode() {
             ConsistencyMode::EffectivelyOnce => {
                 self.deliver(dead, states, works, std::mem::take(&mut sent))
@@ -709,15 +715,15 @@ impl Router {
             }
             ConsistencyMode::ExactlyOnce => {
                 self.writer
-                    .write(vec![dead, states, works], offsets)
+                    .write(vec![dead, states.records, works], offsets)
                     .await?
             }
         };
         match written {
             Written::Committed(offsets) => {
                 let states = offsets.iter().skip(n_dead).take(n_states);
-                for (p, offset) in state_parts.into_iter().zip(states) {
-                    self.schedule.written(p, *offset);
+                for ((p, events), offset) in state_parts.into_iter().zip(states) {
+                    self.schedule.written(p, *offset, events);
                 }
                 for (p, id) in asks {
                     self.ask(p, id);
@@ -795,17 +801,19 @@ impl Router {
     async fn deliver(
         &mut self,
         mut dead: Vec<Outgoing>,
-        mut states: Vec<Outgoing>,
+        mut states: Batched,
         mut works: Vec<Outgoing>,
         mut items: Vec<Sent>,
     ) -> Result<()> {
         loop {
             self.deliver_dead_letters(dead).await?;
-            for (record, sent) in states.iter().zip(self.writer.send_each(&states).await?) {
+            let sent = self.writer.send_each(&states.records).await?;
+            for ((record, sent), events) in states.records.iter().zip(sent).zip(&states.events) {
                 match sent {
-                    Ok(offset) => self
-                        .schedule
-                        .written(record.partition.unwrap_or(-1), offset),
+                    Ok(offset) => {
+                        let p = record.partition.unwrap_or(-1);
+                        self.schedule.written(p, offset, *events)
+                    }
                     Err(source) => return Err(state_refused(record, source)),
                 }
             }
@@ -819,7 +827,8 @@ impl Router {
             if follow.dead.is_empty() && follow.states.is_empty() {
                 return Ok(());
             }
-            (dead, states, works, items) = (follow.dead, follow.states, Vec::new(), Vec::new());
+            states = state_record::batched(follow.states, self.engine.rules.max_event_bytes);
+            (dead, works, items) = (follow.dead, Vec::new(), Vec::new());
         }
     }
 
@@ -1189,11 +1198,13 @@ impl Router {
             let Some(bytes) = message.payload() else {
                 continue;
             };
-            let record: StateEvent = serde_json::from_slice(bytes)
-                .map_err(|e| restore_err(format!("offset {offset} is not a state event: {e}")))?;
+            let records = state_record::decode(bytes)
+                .map_err(|e| restore_err(format!("offset {offset} is not a state record: {e}")))?;
             read += 1;
-            if !state.restore(&record, offset) {
-                fenced += 1;
+            for record in &records {
+                if !state.restore(record, offset) {
+                    fenced += 1;
+                }
             }
             if offset >= epoch {
                 break;

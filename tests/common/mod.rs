@@ -21,6 +21,7 @@ use switchyard::kafka::KafkaConfig;
 use switchyard::metrics::{AgentMetrics, RouterMetrics};
 use switchyard::replay::{replay, Filter, Report};
 use switchyard::router::{Engine, Router, RouterConfig};
+use switchyard::state_record;
 use switchyard::topics::{self, TopicSpecs};
 use switchyard::workflow::Workflow;
 use tokio::sync::watch;
@@ -406,14 +407,13 @@ pub async fn run_tasks_through_sigkills<F, Fut>(
     router.wait().unwrap();
 }
 
-/// Counts the tasks the state topic records as completed, reading on from where it stopped, so
-/// that a test polling it while thousands of tasks run sees the count within milliseconds.
-pub struct Completions {
+/// A reader of the state topic from its beginning that goes on from where it stopped, so that a
+/// test polling it while thousands of tasks run sees the new decisions within milliseconds.
+pub struct StateTail {
     consumer: BaseConsumer,
-    count: usize,
 }
 
-impl Completions {
+impl StateTail {
     /// A reader of `kafka`'s state topic from its beginning.
     pub fn new(kafka: &KafkaConfig) -> Self {
         let consumer = reader(kafka);
@@ -424,19 +424,40 @@ impl Completions {
                 .unwrap();
         }
         consumer.assign(&tpl).unwrap();
-        Self { consumer, count: 0 }
+        Self { consumer }
+    }
+
+    /// Hands each state event recorded since the last call to `on`, with its partition.
+    pub fn read(&mut self, mut on: impl FnMut(i32, StateEvent)) {
+        while let Some(message) = self.consumer.poll(Duration::from_millis(10)) {
+            let message = message.unwrap();
+            let events = state_record::decode(message.payload().unwrap());
+            for event in events.expect("state records are JSON") {
+                on(message.partition(), event);
+            }
+        }
+    }
+}
+
+/// Counts the tasks the state topic records as completed ([`StateTail`]).
+pub struct Completions {
+    tail: StateTail,
+    count: usize,
+}
+
+impl Completions {
+    /// A counter from the beginning of `kafka`'s state topic.
+    pub fn new(kafka: &KafkaConfig) -> Self {
+        let tail = StateTail::new(kafka);
+        Self { tail, count: 0 }
     }
 
     /// The tasks completed so far.
     pub fn count(&mut self) -> usize {
-        while let Some(message) = self.consumer.poll(Duration::from_millis(10)) {
-            let message = message.unwrap();
-            let event: StateEvent =
-                serde_json::from_slice(message.payload().unwrap()).expect("state events are JSON");
-            if matches!(event.decision, Decision::Completed { .. }) {
-                self.count += 1;
-            }
-        }
+        let count = &mut self.count;
+        self.tail.read(|_, event| {
+            *count += usize::from(matches!(event.decision, Decision::Completed { .. }));
+        });
         self.count
     }
 }
@@ -754,7 +775,7 @@ pub fn read_all(kafka: &KafkaConfig, topic: &str) -> Vec<OwnedMessage> {
 pub fn state_events(kafka: &KafkaConfig) -> Vec<StateEvent> {
     read_all(kafka, &kafka.topics().state())
         .iter()
-        .map(|m| serde_json::from_slice(m.payload().unwrap()).expect("state events are JSON"))
+        .flat_map(|m| state_record::decode(m.payload().unwrap()).expect("state records are JSON"))
         .collect()
 }
 

@@ -30,8 +30,8 @@ pub const VERSION: u32 = 1;
 /// When and how snapshots are written.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SnapshotConfig {
-    /// Write a partition's snapshot after this many state records since its last one, or as
-    /// many as the partition has open tasks if that is more (0: never by count).
+    /// Write a partition's snapshot after this many decisions (state events) since its last one,
+    /// or as many as the partition has open tasks if that is more (0: never by count).
     pub every_records: u64,
     /// Write a partition's snapshot this long after its last one, if it has new records (zero:
     /// never by time).
@@ -328,7 +328,7 @@ fn is_due(
 struct Clock {
     /// When the last snapshot was taken (or the partition taken over).
     last: Instant,
-    /// State records written since.
+    /// Decisions (state events) written since.
     records: u64,
     /// The offset of this owner's latest state record.
     written: i64,
@@ -415,10 +415,10 @@ impl Schedule {
         self.partitions.remove(&partition);
     }
 
-    /// This owner's state record landed at `offset` of `partition`.
-    pub fn written(&mut self, partition: i32, offset: i64) {
+    /// This owner's state record holding `events` decisions landed at `offset` of `partition`.
+    pub fn written(&mut self, partition: i32, offset: i64, events: usize) {
         if let Some(clock) = self.partitions.get_mut(&partition) {
-            clock.records += 1;
+            clock.records += events as u64;
             clock.written = clock.written.max(offset);
             if offset > clock.verified {
                 clock.own_since_verified += 1;
@@ -582,9 +582,9 @@ mod tests {
         schedule.owned(0, 100, t0, None);
         schedule.owned(1, 200, t0, Some((150, 2)));
         for offset in 101..=103 {
-            schedule.written(0, offset);
+            schedule.written(0, offset, 1);
         }
-        schedule.written(1, 205);
+        schedule.written(1, 205, 1);
         let due = schedule.due(t0, |_| 0);
         assert_eq!(
             due,
@@ -597,7 +597,7 @@ mod tests {
             "partition 0's own records fill (100, 103]: nothing to verify"
         );
         for offset in 104..=106 {
-            schedule.written(0, offset);
+            schedule.written(0, offset, 1);
         }
         assert!(
             schedule.due(t0, |_| 0).is_empty(),
@@ -641,14 +641,14 @@ mod tests {
         });
         schedule.owned(0, 0, t0, None);
         for offset in 1..=5 {
-            schedule.written(0, offset);
+            schedule.written(0, offset, 1);
         }
         assert!(
             schedule.due(t0, |_| 10).is_empty(),
             "5 records, 10 open tasks"
         );
         for offset in 6..=10 {
-            schedule.written(0, offset);
+            schedule.written(0, offset, 1);
         }
         assert_eq!(schedule.due(t0, |_| 10).len(), 1);
     }

@@ -9,9 +9,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::{Due, Ended, Gathered, Header, Skipped, Snapshot};
-use crate::envelope::{Decision, StateEvent};
 use crate::kafka::{self, KafkaConfig, Result};
 use crate::state::PartitionState;
+use crate::state_record;
 
 /// How many snapshot records a load reads back from the end first; it reads four times further
 /// back each time it finds no usable snapshot, down to the partition's start.
@@ -119,11 +119,7 @@ impl Store {
                 header.epoch
             )));
         };
-        let owner = record
-            .payload()
-            .and_then(|b| serde_json::from_slice::<StateEvent>(b).ok())
-            .filter(|e| matches!(e.decision, Decision::Owned { .. }))
-            .map(|e| e.instance);
+        let owner = record.payload().and_then(state_record::owner);
         Ok(match owner {
             Some(instance) if instance == header.instance => Ok(()),
             Some(instance) => Err(format!(
@@ -153,11 +149,9 @@ impl Store {
             let mut found = None;
             read_range(&reader, &store.state, partition, after + 1, to + 1, |m| {
                 let offset = m.offset();
-                let owned = m.payload().is_some_and(|b| {
-                    memchr_owned(b)
-                        && serde_json::from_slice::<StateEvent>(b)
-                            .is_ok_and(|e| matches!(e.decision, Decision::Owned { .. }))
-                });
+                let owned = m
+                    .payload()
+                    .is_some_and(|b| memchr_owned(b) && state_record::owner(b).is_some());
                 if owned && offset != own_epoch && found.is_none() {
                     found = Some(offset);
                 }
