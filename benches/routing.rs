@@ -2,24 +2,24 @@
 //! same records, the baseline, and (b) the router deciding with the example rule table (a state
 //! event and two work items per event), and in effectively-once mode with a one-rule table too (a
 //! state event and one work item per event, `benches/fixtures/one-work-item.yaml`), and (c) the
-//! router's records alone: the same records per event (a state record, acknowledged, then one or
-//! two work items) written by a bare forwarder that decides nothing, what the broker and the client
-//! charge for the records themselves, the most any router writing them could reach, and the same
-//! with one state record per partition and batch instead of one per event (what a router recording
-//! a batch's decisions together could reach; the state topic's format records one decision per
-//! record today). Rates are measured from the first record handled to the last one acknowledged
-//! (every writer's first write is made and acknowledged before, see [`warm`]); the router's
-//! start-up is printed apart. Each run also prints this process's CPU time per event (all threads):
-//! the figure to compare when changing what the router does per event (a busy machine raises it
-//! too, though less than it lowers the rates), and the fresh broker's (`/proc/<pid>/stat` of the
-//! PID its script wrote): both share the machine's cores, so the two together are what an event
-//! costs the machine. Each run starts from a fresh broker (a long-lived nisshi slows down as topics
-//! accumulate); the runs alternate, [`ROUNDS`] times each; prints events/s, the medians and their
-//! ratios (the median: the machine's load moves single runs). Then (d) the latency from a task
-//! event's send to the arrival of its first work item at a consumer, both on this process's clock,
-//! at half the router's median rate, through the router and, as baselines, through a bare forwarder
-//! and through the forwarder of the router's records (state first), alternated [`LATENCY_ROUNDS`]
-//! times: p50, p99, max, each split at the work item's timestamp, and the median p99s.
+//! router's records alone: the same records (one state record per partition and batch, as large as
+//! its events' state records together, acknowledged, then one or two work items per event) written
+//! by a bare forwarder that decides nothing, what the broker and the client charge for the records
+//! themselves, the most a router writing them could reach, and the same with a state record per
+//! event instead (what the router wrote before a record could hold several decisions). Rates are
+//! measured from the first record handled to the last one acknowledged (every writer's first write
+//! is made and acknowledged before, see [`warm`]); the router's start-up is printed apart. Each run
+//! also prints this process's CPU time per event (all threads): the figure to compare when changing
+//! what the router does per event (a busy machine raises it too, though less than it lowers the
+//! rates), and the fresh broker's (`/proc/<pid>/stat` of the PID its script wrote): both share the
+//! machine's cores, so the two together are what an event costs the machine. Each run starts from a
+//! fresh broker (a long-lived nisshi slows down as topics accumulate); the runs alternate,
+//! [`ROUNDS`] times each; prints events/s, the medians and their ratios (the median: the machine's
+//! load moves single runs). Then (d) the latency from a task event's send to the arrival of its
+//! first work item at a consumer, both on this process's clock, at half the router's median rate,
+//! through the router and, as baselines, through a bare forwarder and through a forwarder of a
+//! state record per event, then its work items (state first), alternated [`LATENCY_ROUNDS`] times:
+//! p50, p99, max, each split at the work item's timestamp, and the median p99s.
 //! Run with `scripts/bench-routing`.
 //!
 //! `BENCH_MODE=effectively-once` (default) starts a fresh nisshi for each throughput run on
@@ -379,9 +379,8 @@ async fn acknowledged(deliveries: Vec<DeliveryFuture>) {
     }
 }
 
-/// The router's records for each event without its decisions ([`Records`]), acknowledged: what
-/// the broker and the client charge for the records alone, the most a router that writes them
-/// could reach.
+/// The records of each event without its decisions ([`Records`]), a state record per event,
+/// acknowledged: what the router wrote before a record could hold several decisions.
 async fn records_alone(kafka: &KafkaConfig, events: usize, works: usize) -> Measured {
     let records = Records::warmed(kafka).await;
     forwarded(kafka, "records", events, |m| {
@@ -392,8 +391,8 @@ async fn records_alone(kafka: &KafkaConfig, events: usize, works: usize) -> Meas
 }
 
 /// [`records_alone`] with one state record per partition and batch instead of one per event
-/// ([`Records::write_batch`]): what a router that recorded a batch's decisions in one record per
-/// partition could reach (the state topic's format does not allow it today).
+/// ([`Records::write_batch`]): the router's records, what the broker and the client charge for
+/// them, the most a router that writes them could reach.
 async fn records_batched(kafka: &KafkaConfig, events: usize, works: usize) -> Measured {
     let records = Records::warmed(kafka).await;
     forwarded_in_batches(kafka, "records-batched", events, |batch| {
@@ -658,9 +657,9 @@ enum Carrier {
     /// A bare consume→produce forwarder (the tasks topic to the agent's): what the broker and
     /// the clients cost without the router, the baseline.
     Passthrough,
-    /// The router's records without its decisions: a state record, acknowledged, then the
-    /// work items (the example table's two), as [`records_alone`] writes them: the floor that
-    /// the state-first order sets.
+    /// Records without decisions: a state record per event, acknowledged, then the work items
+    /// (the example table's two), as [`records_alone`] writes them: the floor that the
+    /// state-first order sets.
     Records,
     /// The router, effectively-once, on the example rule table.
     Router,
@@ -869,10 +868,11 @@ enum Run {
     /// The router effectively-once on a one-rule table: a state event and one work item per
     /// event (`benches/fixtures/one-work-item.yaml`).
     OneItem,
-    /// The records a router run writes per event (a state record, then this many work items),
-    /// written without deciding: [`records_alone`].
+    /// A state record per event, then this many work items, written without deciding:
+    /// [`records_alone`].
     Records(usize),
-    /// The same with one state record per partition and batch: [`records_batched`].
+    /// The router's records (one state record per partition and batch, then this many work
+    /// items per event), written without deciding: [`records_batched`].
     RecordsBatched(usize),
 }
 
@@ -883,8 +883,8 @@ impl Run {
             Run::Router(ConsistencyMode::EffectivelyOnce, _) => "router effectively-once".into(),
             Run::Router(mode, interval) => format!("router {mode} {}ms", interval.as_millis()),
             Run::OneItem => "router effectively-once, 1 item".into(),
-            Run::Records(works) => format!("its records alone, 1 + {works}"),
-            Run::RecordsBatched(works) => format!("records, state batched, 1 + {works}"),
+            Run::Records(works) => format!("records, state per event, 1 + {works}"),
+            Run::RecordsBatched(works) => format!("its records alone, 1 + {works}"),
         }
     }
 
@@ -936,10 +936,10 @@ async fn run() {
     match mode {
         ConsistencyMode::EffectivelyOnce => runs.extend([
             Run::OneItem,
-            Run::Records(2),
-            Run::Records(1),
             Run::RecordsBatched(2),
             Run::RecordsBatched(1),
+            Run::Records(2),
+            Run::Records(1),
         ]),
         ConsistencyMode::ExactlyOnce => {
             for ms in [10, 100, 1000] {
@@ -1005,7 +1005,7 @@ async fn run() {
         let alone = run.writes().and_then(|works| {
             let i = runs
                 .iter()
-                .position(|r| matches!(r, Run::Records(w) if *w == works))?;
+                .position(|r| matches!(r, Run::RecordsBatched(w) if *w == works))?;
             Some(rate / medians[i])
         });
         if let Some(alone) = alone {
