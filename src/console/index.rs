@@ -673,11 +673,10 @@ mod tests {
     fn each_decision_of_a_record_that_holds_several_is_indexed_once_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let index = Index::open(&dir.path().join("i.sqlite")).unwrap();
-        let cancelled = |seq| record("t", seq, Decision::Cancelled, "a", 5);
         let together = vec![
             record("t", 1, Decision::Queued, "a", 5),
             record("u", 1, Decision::Queued, "a", 5),
-            cancelled(2),
+            record("t", 2, Decision::Cancelled, "a", 5),
         ];
         let records = [(1, 7, together)];
         index.add_state("s", &records).unwrap();

@@ -602,7 +602,7 @@ impl Router {
                 started: Instant::now(),
             };
             let producer = self.writer.producer().clone();
-            let states = state_record::batched(states, self.engine.rules.max_event_bytes);
+            let states = self.state_records(states);
             self.pipeline
                 .launch(&producer, states, works, sent, flight)
                 .await?;
@@ -701,7 +701,7 @@ impl Router {
             undo,
             asks,
         } = out;
-        let states = state_record::batched(states, self.engine.rules.max_event_bytes);
+        let states = self.state_records(states);
         let (n_dead, n_states) = (dead.len(), states.records.len());
         let state_parts: Vec<(i32, usize)> = (states.records.iter())
             .filter_map(|r| r.partition)
@@ -827,9 +827,15 @@ impl Router {
             if follow.dead.is_empty() && follow.states.is_empty() {
                 return Ok(());
             }
-            states = state_record::batched(follow.states, self.engine.rules.max_event_bytes);
+            states = self.state_records(follow.states);
             (dead, works, items) = (follow.dead, Vec::new(), Vec::new());
         }
+    }
+
+    /// A batch's state records (one event each) as the state topic holds them: a partition's
+    /// decisions together, each record at most `max_event_bytes` (which the topic accepts).
+    fn state_records(&self, states: Vec<Outgoing>) -> Batched {
+        state_record::batched(states, self.engine.rules.max_event_bytes)
     }
 
     /// Writes dead letters; one the broker refuses is written again without its value (its
