@@ -197,8 +197,8 @@ pub async fn replay(
                 return;
             }
         };
+        let state = states.entry(partition).or_default();
         for record in records {
-            let state = states.entry(partition).or_default();
             let owned = matches!(record.decision, Decision::Owned { .. });
             if !owned
                 && filter.admits(offset, &record)

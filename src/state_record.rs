@@ -43,30 +43,30 @@ pub struct Batched {
 /// `records` (state records of one event each, with their partitions, in decision order) as
 /// few records of at most `max_bytes` as they fit in: consecutive events of a partition share one.
 pub fn batched(records: Vec<Outgoing>, max_bytes: usize) -> Batched {
-    let mut groups: Vec<Vec<Outgoing>> = Vec::new();
-    let mut open: HashMap<Option<i32>, (usize, usize)> = HashMap::new();
+    // Each group with the size of its array: its events, the commas between them, the brackets.
+    let mut groups: Vec<(Vec<Outgoing>, usize)> = Vec::new();
+    let mut open: HashMap<Option<i32>, usize> = HashMap::new();
     for record in records {
         let size = record.payload.as_ref().map_or(0, Vec::len);
-        match open.get_mut(&record.partition) {
+        match open.get(&record.partition).map(|&g| &mut groups[g]) {
             Some((group, bytes)) if *bytes + size < max_bytes => {
                 *bytes += size + 1;
-                groups[*group].push(record);
+                group.push(record);
             }
             _ => {
-                open.insert(record.partition, (groups.len(), size + 2));
-                groups.push(vec![record]);
+                open.insert(record.partition, groups.len());
+                groups.push((vec![record], size + 2));
             }
         }
     }
     let mut out = Batched::default();
-    for mut group in groups {
+    for (mut group, bytes) in groups {
         out.events.push(group.len());
         if group.len() == 1 {
             out.records.extend(group.pop());
             continue;
         }
-        let bytes = group.iter().map(|r| r.payload.as_ref().map_or(0, Vec::len));
-        let mut value = Vec::with_capacity(bytes.sum::<usize>() + group.len() + 1);
+        let mut value = Vec::with_capacity(bytes);
         value.push(b'[');
         for (i, record) in group.iter().enumerate() {
             if i > 0 {
