@@ -6,9 +6,10 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use switchyard::kafka::KafkaConfig;
@@ -59,6 +60,52 @@ fn writing_snapshot(log: &str) -> bool {
     started > ended
 }
 
+/// The sum of the snapshot topic's high watermarks.
+fn snapshot_end(reader: &BaseConsumer, kafka: &KafkaConfig) -> i64 {
+    let topic = kafka.topics().snapshots();
+    (0..kafka.partition_count(&topic).unwrap())
+        .map(|p| {
+            let (_, high) = reader
+                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .unwrap();
+            high
+        })
+        .sum()
+}
+
+/// Returns once router run `n` is writing a snapshot of which at least one chunk is on the
+/// topic: a kill then leaves that snapshot incomplete (a kill before its first chunk, during the
+/// owner check or the encoding, leaves nothing of it to see).
+async fn mid_snapshot(kafka: &KafkaConfig, n: usize) {
+    let reader = reader_in(kafka, "switchyard-test-reader");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // The snapshot seen started (by its count of "writing snapshot" lines) and the topic's end
+    // when it was.
+    let mut seen: Option<(usize, i64)> = None;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "router run {n} wrote no chunk of a snapshot in 60s (see {}-router-{n}.log)",
+            kafka.topic_prefix
+        );
+        let log = log_of(kafka, n);
+        let started = log.matches("writing snapshot").count();
+        let end = snapshot_end(&reader, kafka);
+        match seen {
+            _ if !writing_snapshot(&log) => seen = None,
+            Some((same, before)) if same == started && end > before => {
+                let still = log_of(kafka, n);
+                if writing_snapshot(&still) && still.matches("writing snapshot").count() == same {
+                    return;
+                }
+            }
+            Some((same, _)) if same == started => {}
+            _ => seen = Some((started, end)),
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkills_while_snapshots_are_written_lose_and_duplicate_nothing() {
     let kafka = kafka("snapcrash");
@@ -80,14 +127,7 @@ async fn sigkills_while_snapshots_are_written_lose_and_duplicate_nothing() {
     ];
     run_tasks_through_sigkills(&kafka, dir.path(), &args, TASKS, KILLS, |kill| {
         let kafka = kafka.clone();
-        async move {
-            eventually(
-                Duration::from_secs(60),
-                &format!("router run {} to be writing a snapshot", kill - 1),
-                || async { writing_snapshot(&log_of(&kafka, kill - 1)).then_some(()) },
-            )
-            .await;
-        }
+        async move { mid_snapshot(&kafka, kill - 1).await }
     })
     .await;
     agents.stop().await;
