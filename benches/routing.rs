@@ -19,7 +19,8 @@
 //! first work item at a consumer, both on this process's clock, at half the router's median rate,
 //! through the router and, as baselines, through a bare forwarder and through a forwarder of a
 //! state record per event, then its work items (state first), alternated [`LATENCY_ROUNDS`] times:
-//! p50, p99, max, each split at the work item's timestamp, and the median p99s.
+//! p50, p99, max, each split at the work item's timestamp, the share of the machine's CPU busy
+//! meanwhile, and the median p99s.
 //! Run with `scripts/bench-routing`.
 //!
 //! `BENCH_MODE=effectively-once` (default) starts a fresh nisshi for each throughput run on
@@ -684,6 +685,8 @@ struct Latencies {
     total: Vec<f64>,
     produced: Vec<f64>,
     received: Vec<f64>,
+    /// The share of the machine's CPU time that was busy during the run (every process's).
+    busy: f64,
 }
 
 impl Latencies {
@@ -700,11 +703,36 @@ impl Latencies {
         let line = format!(
             "  {:<12} p50 {p50:>6.1} ms, p99 {p99:>7.1} ms, max {max:>7.1} ms   \
              (send → produced p50 {produced50:.0} / p99 {produced99:.0} ms, \
-             produced → received p50 {received50:.0} / p99 {received99:.0} ms)",
-            carrier.name()
+             produced → received p50 {received50:.0} / p99 {received99:.0} ms), \
+             machine {:.0} % busy",
+            carrier.name(),
+            self.busy * 100.0
         );
         (line, p99)
     }
+}
+
+/// The machine's CPU time so far, busy and in all, in clock ticks (`/proc/stat`'s `cpu` line;
+/// zero where there is none).
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let all: u64 = ticks.iter().sum();
+    let idle = ticks.iter().skip(3).take(2).sum::<u64>();
+    (all - idle, all)
+}
+
+/// The busy share of the machine's CPU time since `start` ([`machine_ticks`]).
+fn busy_since(start: (u64, u64)) -> f64 {
+    let (busy, all) = machine_ticks();
+    (busy - start.0) as f64 / (all - start.1).max(1) as f64
 }
 
 fn epoch_ms() -> f64 {
@@ -806,6 +834,7 @@ async fn latency(
     let events = submissions("lat", count);
     let sent = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     let started = Instant::now();
+    let machine = machine_ticks();
     let sender = {
         let sent = sent.clone();
         tokio::spawn(async move {
@@ -849,6 +878,7 @@ async fn latency(
             samples.received.push(arrived_ms - produced as f64);
         }
     }
+    samples.busy = busy_since(machine);
     drop(sender.await.unwrap());
     let _ = stop_relay.send(true);
     if let Some(router) = router {
