@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use schemars::JsonSchema;
@@ -319,7 +319,8 @@ pub fn next_record(
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match consumer.poll(left) {
             Some(Err(e)) if is_transient(&e) && !left.is_zero() => {
-                tracing::warn!(error = %e, "reading: a broker connection failed; retrying");
+                let reading = assigned(consumer);
+                tracing::warn!(error = %e, reading, "reading: a broker connection failed; retrying");
             }
             Some(message) => return message,
             None => {
@@ -329,6 +330,18 @@ pub fn next_record(
             }
         }
     }
+}
+
+/// The partitions `consumer` is assigned, as `topic/partition` separated by commas: what a
+/// warning about its reads names.
+fn assigned<C: ConsumerContext>(consumer: &impl Consumer<C>) -> String {
+    let assignment = consumer.assignment().unwrap_or_default();
+    let parts: Vec<String> = assignment
+        .elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect();
+    parts.join(",")
 }
 
 /// The next record `consumer` delivers within `timeout`, or `None` when none came, waiting
@@ -341,7 +354,8 @@ pub async fn recv_within(
     loop {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
             Ok(Err(e)) if is_transient(&e) => {
-                tracing::warn!(error = %e, "reading: a broker connection failed; retrying");
+                let reading = assigned(consumer);
+                tracing::warn!(error = %e, reading, "reading: a broker connection failed; retrying");
             }
             Ok(message) => return Some(message),
             Err(_) => return None,
@@ -503,6 +517,21 @@ pub fn murmur2(data: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_warning_names_the_partitions_read() {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("group.id", "unit")
+            .create()
+            .unwrap();
+        assert_eq!(assigned(&consumer), "");
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition("sy.state", 0);
+        tpl.add_partition("sy.state", 3);
+        consumer.assign(&tpl).unwrap();
+        assert_eq!(assigned(&consumer), "sy.state/0,sy.state/3");
+    }
 
     #[test]
     fn readers_wait_through_lost_connections_but_not_through_other_errors() {
