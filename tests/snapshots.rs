@@ -9,10 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use common::*;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
-use switchyard::kafka::KafkaConfig;
+use switchyard::kafka::{self, KafkaConfig};
 use switchyard::router::snapshot::store::Store;
 use switchyard::router::snapshot::{self, Header, SnapshotConfig};
 use switchyard::state::PartitionState;
@@ -52,25 +51,12 @@ fn log_of(kafka: &KafkaConfig, n: usize) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
-/// Whether the router's log shows a snapshot started and not yet ended.
-fn writing_snapshot(log: &str) -> bool {
+/// How many snapshots the router's log shows started, and whether one of them has not ended.
+fn snapshots_begun(log: &str) -> (usize, bool) {
     let started = log.matches("writing snapshot").count();
     let ended =
         log.matches("snapshot written").count() + log.matches("snapshot not written").count();
-    started > ended
-}
-
-/// The sum of the snapshot topic's high watermarks.
-fn snapshot_end(reader: &BaseConsumer, kafka: &KafkaConfig) -> i64 {
-    let topic = kafka.topics().snapshots();
-    (0..kafka.partition_count(&topic).unwrap())
-        .map(|p| {
-            let (_, high) = reader
-                .fetch_watermarks(&topic, p, Duration::from_secs(10))
-                .unwrap();
-            high
-        })
-        .sum()
+    (started, started > ended)
 }
 
 /// Returns once router run `n` is writing a snapshot of which at least one chunk is on the
@@ -78,6 +64,9 @@ fn snapshot_end(reader: &BaseConsumer, kafka: &KafkaConfig) -> i64 {
 /// owner check or the encoding, leaves nothing of it to see).
 async fn mid_snapshot(kafka: &KafkaConfig, n: usize) {
     let reader = reader_in(kafka, "switchyard-test-reader");
+    let topic = kafka.topics().snapshots();
+    let partitions = kafka.partition_count(&topic).unwrap();
+    let topic_end = || kafka::high_watermark_sum(&reader, &topic, partitions).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     // The snapshot seen started (by its count of "writing snapshot" lines) and the topic's end
     // when it was.
@@ -88,14 +77,13 @@ async fn mid_snapshot(kafka: &KafkaConfig, n: usize) {
             "router run {n} wrote no chunk of a snapshot in 60s (see {}-router-{n}.log)",
             kafka.topic_prefix
         );
-        let log = log_of(kafka, n);
-        let started = log.matches("writing snapshot").count();
-        let end = snapshot_end(&reader, kafka);
+        let (started, writing) = snapshots_begun(&log_of(kafka, n));
+        let end = topic_end();
         match seen {
-            _ if !writing_snapshot(&log) => seen = None,
+            _ if !writing => seen = None,
             Some((same, before)) if same == started && end > before => {
-                let still = log_of(kafka, n);
-                if writing_snapshot(&still) && still.matches("writing snapshot").count() == same {
+                // Still that snapshot, after its chunk landed.
+                if snapshots_begun(&log_of(kafka, n)) == (same, true) {
                     return;
                 }
             }
