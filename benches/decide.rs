@@ -7,12 +7,13 @@
 //! benchmark (`benches/fixtures/one-work-item.yaml`: a state event and one work item per event),
 //! over the routing benchmark's 371-byte submissions, in cumulative stages:
 //!
-//! 1. `decode`: the JSON codec's decoding of the record;
+//! 1. `decode`: the JSON codec's decoding of the record (and whether the state record may copy
+//!    its text);
 //! 2. `decide`: + admission, the rule decision and the fold into the partition's state
 //!    ([`Partition::decide`]);
 //! 3. `timers`: + the timer index's refresh ([`TimerIndex::refresh`]);
-//! 4. `writes`: + the work item and the state record encoded as the JSON codec writes them, the
-//!    state records batched as the router writes them ([`state_record::batched`], every
+//! 4. `writes`: + the work item encoded as the JSON codec writes it, the state record as the
+//!    router makes it ([`state_record::record`]), the state records batched as the router writes them ([`state_record::batched`], every
 //!    [`DEFAULT_MAX_BATCH`] events).
 //!
 //! What it leaves out: Kafka (fetching, producing, acknowledgements), metrics, trace spans.
@@ -28,7 +29,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use switchyard::commit::Outgoing;
-use switchyard::envelope::{decode_task_event, EventKind, TaskEvent};
+use switchyard::envelope::{read_task_event, EventKind, TaskEvent};
 use switchyard::router::service::DEFAULT_MAX_BATCH;
 use switchyard::router::timers::TimerIndex;
 use switchyard::router::{Engine, Partition, Position, Raw};
@@ -86,7 +87,10 @@ fn run(engine: &Engine, events: &[Vec<u8>], stage: Stage) -> usize {
     let mut states = Vec::with_capacity(DEFAULT_MAX_BATCH);
     let mut written = 0;
     for (offset, bytes) in events.iter().enumerate() {
-        let decoded = decode_task_event(bytes);
+        let (decoded, text) = match read_task_event(bytes) {
+            Ok((event, text)) => (Ok(event), text),
+            Err(e) => (Err(e), false),
+        };
         if stage == Stage::Decode {
             written += decoded.map_or(0, |e| e.task_id.len());
             continue;
@@ -123,9 +127,8 @@ fn run(engine: &Engine, events: &[Vec<u8>], stage: Stage) -> usize {
             serde_json::to_writer(&mut bytes, &item).unwrap();
             written += bytes.len();
         }
-        let mut state_record = Outgoing::json("state".into(), Some(0), &record.task_id, &record);
-        state_record.traceparent = record.trace.clone();
-        states.push(state_record);
+        let text = text.then_some(bytes.as_slice());
+        states.push(state_record::record("state".into(), 0, record, text));
         if states.len() == DEFAULT_MAX_BATCH {
             let batched =
                 state_record::batched(std::mem::take(&mut states), engine.rules.max_event_bytes);

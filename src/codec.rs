@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::envelope::{
-    decode_task_event, DecodeError, EventKind, TaskEvent, Usage, WorkItem, WorkItemRef, JSON,
+    read_task_event, DecodeError, EventKind, TaskEvent, Usage, WorkItem, WorkItemRef, JSON,
 };
 
 /// Errors encoding a record.
@@ -103,8 +103,14 @@ impl Codec {
 
     /// Decodes a task event.
     pub async fn decode_task_event(&self, bytes: &[u8]) -> Result<TaskEvent, DecodeError> {
+        self.read_task_event(bytes).await.map(|(event, _)| event)
+    }
+
+    /// Decodes a task event, and tells whether `bytes` are its JSON text as a state record may
+    /// copy it ([`crate::envelope::read_task_event`]; never for Avro).
+    pub async fn read_task_event(&self, bytes: &[u8]) -> Result<(TaskEvent, bool), DecodeError> {
         match self {
-            Codec::Json => decode_task_event(bytes),
+            Codec::Json => read_task_event(bytes),
             Codec::Avro(avro) => {
                 let value = decode_avro(&avro.decoder, bytes).await?;
                 let record: TaskEventRecord = apache_avro::from_value(&value)
@@ -113,7 +119,7 @@ impl Codec {
                 if event.task_id.is_empty() {
                     return Err(DecodeError::Invalid("`task_id` is empty".into()));
                 }
-                Ok(event)
+                Ok((event, false))
             }
         }
     }

@@ -208,13 +208,20 @@ impl DecodeError {
 
 /// Decodes a task event, telling garbage, unknown kinds and invalid fields apart.
 pub fn decode_task_event(bytes: &[u8]) -> Result<TaskEvent, DecodeError> {
+    read_task_event(bytes).map(|(event, _)| event)
+}
+
+/// [`decode_task_event`], and whether `bytes` are the event's JSON text as a state record may
+/// copy it: they decoded in one pass as the event, as the event nested in a state record is
+/// decoded again (a text with a field given twice, say, decodes only the long way, and is not).
+pub fn read_task_event(bytes: &[u8]) -> Result<(TaskEvent, bool), DecodeError> {
     // The common case in one pass: a well-formed object straight into the struct. Anything it
     // does not take (and a struct written as an array, which only this pass would) goes the
     // long way, which accepts the same events and names what is wrong with the others.
     if bytes.trim_ascii_start().starts_with(b"{") {
         if let Ok(event) = serde_json::from_slice::<TaskEvent>(bytes) {
             if !event.task_id.is_empty() {
-                return Ok(event);
+                return Ok((event, true));
             }
         }
     }
@@ -233,7 +240,7 @@ pub fn decode_task_event(bytes: &[u8]) -> Result<TaskEvent, DecodeError> {
     if event.task_id.is_empty() {
         return Err(DecodeError::Invalid("`task_id` is empty".into()));
     }
-    Ok(event)
+    Ok((event, false))
 }
 
 /// A unit of work for one agent card, written to the card's inbox topic. Keyed by `task_id`.
@@ -614,7 +621,8 @@ pub struct StateEvent {
     pub instance: String,
     /// The input this decision answers.
     pub input: Option<InputRef>,
-    /// The decoded input event.
+    /// The input event. Written as the input's own text when that was JSON read in one pass
+    /// (fields switchyard does not know stay in it; it decodes to the same event), else encoded.
     pub event: Option<TaskEvent>,
     /// The step the input answered, as resolved by the router.
     pub answers_step: Option<u32>,
@@ -824,6 +832,20 @@ mod tests {
             let (one, long) = (decode_task_event(bytes).ok(), long_way(bytes).ok());
             assert_eq!(one, long, "{text}");
         }
+    }
+
+    #[test]
+    fn only_a_text_read_in_one_pass_may_be_copied() {
+        let one = br#"{"event_id":"e","task_id":"t","kind":"SUBMITTED","surprise":1}"#;
+        assert!(read_task_event(one).unwrap().1);
+        let twice = br#"{"event_id":"e","task_id":"t","task_id":"u","kind":"SUBMITTED"}"#;
+        let (event, verbatim) = read_task_event(twice).unwrap();
+        assert_eq!(event.task_id, "u", "the long way takes the last");
+        assert!(
+            !verbatim,
+            "a state record could not be read back with the field twice"
+        );
+        assert!(serde_json::from_slice::<TaskEvent>(twice).is_err());
     }
 
     #[test]

@@ -214,8 +214,9 @@ struct Batch {
 
 /// Where the input of a decision came from, for its dead letter.
 enum Origin<'a> {
-    /// Read in this batch: the dead letter keeps the original bytes.
-    Read(&'a OwnedMessage),
+    /// Read in this batch: the dead letter keeps the original bytes, and the state record copies
+    /// them when they are the event's JSON text (`true`, see [`state_record::record`]).
+    Read(&'a OwnedMessage, bool),
     /// Read earlier (an LLM answer, a queued event): the event is encoded again.
     Recorded(Option<InputRef>),
     /// A record the broker refused (a work item): the dead letter keeps its bytes.
@@ -1551,6 +1552,10 @@ impl Router {
         out: &mut Decided,
     ) -> Result<()> {
         let Step { record, undo } = step;
+        let text = match &origin {
+            Origin::Read(message, true) => Some(*message),
+            _ => None,
+        };
         let Some(state) = self.partitions.get(&p) else {
             return Ok(());
         };
@@ -1577,7 +1582,7 @@ impl Router {
                 reason, message, ..
             } => {
                 let source = match (origin, &record.event) {
-                    (Origin::Read(read), _) => Some(dlq::Source::of_message(read)),
+                    (Origin::Read(read, _), _) => Some(dlq::Source::of_message(read)),
                     (Origin::Recorded(input), Some(event)) => {
                         Some(self.re_encoded(p, event, input).await?)
                     }
@@ -1598,9 +1603,8 @@ impl Router {
             }
             _ => {}
         }
-        let mut state_record =
-            Outgoing::json(self.topics.state(), Some(p), &record.task_id, &record);
-        state_record.traceparent = record.trace.clone();
+        let text = text.and_then(Message::payload);
+        let state_record = state_record::record(self.topics.state(), p, record, text);
         out.states.push(state_record);
         Ok(())
     }
@@ -1648,13 +1652,14 @@ impl Router {
         Ok(())
     }
 
-    /// Decodes a record that will be decided (Avro may ask the registry for a schema); a record
-    /// over `max_event_bytes` is not decoded at all, nor is one the batch skips.
-    async fn decode(&self, message: &OwnedMessage) -> Result<TaskEvent, DecodeError> {
+    /// Decodes a record that will be decided (Avro may ask the registry for a schema), with
+    /// whether its value is the event's JSON text as its state record may copy it; a record over
+    /// `max_event_bytes` is not decoded at all, nor is one the batch skips.
+    async fn decode(&self, message: &OwnedMessage) -> Result<(TaskEvent, bool), DecodeError> {
         let value = message.payload().unwrap_or_default();
         match self.engine.too_large(value.len()) {
             Some(too_large) => Err(too_large),
-            None => self.codec.decode_task_event(value).await,
+            None => self.codec.read_task_event(value).await,
         }
     }
 
@@ -1702,7 +1707,10 @@ impl Router {
             }
             self.gaps.remove(&p);
             decided += 1;
-            let decoded = self.decode(message).await;
+            let (decoded, text) = match self.decode(message).await {
+                Ok((event, text)) => (Ok(event), text),
+                Err(e) => (Err(e), false),
+            };
             let raw = Raw::new(message.payload(), kafka::header(message, SIGNATURE_HEADER));
             let at = Position {
                 topic: &tasks_topic,
@@ -1732,7 +1740,8 @@ impl Router {
                 .as_ref()
                 .map_or("undecodable", |e| e.kind.as_str());
             self.metrics.events.with_label_values(&[kind]).inc();
-            self.emit(p, step, Origin::Read(message), &mut out).await?;
+            let origin = Origin::Read(message, text);
+            self.emit(p, step, origin, &mut out).await?;
         }
         Ok(Batch {
             out,
