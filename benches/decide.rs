@@ -108,9 +108,9 @@ fn run(engine: &Engine, events: &[Vec<u8>], stage: Stage) -> usize {
             partition: 0,
             offset: offset as i64,
         };
-        let record = partition
-            .decide(at, Raw::new(Some(bytes), None), decoded)
-            .record;
+        let mut raw = Raw::new(Some(bytes), None);
+        raw.json = text;
+        let record = partition.decide(at, raw, decoded).record;
         let task = state.tasks.get(&record.task_id);
         if stage >= Stage::Timers {
             timers.refresh(engine, &record.task_id, task.map(AsRef::as_ref));

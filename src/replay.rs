@@ -384,6 +384,8 @@ fn check(
                 size: input.size,
                 value: input.signed.as_ref().map(|(v, _)| v.as_slice()),
                 signature: input.signed.as_ref().map(|(_, s)| s.as_slice()),
+                // Admission measures the event's JSON form: what it decides is the same.
+                json: false,
             };
             let moved = record
                 .input

@@ -918,6 +918,40 @@ rules:
     }
 
     #[test]
+    fn a_json_text_whose_form_may_outgrow_the_limit_is_measured() {
+        let rules = format!("max_event_bytes: 2048\nmax_work_item_bytes: 4096\n{RULES}");
+        let run = Run::new(&rules, &["a", "b", "c", "h"]);
+        let text = |payload: &str| {
+            let event = r#"{"event_id":"e","task_id":"t1","kind":"SUBMITTED","payload":"#;
+            format!("{event}[{payload}]}}")
+        };
+        // `1e15` is 4 bytes read and 18 encoded again: 1,861 bytes of text, 7,461 as recorded.
+        let grows = text(&["1e15"; 360].join(","));
+        assert!(grows.len() < 2048 && crate::router::guard::json_form_bound(grows.len()) > 2048);
+        let mut state = run.state.clone();
+        let record = run
+            .engine
+            .decide_record(&mut state, Some(grows.as_bytes()), None);
+        assert_eq!(reason(&record.decision), ("too_large", false));
+        let Decision::DeadLettered { message, .. } = &record.decision else {
+            unreachable!()
+        };
+        assert!(message.contains("as recorded"), "{message}");
+        let small = text(&["1"; 40].join(","));
+        assert!(
+            crate::router::guard::json_form_bound(small.len()) <= 2048,
+            "not measured"
+        );
+        let record = run
+            .engine
+            .decide_record(&mut state, Some(small.as_bytes()), None);
+        assert!(
+            matches!(record.decision, Decision::Routed { .. }),
+            "{record:?}"
+        );
+    }
+
+    #[test]
     fn a_work_item_over_max_work_item_bytes_dead_letters_the_task() {
         let rules = format!("max_event_bytes: 2500\nmax_work_item_bytes: 4096\n{RULES}");
         let mut run = Run::new(&rules, &["a", "b", "c", "h"]);

@@ -23,6 +23,10 @@ pub struct Raw<'a> {
     pub value: Option<&'a [u8]>,
     /// The `switchyard.signature` header, if any.
     pub signature: Option<&'a [u8]>,
+    /// Whether the value is the event's JSON text ([`crate::envelope::read_task_event`]): its
+    /// JSON form, as recorded, is then at most [`json_form_bound`] of its size, and admission
+    /// measures that form only when the bound is over the limit.
+    pub json: bool,
 }
 
 impl<'a> Raw<'a> {
@@ -32,8 +36,20 @@ impl<'a> Raw<'a> {
             size: value.map_or(0, <[u8]>::len),
             value,
             signature,
+            json: false,
         }
     }
+}
+
+/// The most bytes the JSON form of a task event takes when it was read from `size` bytes of
+/// JSON text. Encoded again, a string never grows (the encoder escapes only what the text must
+/// have escaped too, and unescapes the rest), nor do whitespace, fields it does not know, and
+/// repeated keys (they go); a number grows at most 4.5 times (`1e15`, 4 bytes, is
+/// `1000000000000000.0`); the fields the text leaves out take their defaults, under 1 KiB in
+/// all. Admission skips measuring an event this bound puts within the limit: the measure costs
+/// as much as encoding it (`scripts/bench-decide --instructions`: 3,250 instructions an event).
+pub fn json_form_bound(size: usize) -> usize {
+    size.saturating_mul(5).saturating_add(1024)
 }
 
 impl Engine {
@@ -65,12 +81,13 @@ impl Engine {
             Ok(event) => event,
             Err(e) => return Some((false, Outcome::undecodable(e))),
         };
-        let recorded = json_len(event);
-        if recorded > self.rules.max_event_bytes {
+        let limit = self.rules.max_event_bytes;
+        let bounded = raw.json && json_form_bound(raw.size) <= limit;
+        if let Some(recorded) = (!bounded).then(|| json_len(event)).filter(|r| *r > limit) {
             let error = DecodeError::TooLarge {
                 size: recorded,
                 form: "as recorded",
-                limit: self.rules.max_event_bytes,
+                limit,
             };
             return Some((false, Outcome::undecodable(&error)));
         }
@@ -107,10 +124,13 @@ impl Engine {
         signature: Option<&[u8]>,
     ) -> StateEvent {
         let bytes = value.unwrap_or_default();
-        let raw = Raw::new(value, signature);
+        let mut raw = Raw::new(value, signature);
         let decoded = match self.too_large(bytes.len()) {
             Some(e) => Err(e),
-            None => crate::envelope::decode_task_event(bytes),
+            None => crate::envelope::read_task_event(bytes).map(|(event, json)| {
+                raw.json = json;
+                event
+            }),
         };
         let mut partition = Partition {
             engine: self,
@@ -320,6 +340,37 @@ fn work_item_len(
 mod tests {
     use super::*;
     use crate::envelope::DecidedBy;
+
+    #[test]
+    fn an_events_json_form_is_within_the_bound_of_its_text() {
+        let event =
+            |rest: &str| format!(r#"{{"event_id":"e","task_id":"t","kind":"SUBMITTED"{rest}}}"#);
+        let numbers = |n: &str| format!(r#","payload":[{}]"#, vec![n; 1000].join(","));
+        let texts = [
+            event(""),
+            event(r#","usage":{}"#),
+            event(&numbers("1e15")),
+            event(&numbers("9e9")),
+            event(&numbers("-1e15")),
+            event(r#","payload":{"a":1e15,"b":[1e14,1e9]},"confidence":1e0,"usage":{"cost":1e15}"#),
+            event(r#","payload":"\/\u00e9\ud83d\ude00\n\t\"\u001f","labels":{"k":"\u0076"}"#),
+            "  {  \"event_id\" : \"e\" , \"task_id\":\"t\",\"kind\":\"SUBMITTED\" }  ".into(),
+        ];
+        for text in texts {
+            let (event, json) = crate::envelope::read_task_event(text.as_bytes()).unwrap();
+            assert!(json, "{text}");
+            let form = json_len(&event);
+            let bound = json_form_bound(text.len());
+            assert!(form <= bound, "{form} bytes, over {bound}: {text}");
+        }
+        let (one, _) =
+            crate::envelope::read_task_event(event(&numbers("1e15")).as_bytes()).unwrap();
+        let grown = json_len(&one.payload) as f64 / numbers("1e15").len() as f64;
+        assert!(
+            grown > 3.5,
+            "the worst number grows {grown:.1} times: the bound allows 5"
+        );
+    }
 
     #[test]
     fn the_work_item_bound_is_the_json_length_of_the_item() {

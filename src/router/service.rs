@@ -1711,7 +1711,8 @@ impl Router {
                 Ok((event, text)) => (Ok(event), text),
                 Err(e) => (Err(e), false),
             };
-            let raw = Raw::new(message.payload(), kafka::header(message, SIGNATURE_HEADER));
+            let mut raw = Raw::new(message.payload(), kafka::header(message, SIGNATURE_HEADER));
+            raw.json = text;
             let at = Position {
                 topic: &tasks_topic,
                 partition: p,
