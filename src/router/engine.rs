@@ -952,6 +952,54 @@ rules:
     }
 
     #[test]
+    fn a_new_tasks_work_items_are_within_its_json_form_and_128_bytes_and_the_card() {
+        let run = Run::new(RULES, &["a", "b", "c", "h"]);
+        let texts = [
+            r#"{"event_id":"e","task_id":"t1","kind":"SUBMITTED"}"#,
+            r#"{"event_id":"","task_id":"t1","tenant":"","kind":"SUBMITTED","source":"","payload":null,"content_type":"","labels":{}}"#,
+            r#"{"event_id":"e","task_id":"t1","kind":"SUBMITTED","payload":[1e15],"deadline":-9223372036854775808,"labels":{"k":"v"}}"#,
+        ];
+        for text in texts {
+            let mut state = run.state.clone();
+            let record = run
+                .engine
+                .decide_record(&mut state, Some(text.as_bytes()), None);
+            let event = record.event.as_ref().expect("decided");
+            let task = state.tasks.get("t1").expect("routed");
+            for item in run.engine.work_items(task, &record.decision, i32::MAX) {
+                let (item, form) = (
+                    crate::router::guard::json_len(&item),
+                    crate::router::guard::json_len(event) + 128 + item.card.len(),
+                );
+                assert!(item <= form, "{item} bytes, over {form}: {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_new_tasks_work_items_are_decided_the_same_measured_or_not() {
+        let text = format!(
+            r#"{{"event_id":"e","task_id":"t1","kind":"SUBMITTED","payload":"{}"}}"#,
+            "x".repeat(1700)
+        );
+        let decide = |max_work_item_bytes: usize| {
+            let rules = format!(
+                "max_event_bytes: 2048\nmax_work_item_bytes: {max_work_item_bytes}\n{RULES}"
+            );
+            let run = Run::new(&rules, &["a", "b", "c", "h"]);
+            let mut state = run.state.clone();
+            let record = run
+                .engine
+                .decide_record(&mut state, Some(text.as_bytes()), None);
+            record.decision
+        };
+        // Its work items are about 1,840 bytes: measured under a limit of 2,049 (2,048 + 128 +
+        // the card's name is over it), not under one of 2,177; decided the same.
+        assert!(matches!(decide(2049), Decision::Routed { .. }));
+        assert_eq!(decide(2049), decide(2177));
+    }
+
+    #[test]
     fn a_work_item_over_max_work_item_bytes_dead_letters_the_task() {
         let rules = format!("max_event_bytes: 2500\nmax_work_item_bytes: 4096\n{RULES}");
         let mut run = Run::new(&rules, &["a", "b", "c", "h"]);
