@@ -29,7 +29,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use switchyard::commit::Outgoing;
-use switchyard::envelope::{read_task_event, EventKind, TaskEvent};
+use switchyard::envelope::read_task_event;
 use switchyard::router::service::DEFAULT_MAX_BATCH;
 use switchyard::router::timers::TimerIndex;
 use switchyard::router::{Engine, Partition, Position, Raw};
@@ -43,6 +43,8 @@ static GLOBAL: switchyard::allocator::Allocator = switchyard::allocator::Allocat
 
 #[path = "support/env.rs"]
 mod env;
+#[path = "support/events.rs"]
+mod events;
 
 /// How far a run takes each event.
 #[derive(Clone, Copy, PartialEq, PartialOrd)]
@@ -66,17 +68,6 @@ impl Stage {
             Stage::Writes => "writes",
         }
     }
-}
-
-/// The routing benchmark's submissions, encoded.
-fn submissions(count: usize) -> Vec<Vec<u8>> {
-    (0..count)
-        .map(|i| {
-            let mut e = TaskEvent::new(format!("bench-{i}"), EventKind::Submitted, "bench");
-            e.payload = serde_json::json!({ "customer_message": "where is my order? it should have arrived by now" });
-            serde_json::to_vec(&e).unwrap()
-        })
-        .collect()
 }
 
 /// Takes every event of `events` as far as `stage`, on a fresh partition state; returns the
@@ -148,7 +139,10 @@ fn main() {
     )
     .unwrap();
     let engine = workflow.engine();
-    let input = submissions(events);
+    let input: Vec<Vec<u8>> = events::submissions("bench", events)
+        .into_iter()
+        .map(|(_, value)| value)
+        .collect();
     if let Ok(name) = std::env::var("BENCH_DECIDE_STAGE") {
         let stage = [Stage::Setup]
             .into_iter()

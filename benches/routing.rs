@@ -56,6 +56,8 @@ use switchyard::workflow::Workflow;
 #[global_allocator]
 static GLOBAL: switchyard::allocator::Allocator = switchyard::allocator::Allocator {};
 
+#[path = "support/events.rs"]
+mod events;
 #[path = "support/router.rs"]
 mod router;
 
@@ -74,23 +76,12 @@ fn config(bootstrap: &str, prefix: &str) -> KafkaConfig {
     }
 }
 
-/// `count` SUBMITTED events of tasks `<prefix>-<i>`, encoded: (task id, JSON).
-fn submissions(prefix: &str, count: usize) -> Vec<(String, Vec<u8>)> {
-    (0..count)
-        .map(|i| {
-            let mut e = TaskEvent::new(format!("{prefix}-{i}"), EventKind::Submitted, "bench");
-            e.payload = serde_json::json!({ "customer_message": "where is my order? it should have arrived by now" });
-            (e.task_id.clone(), serde_json::to_vec(&e).unwrap())
-        })
-        .collect()
-}
-
 async fn prepare(kafka: &KafkaConfig, workflow: &Workflow, events: usize) -> usize {
     let specs = TopicSpecs::load(Path::new("topics/switchyard.yaml")).unwrap();
     topics::apply(kafka, &specs, &workflow.cards).await.unwrap();
     let producer = kafka.producer().unwrap();
     let topic = kafka.topics().tasks();
-    let payloads = submissions("bench", events);
+    let payloads = events::submissions("bench", events);
     let size = payloads.first().map_or(0, |p| p.1.len());
     for chunk in payloads.chunks(5_000) {
         let sends = chunk.iter().map(|(k, p)| {
@@ -831,7 +822,7 @@ async fn latency(
         warm += usize::from(m.key().is_some_and(|k| k.starts_with(b"warm-")));
     }
     // The events are encoded before the clock starts; the sender only hands them over.
-    let events = submissions("lat", count);
+    let events = events::submissions("lat", count);
     let sent = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
     let started = Instant::now();
     let machine = machine_ticks();
