@@ -59,12 +59,13 @@ pub fn record(
         // before it.
         let at = memchr::memmem::find(value, NO_EVENT)
             .expect("a state event without its event names it null");
+        // In place: the fields after it move to make room, then the text fills it.
         let (null, end) = (at + NO_EVENT.len() - b"null".len(), at + NO_EVENT.len());
-        let mut copied = Vec::with_capacity(value.len() - b"null".len() + text.len());
-        copied.extend_from_slice(&value[..null]);
-        copied.extend_from_slice(text);
-        copied.extend_from_slice(&value[end..]);
-        *value = copied;
+        let (tail, len) = (value.len() - end, value.len() - end + null + text.len());
+        value.resize(len.max(value.len()), 0);
+        value.copy_within(end..end + tail, null + text.len());
+        value.truncate(len);
+        value[null..null + text.len()].copy_from_slice(text);
     }
     record.traceparent = decision.trace;
     record
@@ -231,6 +232,10 @@ mod tests {
             );
             assert_eq!(r.traceparent.as_deref(), Some("00-t-s-01"));
         }
+        let shorter = record("s".into(), 2, event("t", 1), Some(b"{}"));
+        let value = shorter.payload.unwrap();
+        let (at, end) = (br#""event":{},"#.as_slice(), br#""at":1000}"#.as_slice());
+        assert!(memchr::memmem::find(&value, at).is_some() && value.ends_with(end));
     }
 
     #[test]
