@@ -218,8 +218,11 @@ pub fn read_task_event(bytes: &[u8]) -> Result<(TaskEvent, bool), DecodeError> {
     // The common case in one pass: a well-formed object straight into the struct. Anything it
     // does not take (and a struct written as an array, which only this pass would) goes the
     // long way, which accepts the same events and names what is wrong with the others.
-    if bytes.trim_ascii_start().starts_with(b"{") {
-        if let Ok(event) = serde_json::from_slice::<TaskEvent>(bytes) {
+    // The text is checked as UTF-8 once, as a whole: decoding bytes checks each string on its
+    // own, which cost about a quarter of decoding the routing benchmark's events.
+    let text = std::str::from_utf8(bytes).ok();
+    if let Some(text) = text.filter(|t| t.trim_ascii_start().starts_with('{')) {
+        if let Ok(event) = serde_json::from_str::<TaskEvent>(text) {
             if !event.task_id.is_empty() {
                 return Ok((event, true));
             }
@@ -817,8 +820,12 @@ mod tests {
                 false => Ok(event),
             }
         }
-        let cases: [&[u8]; 8] = [
+        let cases: [&[u8]; 11] = [
             br#"{"event_id":"e","task_id":"t","kind":"SUBMITTED","payload":{"a":[1,2.5,"x"]}}"#,
+            b"{\"event_id\":\"e\",\"task_id\":\"t\xff\",\"kind\":\"SUBMITTED\"}",
+            b"{\"event_id\":\"e\",\"task_id\":\"t\",\"kind\":\"SUBMITTED\",\"x\":\"\xc3\"}",
+            "{\"event_id\":\"\u{e9}\u{1f600}\",\"task_id\":\"t\",\"kind\":\"SUBMITTED\"}"
+                .as_bytes(),
             br#"  {"event_id":"e","task_id":"t","kind":"SUBMITTED"}"#,
             br#"{"event_id":"e","task_id":"t","task_id":"u","kind":"SUBMITTED"}"#,
             br#"["e","t","default","SUBMITTED"]"#,
