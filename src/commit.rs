@@ -395,9 +395,10 @@ fn is_retriable(e: &KafkaError) -> bool {
 /// Writes `records` through `producer` and waits for each: its offset, or the error that refused
 /// that one record (see [`refuses_record`]). Any other error fails the whole call. The records are
 /// handed to the producer one after the other, in order (waiting while its queue is full), and
-/// their acknowledgements awaited in that order: one future per record awaited in a
-/// `try_join_all` was measured at about a tenth of the router process's CPU in
-/// `scripts/bench-routing`.
+/// their acknowledgements awaited in that order. A `try_join_all` of one send future per record
+/// did the same at more cost: alternated three times in `scripts/bench-routing` (one work item
+/// per event), the router's CPU per event went from 15.4, 13.7, 14.5 µs with it to 12.9, 12.2,
+/// 13.0 µs with this.
 pub async fn send_each(
     producer: &FutureProducer,
     records: &[Outgoing],
