@@ -412,17 +412,17 @@ pub async fn send_each(
     };
     let mut acks = Vec::with_capacity(records.len());
     for record in records {
-        acks.push(enqueue(producer, record).await.map_err(|e| (record, e)));
+        acks.push(enqueue(producer, record).await);
     }
     let mut sent = Vec::with_capacity(records.len());
-    for ack in acks {
+    for (record, ack) in records.iter().zip(acks) {
         sent.push(match ack {
             Ok(ack) => match ack.await {
                 Ok(Ok(delivery)) => Ok(delivery.offset),
-                Ok(Err((source, _))) => produced(&records[sent.len()], source)?,
-                Err(_) => produced(&records[sent.len()], KafkaError::Canceled)?,
+                Ok(Err((source, _))) => produced(record, source)?,
+                Err(_) => produced(record, KafkaError::Canceled)?,
             },
-            Err((record, source)) => produced(record, source)?,
+            Err(source) => produced(record, source)?,
         });
     }
     Ok(sent)

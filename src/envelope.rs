@@ -206,6 +206,17 @@ impl DecodeError {
     }
 }
 
+/// `bytes` decoded as JSON, as `serde_json::from_slice` does. UTF-8 text is checked once, as a
+/// whole, and decoded as text: decoding bytes checks each string on its own, which cost about a
+/// quarter of decoding the routing benchmark's events (`scripts/bench-decide --instructions`).
+/// Bytes that are not UTF-8 fail as they always did.
+pub fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> serde_json::Result<T> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::from_str(text),
+        Err(_) => serde_json::from_slice(bytes),
+    }
+}
+
 /// Decodes a task event, telling garbage, unknown kinds and invalid fields apart.
 pub fn decode_task_event(bytes: &[u8]) -> Result<TaskEvent, DecodeError> {
     read_task_event(bytes).map(|(event, _)| event)
@@ -218,8 +229,8 @@ pub fn read_task_event(bytes: &[u8]) -> Result<(TaskEvent, bool), DecodeError> {
     // The common case in one pass: a well-formed object straight into the struct. Anything it
     // does not take (and a struct written as an array, which only this pass would) goes the
     // long way, which accepts the same events and names what is wrong with the others.
-    // The text is checked as UTF-8 once, as a whole: decoding bytes checks each string on its
-    // own, which cost about a quarter of decoding the routing benchmark's events.
+    // Only UTF-8 text: decoding bytes into the struct skips an unknown field's string without
+    // checking it, where the long way refuses it (see [`from_json`] for the cost of checking).
     let text = std::str::from_utf8(bytes).ok();
     if let Some(text) = text.filter(|t| t.trim_ascii_start().starts_with('{')) {
         if let Ok(event) = serde_json::from_str::<TaskEvent>(text) {
@@ -228,8 +239,7 @@ pub fn read_task_event(bytes: &[u8]) -> Result<(TaskEvent, bool), DecodeError> {
             }
         }
     }
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    let value: Value = from_json(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
     let Some(object) = value.as_object() else {
         return Err(DecodeError::NotJson("top level is not an object".into()));
     };

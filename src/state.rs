@@ -243,14 +243,14 @@ impl FinishedTasks {
             let Some((old, filing)) = self.order.pop_front() else {
                 break;
             };
-            if self.tasks.get(&old).is_some_and(|(_, f)| *f == filing) {
+            if remembers(&self.tasks, &old, filing) {
                 self.tasks.remove(&old);
             }
         }
         if self.order.len() > 2 * self.tasks.len().max(FINISHED_MEMORY / 2) {
             let tasks = &self.tasks;
             self.order
-                .retain(|(id, filing)| tasks.get(id).is_some_and(|(_, f)| f == filing));
+                .retain(|(id, filing)| remembers(tasks, id, *filing));
         }
     }
 
@@ -272,6 +272,12 @@ impl FinishedTasks {
                 _ => None,
             })
     }
+}
+
+/// Whether `tasks` remembers `id` from its filing `filing` (else that place in the order is
+/// stale: the task was forgotten, and perhaps remembered again later).
+fn remembers(tasks: &ByTask<(Finished, u64)>, id: &str, filing: u64) -> bool {
+    tasks.get(id).is_some_and(|(_, f)| *f == filing)
 }
 
 /// Two memories are equal when they remember the same tasks in the same order.

@@ -12,18 +12,13 @@
 use std::collections::HashMap;
 
 use crate::commit::Outgoing;
-use crate::envelope::{Decision, StateEvent};
+use crate::envelope::{from_json, Decision, StateEvent};
 
 /// The state events of a record's value, in order.
 pub fn decode(value: &[u8]) -> serde_json::Result<Vec<StateEvent>> {
-    // Checked as UTF-8 once, as a whole, rather than string by string (see
-    // `envelope::read_task_event`); bytes that are not UTF-8 fail the way they always did.
-    let array = value.trim_ascii_start().first() == Some(&b'[');
-    match (std::str::from_utf8(value), array) {
-        (Ok(text), true) => serde_json::from_str(text),
-        (Ok(text), false) => serde_json::from_str(text).map(|event| vec![event]),
-        (Err(_), true) => serde_json::from_slice(value),
-        (Err(_), false) => serde_json::from_slice(value).map(|event| vec![event]),
+    match value.trim_ascii_start().first() {
+        Some(b'[') => from_json(value),
+        _ => from_json(value).map(|event| vec![event]),
     }
 }
 
