@@ -629,7 +629,7 @@ impl Router {
         }
         self.seek(consumer, &batch.refetch)?;
         self.commit_positions(consumer);
-        self.take_snapshots();
+        self.take_snapshot();
         Ok(())
     }
 
@@ -1370,40 +1370,44 @@ impl Router {
         if timers_due || snapshot_due {
             self.drain().await?;
             self.fire_due().await?;
-            self.take_snapshots();
+            self.take_snapshot();
         }
         let pending: usize = self.timers.values().map(TimerIndex::pending).sum();
         self.metrics.timers_pending.set(pending as i64);
         Ok(())
     }
 
-    /// Starts the snapshots that are due, each in the background on a copy of its partition's
+    /// Starts the snapshot that is due, if any, in the background on a copy of its partition's
     /// state: every decision folded so far is written by now, so the copy is the fold of the
-    /// state partition up to this instance's latest record there.
-    fn take_snapshots(&mut self) {
+    /// state partition up to this instance's latest record there. One at a time
+    /// ([`Schedule::due`]); the next starts at a tick after it ended.
+    fn take_snapshot(&mut self) {
         let Some(store) = self.store.as_ref().filter(|_| self.pipeline.is_empty()) else {
             return;
         };
         let open = open_tasks(&self.partitions);
-        for due in self.schedule.due(Instant::now(), open) {
-            let Some(state) = self.partitions.get(&due.partition) else {
-                continue;
-            };
-            let (store, state, done) = (store.clone(), state.clone(), self.snapshots_done.clone());
-            let instance = self.config.instance_id.clone();
-            let chunk_bytes = self.config.snapshots.chunk_bytes;
-            tracing::info!(
-                partition = due.partition,
-                covers = due.covers,
-                "writing snapshot"
-            );
-            tokio::spawn(async move {
-                let ended = store
-                    .take(&due, state, instance, now_ms(), chunk_bytes)
-                    .await;
-                let _ = done.send((due, ended));
-            });
-        }
+        let Some(due) = self.schedule.due(Instant::now(), open) else {
+            return;
+        };
+        let Some(state) = self.partitions.get(&due.partition) else {
+            // Not owned after all: its clock goes too, or it would stay busy.
+            self.schedule.revoked(due.partition);
+            return;
+        };
+        let (store, state, done) = (store.clone(), state.clone(), self.snapshots_done.clone());
+        let instance = self.config.instance_id.clone();
+        let chunk_bytes = self.config.snapshots.chunk_bytes;
+        tracing::info!(
+            partition = due.partition,
+            covers = due.covers,
+            "writing snapshot"
+        );
+        tokio::spawn(async move {
+            let ended = store
+                .take(&due, state, instance, now_ms(), chunk_bytes)
+                .await;
+            let _ = done.send((due, ended));
+        });
     }
 
     /// A snapshot ended.

@@ -14,6 +14,7 @@
 //! decisions the fold ignores, so its snapshot would be wrong. This module is the format and the
 //! choice, pure; [`store`] does the reading and writing, [`Schedule`] says when.
 
+pub mod encoder;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
@@ -307,7 +308,7 @@ pub struct Schedule {
 }
 
 /// Whether partition `p`'s snapshot is due at `now`: by records (at least as many as it holds
-/// open tasks) or by time, and none is being written.
+/// open tasks) or by time.
 fn is_due(
     config: &SnapshotConfig,
     clock: &Clock,
@@ -320,7 +321,7 @@ fn is_due(
     let by_time = !config.interval.is_zero()
         && clock.records > 0
         && now.duration_since(clock.last) >= config.interval;
-    clock.busy.is_none() && (by_count || by_time)
+    by_count || by_time
 }
 
 /// One partition's snapshot clock.
@@ -428,36 +429,43 @@ impl Schedule {
 
     /// Whether a snapshot is due at `now` ([`Schedule::due`] without marking it).
     pub fn any_due(&self, now: Instant, open: impl Fn(i32) -> usize) -> bool {
-        self.config.enabled()
-            && (self.partitions.iter())
-                .any(|(p, clock)| is_due(&self.config, clock, *p, now, &open))
+        self.next(now, open).is_some()
     }
 
-    /// The snapshots due at `now`, marked busy until [`Schedule::done`]. `open(p)` is how many
-    /// tasks partition `p` holds: a snapshot costs about that much, so one by count waits for at
-    /// least as many records (a restore would read them instead).
-    pub fn due(&mut self, now: Instant, open: impl Fn(i32) -> usize) -> Vec<Due> {
-        if !self.config.enabled() {
-            return Vec::new();
+    /// The snapshot due at `now`, if any, marked busy until [`Schedule::done`]. `open(p)` is how
+    /// many tasks partition `p` holds: a snapshot costs about that much, so one by count waits
+    /// for at least as many records (a restore would read them instead).
+    ///
+    /// One snapshot at a time: none is due while one is being written, and of the partitions
+    /// due, the one that waited longest goes first. Partitions fed at the same rate fall due
+    /// together; three snapshots encoded at once took the CPU the router needed (latency p99
+    /// 66-280 ms against 20-28 ms without snapshots, at 34,000 events/s on two cores).
+    pub fn due(&mut self, now: Instant, open: impl Fn(i32) -> usize) -> Option<Due> {
+        let p = self.next(now, open)?;
+        let clock = self.partitions.get_mut(&p)?;
+        let gapless = clock.own_since_verified == (clock.written - clock.verified) as u64;
+        let due = Due {
+            partition: p,
+            covers: clock.written,
+            verify_from: (!gapless).then_some(clock.verified),
+            previous: clock.previous,
+        };
+        clock.busy = Some(clock.own_since_verified);
+        clock.last = now;
+        clock.records = 0;
+        Some(due)
+    }
+
+    /// The partition whose snapshot is due next at `now`: none while one is busy, else the
+    /// due partition whose last snapshot is oldest (the lowest number among equals).
+    fn next(&self, now: Instant, open: impl Fn(i32) -> usize) -> Option<i32> {
+        if !self.config.enabled() || self.partitions.values().any(|c| c.busy.is_some()) {
+            return None;
         }
-        let mut due = Vec::new();
-        for (p, clock) in &mut self.partitions {
-            if !is_due(&self.config, clock, *p, now, &open) {
-                continue;
-            }
-            let gapless = clock.own_since_verified == (clock.written - clock.verified) as u64;
-            due.push(Due {
-                partition: *p,
-                covers: clock.written,
-                verify_from: (!gapless).then_some(clock.verified),
-                previous: clock.previous,
-            });
-            clock.busy = Some(clock.own_since_verified);
-            clock.last = now;
-            clock.records = 0;
-        }
-        due.sort_by_key(|d| d.partition);
-        due
+        (self.partitions.iter())
+            .filter(|(p, clock)| is_due(&self.config, clock, **p, now, &open))
+            .min_by_key(|(p, clock)| (clock.last, **p))
+            .map(|(p, _)| *p)
     }
 
     /// The snapshot `due` ended: a written one proves the state partition up to its `covers`
@@ -572,7 +580,7 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_fall_due_by_count_and_by_time_and_skip_busy_partitions() {
+    fn snapshots_fall_due_by_count_and_by_time_one_at_a_time_longest_waiting_first() {
         let t0 = Instant::now();
         let mut schedule = Schedule::new(SnapshotConfig {
             every_records: 3,
@@ -585,49 +593,55 @@ mod tests {
             schedule.written(0, offset, 1);
         }
         schedule.written(1, 205, 1);
-        let due = schedule.due(t0, |_| 0);
+        let t1 = t0 + Duration::from_secs(1);
+        let first = schedule.due(t1, |_| 0);
         assert_eq!(
-            due,
-            [Due {
+            first,
+            Some(Due {
                 partition: 0,
                 covers: 103,
                 verify_from: None,
                 previous: None
-            }],
+            }),
             "partition 0's own records fill (100, 103]: nothing to verify"
         );
         for offset in 104..=106 {
             schedule.written(0, offset, 1);
         }
+        schedule.written(1, 206, 1);
+        schedule.written(1, 207, 1);
         assert!(
-            schedule.due(t0, |_| 0).is_empty(),
-            "partition 0 is busy, partition 1 not due yet"
+            !schedule.any_due(t1, |_| 0) && schedule.due(t1, |_| 0).is_none(),
+            "partition 1 is due by count, but partition 0's snapshot is being written"
         );
-        schedule.done(
-            &due[0],
-            &Ended::Written {
-                chunks: 3,
-                bytes: 10,
-            },
-        );
-        let later = schedule.due(t0 + Duration::from_secs(61), |_| 0);
+        let written = Ended::Written {
+            chunks: 3,
+            bytes: 10,
+        };
+        schedule.done(&first.unwrap(), &written);
+        let t2 = t0 + Duration::from_secs(61);
+        let second = schedule.due(t2, |_| 0);
         assert_eq!(
-            later,
-            [
-                Due {
-                    partition: 0,
-                    covers: 106,
-                    verify_from: None,
-                    previous: Some((103, 3))
-                },
-                Due {
-                    partition: 1,
-                    covers: 205,
-                    verify_from: Some(200),
-                    previous: Some((150, 2))
-                }
-            ],
-            "by time; partition 1 has foreign records in (200, 205]"
+            second,
+            Some(Due {
+                partition: 1,
+                covers: 207,
+                verify_from: Some(200),
+                previous: Some((150, 2))
+            }),
+            "both due; partition 1 waited longest and has foreign records in (200, 207]"
+        );
+        assert!(schedule.due(t2, |_| 0).is_none(), "one at a time");
+        schedule.done(&second.unwrap(), &written);
+        assert_eq!(
+            schedule.due(t2, |_| 0),
+            Some(Due {
+                partition: 0,
+                covers: 106,
+                verify_from: None,
+                previous: Some((103, 3))
+            }),
+            "then partition 0, replacing its snapshot at 103"
         );
     }
 
@@ -644,12 +658,12 @@ mod tests {
             schedule.written(0, offset, 1);
         }
         assert!(
-            schedule.due(t0, |_| 10).is_empty(),
+            schedule.due(t0, |_| 10).is_none(),
             "5 records, 10 open tasks"
         );
         for offset in 6..=10 {
             schedule.written(0, offset, 1);
         }
-        assert_eq!(schedule.due(t0, |_| 10).len(), 1);
+        assert!(schedule.due(t0, |_| 10).is_some());
     }
 }

@@ -8,6 +8,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use super::encoder::Encoder;
 use super::{Due, Ended, Gathered, Header, Skipped, Snapshot};
 use crate::kafka::{self, KafkaConfig, Result};
 use crate::state::PartitionState;
@@ -27,6 +28,7 @@ pub struct Store {
     snapshots: String,
     state: String,
     producer: FutureProducer,
+    encoder: Encoder,
 }
 
 /// What a load found.
@@ -50,6 +52,7 @@ impl Store {
             snapshots: topics.snapshots(),
             state: topics.state(),
             producer: KafkaConfig::producer_from(config)?,
+            encoder: Encoder::start(),
         })
     }
 
@@ -163,7 +166,8 @@ impl Store {
     }
 
     /// Takes the snapshot `due` of `state` (owned by `instance`): checks the state partition for
-    /// a foreign ownership record where `due` says so, encodes, writes.
+    /// a foreign ownership record where `due` says so, encodes (on the [`Encoder`]'s thread),
+    /// writes.
     pub async fn take(
         &self,
         due: &Due,
@@ -184,11 +188,10 @@ impl Store {
             }
         }
         let (p, covers) = (due.partition, due.covers);
-        let records = tokio::task::spawn_blocking(move || {
-            super::encode(&state, p, covers, &instance, at, chunk_bytes)
-        })
-        .await
-        .expect("encoding a snapshot does not panic");
+        // The copy is dropped there too: freeing its keys is work of the same kind.
+        let records = (self.encoder)
+            .run(move || super::encode(&state, p, covers, &instance, at, chunk_bytes))
+            .await;
         let chunks = records.len() as u32;
         match self.write(p, &records, due.previous).await {
             Ok(bytes) => Ended::Written { chunks, bytes },
