@@ -117,15 +117,12 @@ impl Partition<'_> {
     /// The timers of this partition that are due at `now`, oldest first. A task whose deadline
     /// passed fires nothing else.
     pub fn due(&self) -> Vec<(String, Firing)> {
-        self.due_among(self.state.tasks.keys())
+        self.due_among(self.state.tasks.keys().map(|id| &**id))
     }
 
     /// [`Partition::due`] of the tasks `ids` only (those a [`super::timers::TimerIndex`] says
     /// have a timer due).
-    pub fn due_among<'i>(
-        &self,
-        ids: impl IntoIterator<Item = &'i String>,
-    ) -> Vec<(String, Firing)> {
+    pub fn due_among<'i>(&self, ids: impl IntoIterator<Item = &'i str>) -> Vec<(String, Firing)> {
         let mut due = Vec::new();
         for task in ids.into_iter().filter_map(|id| self.state.tasks.get(id)) {
             let mut timers = self.engine.timers(task);

@@ -1074,9 +1074,9 @@ impl Router {
             };
             for (id, task) in &state.tasks {
                 if task.awaiting.is_some() {
-                    asks.push((*p, id.clone()));
+                    asks.push((*p, id.to_string()));
                 } else if !task.queue.is_empty() {
-                    drains.push((*p, id.clone()));
+                    drains.push((*p, id.to_string()));
                 }
             }
         }
@@ -1456,7 +1456,7 @@ impl Router {
                 continue;
             };
             let mut fired = Vec::new();
-            let due = partition.due_among(&ids);
+            let due = partition.due_among(ids.iter().map(String::as_str));
             for (task_id, firing) in due {
                 partition.trace = followed.get(&task_id).cloned().flatten();
                 let task = partition.state.tasks.get(&task_id).map(Arc::as_ref);

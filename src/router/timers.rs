@@ -229,7 +229,9 @@ rules:
         due.sort();
         assert_eq!(due, ["t1", "t2"]);
         let full = run.partition_at(5_000).due();
-        let among = run.partition_at(5_000).due_among(&index.due(5_000));
+        let among = run
+            .partition_at(5_000)
+            .due_among(index.due(5_000).iter().map(String::as_str));
         assert_eq!(
             full, among,
             "the index finds what a scan of every task finds"
