@@ -145,6 +145,9 @@ pub struct RouterMetrics {
     pub partitions_restored: IntCounter,
     /// Size of each partition snapshot written, in bytes (before compression).
     pub snapshot_bytes: Histogram,
+    /// Time from a snapshot's start (its partition copied) to its end: the check for a foreign
+    /// owner, the encoding at low CPU priority, the writes.
+    pub snapshot_seconds: Histogram,
     /// Snapshots taken, by outcome (`written`; `fenced`: another instance owns the partition;
     /// `failed`: the broker refused).
     pub snapshots: IntCounterVec,
@@ -263,6 +266,11 @@ impl RouterMetrics {
                 r.register(Box::new(h.clone()))?;
                 h
             },
+            snapshot_seconds: histogram(
+                &r,
+                "switchyard_snapshot_seconds",
+                "Time to take one partition snapshot, after its copy",
+            )?,
             snapshots: counter(
                 &r,
                 "switchyard_snapshots_total",

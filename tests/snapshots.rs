@@ -300,6 +300,19 @@ async fn corrupt_unknown_and_foreign_snapshots_are_skipped_and_the_restore_is_st
         (completed_tasks(&kafka) >= 300).then_some(())
     })
     .await;
+    eventually(
+        Duration::from_secs(60),
+        "the restarted router to write a snapshot",
+        || async {
+            let written = metrics.snapshots.with_label_values(&["written"]).get();
+            (written >= 1).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        metrics.snapshot_seconds.get_sample_count() >= 1,
+        "each snapshot's duration is observed"
+    );
     router.stop().await;
     agents.stop().await;
     humans.stop().await;

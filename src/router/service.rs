@@ -263,8 +263,8 @@ pub struct Router {
     /// pipelined batch would otherwise commit those of the latest landed batch once more).
     committed: Option<TopicPartitionList>,
     /// Snapshots that ended, from their background tasks.
-    snapshots_done: mpsc::UnboundedSender<(Due, Ended)>,
-    snapshots_done_rx: Option<mpsc::UnboundedReceiver<(Due, Ended)>>,
+    snapshots_done: mpsc::UnboundedSender<(Due, Ended, Duration)>,
+    snapshots_done_rx: Option<mpsc::UnboundedReceiver<(Due, Ended, Duration)>>,
 }
 
 /// Records the broker refused in an aborted transaction (exactly-once).
@@ -453,8 +453,8 @@ impl Router {
                     _ = shutdown.changed() => break,
                     Some(event) = rebalances.recv() => self.rebalance(event, &consumer).await,
                     _ = ticker.tick() => self.tick().await,
-                    Some((due, ended)) = snapshots.recv() => {
-                        self.snapshotted(&due, ended);
+                    Some((due, ended, took)) = snapshots.recv() => {
+                        self.snapshotted(&due, ended, took);
                         Ok(())
                     }
                     Some(landed) = self.pipeline.next(), if !self.pipeline.is_empty() => {
@@ -1403,20 +1403,30 @@ impl Router {
             "writing snapshot"
         );
         tokio::spawn(async move {
+            let started = Instant::now();
             let ended = store
                 .take(&due, state, instance, now_ms(), chunk_bytes)
                 .await;
-            let _ = done.send((due, ended));
+            let _ = done.send((due, ended, started.elapsed()));
         });
     }
 
-    /// A snapshot ended.
-    fn snapshotted(&mut self, due: &Due, ended: Ended) {
+    /// A snapshot ended, `took` after it started.
+    fn snapshotted(&mut self, due: &Due, ended: Ended, took: Duration) {
         let (p, covers) = (due.partition, due.covers);
+        let seconds = took.as_secs_f64();
+        self.metrics.snapshot_seconds.observe(seconds);
         let outcome = match &ended {
             Ended::Written { chunks, bytes } => {
                 self.metrics.snapshot_bytes.observe(*bytes as f64);
-                tracing::info!(partition = p, covers, chunks, bytes, "snapshot written");
+                tracing::info!(
+                    partition = p,
+                    covers,
+                    chunks,
+                    bytes,
+                    seconds,
+                    "snapshot written"
+                );
                 "written"
             }
             Ended::Fenced(at) => {
