@@ -62,6 +62,13 @@ impl ConsistencyMode {
         self == ConsistencyMode::ExactlyOnce
     }
 
+    /// Whether a batch's writes may be in flight while the next batch is decided: without a
+    /// transaction, each partition's records keep their order on the producer; a transaction
+    /// holds one batch at a time.
+    pub fn pipelines(self) -> bool {
+        self == ConsistencyMode::EffectivelyOnce
+    }
+
     /// Whether the router fetches a hole in a tasks partition again before accepting it. A
     /// broker without transactions may show a record before a lower one it has not stored yet
     /// (nisshi's memory engine); with transactions, commit markers leave holes everywhere.

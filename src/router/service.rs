@@ -215,8 +215,13 @@ struct Batch {
 /// Where the input of a decision came from, for its dead letter.
 enum Origin<'a> {
     /// Read in this batch: the dead letter keeps the original bytes, and the state record copies
-    /// them when they are the event's JSON text (`true`, see [`state_record::record`]).
-    Read(&'a OwnedMessage, bool),
+    /// them when they are the event's JSON text (see [`state_record::record`]).
+    Read {
+        /// The record read.
+        message: &'a OwnedMessage,
+        /// Whether its value is the event's JSON text.
+        is_json_text: bool,
+    },
     /// Read earlier (an LLM answer, a queued event): the event is encoded again.
     Recorded(Option<InputRef>),
     /// A record the broker refused (a work item): the dead letter keeps its bytes.
@@ -633,10 +638,10 @@ impl Router {
         Ok(())
     }
 
-    /// Whether a decided batch may be put in flight: effectively-once, no dead letters (they are
-    /// written, and acknowledged, before the state records that name them).
+    /// Whether a decided batch may be put in flight: the mode allows it, and no dead letters
+    /// (they are written, and acknowledged, before the state records that name them).
     fn pipelines(&self, out: &Decided) -> bool {
-        self.config.consistency == ConsistencyMode::EffectivelyOnce && out.dead.is_empty()
+        self.config.consistency.pipelines() && out.dead.is_empty()
     }
 
     /// A pipelined batch landed: its state offsets count towards snapshots, the LLM is asked
@@ -1567,7 +1572,10 @@ impl Router {
     ) -> Result<()> {
         let Step { record, undo } = step;
         let text = match &origin {
-            Origin::Read(message, true) => Some(*message),
+            Origin::Read {
+                message,
+                is_json_text: true,
+            } => Some(*message),
             _ => None,
         };
         let Some(state) = self.partitions.get(&p) else {
@@ -1596,7 +1604,7 @@ impl Router {
                 reason, message, ..
             } => {
                 let source = match (origin, &record.event) {
-                    (Origin::Read(read, _), _) => Some(dlq::Source::of_message(read)),
+                    (Origin::Read { message, .. }, _) => Some(dlq::Source::of_message(message)),
                     (Origin::Recorded(input), Some(event)) => {
                         Some(self.re_encoded(p, event, input).await?)
                     }
@@ -1755,7 +1763,10 @@ impl Router {
                 .as_ref()
                 .map_or("undecodable", |e| e.kind.as_str());
             self.metrics.events.with_label_values(&[kind]).inc();
-            let origin = Origin::Read(message, text);
+            let origin = Origin::Read {
+                message,
+                is_json_text: text,
+            };
             self.emit(p, step, origin, &mut out).await?;
         }
         Ok(Batch {
