@@ -102,9 +102,13 @@ fn run(engine: &Engine, events: &[Vec<u8>], stage: Stage) -> usize {
         let mut raw = Raw::new(Some(bytes), None);
         raw.json = text;
         let record = partition.decide(at, raw, decoded).record;
-        let task = state.tasks.get(&record.task_id);
+        let task = state.tasks.get_key_value(&record.task_id);
         if stage >= Stage::Timers {
-            timers.refresh(engine, &record.task_id, task.map(AsRef::as_ref));
+            timers.refresh(
+                engine,
+                &record.task_id,
+                task.map(|(id, t)| (id, t.as_ref())),
+            );
         }
         if stage < Stage::Writes {
             written += record.seq as usize;
@@ -112,7 +116,7 @@ fn run(engine: &Engine, events: &[Vec<u8>], stage: Stage) -> usize {
         }
         for item in task
             .into_iter()
-            .flat_map(|t| engine.work_items(t, &record.decision, 0))
+            .flat_map(|(_, t)| engine.work_items(t, &record.decision, 0))
         {
             let mut bytes = Vec::with_capacity(512);
             serde_json::to_writer(&mut bytes, &item).unwrap();

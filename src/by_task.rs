@@ -68,6 +68,11 @@ impl<V, K: Borrow<str> + Hash + Eq> ByTask<V, K> {
         self.shards[self.shard(id)].get(id)
     }
 
+    /// The entry of `id`, with the key it is filed under.
+    pub fn get_key_value(&self, id: &str) -> Option<(&K, &V)> {
+        self.shards[self.shard(id)].get_key_value(id)
+    }
+
     /// The entry of `id`, to change it.
     pub fn get_mut(&mut self, id: &str) -> Option<&mut V> {
         let shard = self.shard(id);

@@ -762,11 +762,8 @@ impl Router {
             if let Some(state) = self.partitions.get_mut(&p) {
                 let task_id = state.undo(undo);
                 if let Some(index) = self.timers.get_mut(&p) {
-                    index.refresh(
-                        &self.engine,
-                        &task_id,
-                        state.tasks.get(&task_id).map(Arc::as_ref),
-                    );
+                    let task = state.tasks.get_key_value(&task_id);
+                    index.refresh(&self.engine, &task_id, task.map(|(id, t)| (id, t.as_ref())));
                 }
             }
             if !touched.contains(&p) {
@@ -1582,10 +1579,11 @@ impl Router {
             return Ok(());
         };
         if let Some(index) = self.timers.get_mut(&p) {
+            let task = state.tasks.get_key_value(&record.task_id);
             index.refresh(
                 &self.engine,
                 &record.task_id,
-                state.tasks.get(&record.task_id).map(Arc::as_ref),
+                task.map(|(id, t)| (id, t.as_ref())),
             );
         }
         if let Some(undo) = undo {

@@ -243,7 +243,7 @@ rules:
         let step_due = run.engine.timers(&run.state.tasks["t1"])[0].due;
         let mut t1 = run.state.tasks["t1"].as_ref().clone();
         t1.deadline = Some(step_due);
-        index.refresh(&run.engine, "t1", Some(&t1));
+        index.refresh(&run.engine, "t1", Some((&"t1".into(), &t1)));
         assert_eq!(
             index.pending(),
             2,
@@ -251,7 +251,7 @@ rules:
         );
         assert_eq!(index.due(step_due), ["t1"]);
         t1.deadline = Some(500);
-        index.refresh(&run.engine, "t1", Some(&t1));
+        index.refresh(&run.engine, "t1", Some((&"t1".into(), &t1)));
         assert_eq!(index.pending(), 2);
         assert!(index.due(499).is_empty());
         assert_eq!(index.due(500), ["t1"], "filed again by its earliest timer");
@@ -441,14 +441,21 @@ impl TimerIndex {
     pub fn build(engine: &Engine, state: &PartitionState) -> Self {
         let mut index = Self::default();
         for (id, task) in &state.tasks {
-            index.refresh(engine, id, Some(task));
+            index.refresh(engine, id, Some((id, task)));
         }
         index
     }
 
-    /// Files `task_id` again by its next timer (`task`: its state now, `None` when it is gone).
-    pub fn refresh(&mut self, engine: &Engine, task_id: &str, task: Option<&TaskState>) {
-        let next = task.and_then(|task| {
+    /// Files `task_id` again by its next timer (`task`: its id as the partition's map holds it,
+    /// shared with the index, and its state now; `None` when it is gone).
+    pub fn refresh(
+        &mut self,
+        engine: &Engine,
+        task_id: &str,
+        task: Option<(&Arc<str>, &TaskState)>,
+    ) {
+        let shared = task.map(|(id, _)| id);
+        let next = task.and_then(|(_, task)| {
             let timers = engine.timers(task);
             let due = timers.iter().map(|f| f.due).min()?;
             Some((due, timers.len()))
@@ -473,7 +480,9 @@ impl TimerIndex {
         let Some((due, held)) = next else {
             return;
         };
-        let id = id.unwrap_or_else(|| Arc::from(task_id));
+        let id = id
+            .or_else(|| shared.cloned())
+            .unwrap_or_else(|| Arc::from(task_id));
         let key = (due, self.filings);
         self.filings += 1;
         self.by_due.insert(key, id.clone());
