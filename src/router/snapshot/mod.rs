@@ -646,6 +646,30 @@ mod tests {
     }
 
     #[test]
+    fn revoking_the_partition_being_snapshotted_lets_the_next_one_start() {
+        let t0 = Instant::now();
+        let mut schedule = Schedule::new(SnapshotConfig {
+            every_records: 1,
+            interval: Duration::ZERO,
+            chunk_bytes: 1024,
+        });
+        schedule.owned(0, 0, t0, None);
+        schedule.owned(1, 0, t0, None);
+        schedule.written(0, 1, 1);
+        schedule.written(1, 1, 1);
+        let first = schedule.due(t0, |_| 0).expect("both are due");
+        assert!(schedule.due(t0, |_| 0).is_none(), "one at a time");
+        schedule.revoked(first.partition);
+        let second = schedule.due(t0, |_| 0).expect("the other one starts");
+        assert_ne!(second.partition, first.partition);
+        schedule.done(&first, &Ended::Failed("revoked".into()));
+        assert!(
+            schedule.due(t0, |_| 0).is_none(),
+            "the revoked partition's late end frees nothing: the other one is still busy"
+        );
+    }
+
+    #[test]
     fn a_snapshot_by_count_waits_for_as_many_records_as_the_partition_has_tasks() {
         let t0 = Instant::now();
         let mut schedule = Schedule::new(SnapshotConfig {
