@@ -1382,7 +1382,8 @@ impl Router {
     /// Starts the snapshot that is due, if any, in the background on a copy of its partition's
     /// state: every decision folded so far is written by now, so the copy is the fold of the
     /// state partition up to this instance's latest record there. One at a time
-    /// ([`Schedule::due`]); the next starts at a tick after it ended.
+    /// ([`Schedule::due`]): the next starts after it ended, at a tick or after a batch written
+    /// with nothing in flight.
     fn take_snapshot(&mut self) {
         let Some(store) = self.store.as_ref().filter(|_| self.pipeline.is_empty()) else {
             return;
