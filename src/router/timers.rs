@@ -420,7 +420,7 @@ rules:
 /// Filed by (due time, filing number): tasks decided in one batch fall due in the same
 /// millisecond, and a key of (due time, task id) compared their ids, byte by byte, at every node
 /// of the tree (`scripts/bench-decide --instructions`: about 1,500 instructions per insert).
-/// Both maps share one copy of each task id.
+/// Both maps share the partition's own copy of each task id.
 #[derive(Debug, Default)]
 pub struct TimerIndex {
     by_due: BTreeMap<(i64, u64), Arc<str>>,
@@ -454,39 +454,33 @@ impl TimerIndex {
         task_id: &str,
         task: Option<(&Arc<str>, &TaskState)>,
     ) {
-        let shared = task.map(|(id, _)| id);
-        let next = task.and_then(|(_, task)| {
+        let next = task.and_then(|(id, task)| {
             let timers = engine.timers(task);
             let due = timers.iter().map(|f| f.due).min()?;
-            Some((due, timers.len()))
+            Some((id, due, timers.len()))
         });
-        let mut id = None;
         match (self.tasks.get_mut(task_id), next) {
-            (Some(filed), Some((due, held))) if due == filed.key.0 => {
+            (Some(filed), Some((_, due, held))) if due == filed.key.0 => {
                 self.pending = self.pending - filed.held + held;
                 filed.held = held;
                 return;
             }
             (Some(_), _) => {
-                if let Some((filed, Filed { key, held })) = self.tasks.remove_entry(task_id) {
+                if let Some(Filed { key, held }) = self.tasks.remove(task_id) {
                     self.by_due.remove(&key);
                     self.pending -= held;
-                    id = Some(filed);
                 }
             }
             // A new task (the common case) is looked up once before it is filed.
             (None, _) => {}
         }
-        let Some((due, held)) = next else {
+        let Some((id, due, held)) = next else {
             return;
         };
-        let id = id
-            .or_else(|| shared.cloned())
-            .unwrap_or_else(|| Arc::from(task_id));
         let key = (due, self.filings);
         self.filings += 1;
         self.by_due.insert(key, id.clone());
-        self.tasks.insert(id, Filed { key, held });
+        self.tasks.insert(id.clone(), Filed { key, held });
         self.pending += held;
     }
 
