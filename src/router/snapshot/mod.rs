@@ -579,14 +579,19 @@ mod tests {
         assert_eq!(g.newest(100).0.unwrap().header.covers, 10);
     }
 
+    /// A schedule snapshotting by `every_records` and `interval`.
+    fn schedule(every_records: u64, interval: Duration) -> Schedule {
+        Schedule::new(SnapshotConfig {
+            every_records,
+            interval,
+            chunk_bytes: 1024,
+        })
+    }
+
     #[test]
     fn snapshots_fall_due_by_count_and_by_time_one_at_a_time_longest_waiting_first() {
         let t0 = Instant::now();
-        let mut schedule = Schedule::new(SnapshotConfig {
-            every_records: 3,
-            interval: Duration::from_secs(60),
-            chunk_bytes: 1024,
-        });
+        let mut schedule = schedule(3, Duration::from_secs(60));
         schedule.owned(0, 100, t0, None);
         schedule.owned(1, 200, t0, Some((150, 2)));
         for offset in 101..=103 {
@@ -648,11 +653,7 @@ mod tests {
     #[test]
     fn revoking_the_partition_being_snapshotted_lets_the_next_one_start() {
         let t0 = Instant::now();
-        let mut schedule = Schedule::new(SnapshotConfig {
-            every_records: 1,
-            interval: Duration::ZERO,
-            chunk_bytes: 1024,
-        });
+        let mut schedule = schedule(1, Duration::ZERO);
         schedule.owned(0, 0, t0, None);
         schedule.owned(1, 0, t0, None);
         schedule.written(0, 1, 1);
@@ -672,11 +673,7 @@ mod tests {
     #[test]
     fn a_snapshot_by_count_waits_for_as_many_records_as_the_partition_has_tasks() {
         let t0 = Instant::now();
-        let mut schedule = Schedule::new(SnapshotConfig {
-            every_records: 3,
-            interval: Duration::ZERO,
-            chunk_bytes: 1024,
-        });
+        let mut schedule = schedule(3, Duration::ZERO);
         schedule.owned(0, 0, t0, None);
         for offset in 1..=5 {
             schedule.written(0, offset, 1);
