@@ -188,7 +188,7 @@ impl Store {
             }
         }
         let (p, covers) = (due.partition, due.covers);
-        // The copy is dropped there too: freeing its keys is work of the same kind.
+        // The copy is dropped there too: freeing its tables is work of the same kind.
         let records = (self.encoder)
             .run(move || super::encode(&state, p, covers, &instance, at, chunk_bytes))
             .await;
