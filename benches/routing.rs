@@ -32,6 +32,11 @@
 //! for each run on `BENCH_PORT` (default 19392), or uses `SWITCHYARD_TXN_BOOTSTRAP`, and adds to
 //! the two runs the router in exactly-once mode at commit intervals of 10, 100 and 1,000 ms, with
 //! their ratios to the effectively-once router on the same broker.
+//!
+//! `BENCH_PROFILE=<file>` profiles instead of comparing: one run of the effectively-once router
+//! with the one-rule table on a fresh broker, `perf record` sampling this process (every thread)
+//! from the router's first decision to its last acknowledgement into `<file>` (see
+//! [`Profiler`]); no baselines, no latency runs.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -400,6 +405,7 @@ async fn route(
     events: usize,
     mode: ConsistencyMode,
     commit_interval: Duration,
+    profile: Option<&str>,
 ) -> (f64, Measured) {
     let metrics = RouterMetrics::new().unwrap();
     let spawned = Instant::now();
@@ -416,6 +422,7 @@ async fn route(
     while decided() == 0 {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    let profiler = profile.map(Profiler::start);
     let started = Measure::start();
     let startup = spawned.elapsed().as_secs_f64();
     let done = Done::new(kafka, mode, &group, &metrics);
@@ -423,9 +430,45 @@ async fn route(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let measured = started.end(events);
+    if let Some(profiler) = profiler {
+        profiler.stop();
+    }
     let _ = stop.send(true);
     handle.await.unwrap().unwrap();
     (startup, measured)
+}
+
+/// `perf record` of this process, every thread, sampled 1,999 times a second, without call
+/// graphs (the release build has no frame pointers; for them, build with
+/// `CARGO_PROFILE_BENCH_DEBUG=line-tables-only` and record with `--call-graph dwarf` yourself).
+/// Read it by thread (the router's own task is the busiest `tokio-rt-worker`), then by symbol:
+/// `perf report -i <file> --sort pid` and `perf report -i <file> --no-children --sort sym`.
+struct Profiler(std::process::Child);
+
+impl Profiler {
+    fn start(file: &str) -> Self {
+        let pid = std::process::id().to_string();
+        let args = ["record", "-F", "1999", "-o", file, "-p", &pid];
+        match std::process::Command::new("perf").args(args).spawn() {
+            Ok(child) => Self(child),
+            Err(e) => panic!(
+                "BENCH_PROFILE: could not start `perf record` ({e}); install perf (Debian: sudo apt-get install linux-perf)"
+            ),
+        }
+    }
+
+    /// Stops the recording (as Ctrl-C would) and waits until the file is written: perf writes
+    /// it, then ends by the same signal.
+    fn stop(mut self) {
+        use std::os::unix::process::ExitStatusExt;
+        let pid = self.0.id() as libc::pid_t;
+        // SAFETY: `kill` with a child's PID, which is not reaped until the wait below.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        match self.0.wait() {
+            Ok(status) if status.success() || status.signal() == Some(libc::SIGINT) => {}
+            other => panic!("BENCH_PROFILE: `perf record` ended with {other:?}"),
+        }
+    }
 }
 
 /// When a router run is over. Effectively-once: every event's writes are acknowledged (the
@@ -953,6 +996,7 @@ async fn run() {
         ConsistencyMode::EffectivelyOnce => (Kind::Nisshi, "SWITCHYARD_TEST_BOOTSTRAP"),
         ConsistencyMode::ExactlyOnce => (Kind::Crabka, "SWITCHYARD_TXN_BOOTSTRAP"),
     };
+    let profile = std::env::var("BENCH_PROFILE").ok();
     let mut runs = vec![Run::Passthrough, effectively];
     match mode {
         ConsistencyMode::EffectivelyOnce => runs.extend([
@@ -968,11 +1012,18 @@ async fn run() {
             }
         }
     }
+    let rounds = match &profile {
+        Some(_) => {
+            runs = vec![Run::OneItem];
+            1
+        }
+        None => ROUNDS,
+    };
     let brokers = Brokers::new(kind, variable);
     let broker = |round: &str| brokers.next(&format!("bench-probe-{run_id}-{round}"));
     println!("{events} SUBMITTED events per run, {}", brokers.describe());
     let mut measures: Vec<Vec<Measured>> = vec![Vec::new(); runs.len()];
-    for round in 1..=ROUNDS {
+    for round in 1..=rounds {
         let mut line = format!("round {round}:");
         for (i, run) in runs.iter().enumerate() {
             let kafka = config(
@@ -994,7 +1045,8 @@ async fn run() {
                 }
                 (None, _) => (passthrough(&kafka, events).await, String::new()),
                 (Some((table, mode, interval)), _) => {
-                    let (startup, measured) = route(&kafka, table, events, mode, interval).await;
+                    let (startup, measured) =
+                        route(&kafka, table, events, mode, interval, profile.as_deref()).await;
                     (measured, format!(", start-up {startup:.2}s"))
                 }
             };
@@ -1007,6 +1059,10 @@ async fn run() {
             ));
         }
         println!("{line}");
+    }
+    if let Some(file) = profile {
+        println!("profile: perf report -i {file} --sort pid; perf report -i {file} --no-children --sort sym");
+        return;
     }
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
