@@ -300,9 +300,11 @@ impl WorkItem {
 }
 
 /// A [`WorkItem`] borrowed from the task it is for, so that the router writes it without copying
-/// the task's input, context and labels; it serializes to the same JSON as the owned item.
+/// the task's input, context and labels; it serializes to the same JSON as the owned item. Its
+/// context is the task's outputs, or `C`: any other map that serializes as the context would
+/// (admission measures a work item with an answer not yet folded in, see `router::guard`).
 #[derive(Debug, Clone, Copy, Serialize)]
-pub struct WorkItemRef<'a> {
+pub struct WorkItemRef<'a, C = &'a BTreeMap<String, Value>> {
     /// The task.
     pub task_id: &'a str,
     /// Tenant that owns the task.
@@ -316,7 +318,7 @@ pub struct WorkItemRef<'a> {
     /// The task's input payload.
     pub input: &'a Value,
     /// The latest output of each card that has answered so far.
-    pub context: &'a BTreeMap<String, Value>,
+    pub context: C,
     /// The task's labels.
     pub labels: &'a BTreeMap<String, String>,
     /// Deadline, milliseconds since the Unix epoch.

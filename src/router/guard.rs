@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::engine::{Engine, Outcome};
 use super::partition::{Partition, Position};
-use crate::envelope::{Decision, DecodeError, EventKind, StateEvent, Step, TaskEvent};
+use crate::envelope::{Decision, DecodeError, EventKind, StateEvent, Step, TaskEvent, WorkItemRef};
 use crate::state::{PartitionState, TaskState};
 
 /// What admission looks at in a task-event record besides the decoded event.
@@ -290,20 +290,7 @@ fn work_item_len(
     output: Option<(&str, &Value)>,
     step: &Step,
 ) -> usize {
-    /// `WorkItem`'s fields, borrowed, in its order.
-    #[derive(Serialize)]
-    struct View<'a> {
-        task_id: &'a str,
-        tenant: &'a str,
-        step_id: u32,
-        attempt: u32,
-        card: &'a str,
-        input: &'a Value,
-        context: Context<'a>,
-        labels: &'a BTreeMap<String, String>,
-        deadline: Option<i64>,
-        reply_partition: i32,
-    }
+    /// The task's outputs with `output` in place of its card's (same length as the fold's map).
     struct Context<'a> {
         outputs: Option<&'a BTreeMap<String, Value>>,
         output: Option<(&'a str, &'a Value)>,
@@ -328,7 +315,7 @@ fn work_item_len(
         (None, Some(e)) => (&e.task_id, &e.tenant, &e.payload, &e.labels, e.deadline),
         (None, None) => return 0,
     };
-    json_len(&View {
+    json_len(&WorkItemRef {
         task_id,
         tenant,
         step_id: step.step_id,
