@@ -12,9 +12,9 @@
 //! 2. `decide`: + admission, the rule decision and the fold into the partition's state
 //!    ([`Partition::decide`]);
 //! 3. `timers`: + the timer index's refresh ([`TimerIndex::refresh`]);
-//! 4. `writes`: + the work item encoded as the JSON codec writes it, the state record as the
-//!    router makes it ([`state_record::record`]), the state records batched as the router writes them ([`state_record::batched`], every
-//!    [`DEFAULT_MAX_BATCH`] events).
+//! 4. `writes`: + the work item encoded as the JSON codec writes it, the state event encoded into
+//!    its partition's record as the router does ([`state_record::Records`], room reserved for
+//!    [`DEFAULT_MAX_BATCH`] events, finished every [`DEFAULT_MAX_BATCH`] events).
 //!
 //! What it leaves out: Kafka (fetching, producing, acknowledgements), metrics, trace spans.
 //! Each stage runs `BENCH_DECIDE_EVENTS` events (default 100,000) on a fresh partition state,
@@ -75,7 +75,9 @@ impl Stage {
 fn run(engine: &Engine, events: &[Vec<u8>], stage: Stage) -> usize {
     let mut state = PartitionState::default();
     let mut timers = TimerIndex::default();
-    let mut states = Vec::with_capacity(DEFAULT_MAX_BATCH);
+    let room = |bytes: &[u8]| DEFAULT_MAX_BATCH * (bytes.len() + state_record::ROOM_PER_DECISION);
+    let mut states = state_record::Records::new(engine.rules.max_event_bytes);
+    let mut batched = 0;
     let mut written = 0;
     for (offset, bytes) in events.iter().enumerate() {
         let (decoded, text) = match read_task_event(bytes) {
@@ -123,11 +125,16 @@ fn run(engine: &Engine, events: &[Vec<u8>], stage: Stage) -> usize {
             written += bytes.len();
         }
         let text = text.then_some(bytes.as_slice());
-        states.push(state_record::record("state".into(), 0, record, text));
-        if states.len() == DEFAULT_MAX_BATCH {
-            let batched =
-                state_record::batched(std::mem::take(&mut states), engine.rules.max_event_bytes);
-            written += batched.records.iter().map(Outgoing::size).sum::<usize>();
+        if batched == 0 {
+            states.reserve(0, room(bytes));
+        }
+        states.push(0, record, text);
+        batched += 1;
+        if batched == DEFAULT_MAX_BATCH {
+            let full = state_record::Records::new(engine.rules.max_event_bytes);
+            let records = std::mem::replace(&mut states, full).finish("state");
+            written += records.records.iter().map(Outgoing::size).sum::<usize>();
+            batched = 0;
         }
     }
     written

@@ -209,7 +209,7 @@ async fn main() {
 
 /// Writes `records` to state partition 0 as the router writes a backlog's decisions: an
 /// ownership record alone, the others a batch of [`DEFAULT_MAX_BATCH`] at a time, as few records
-/// as the default `max_event_bytes` allows ([`state_record::batched`], as the router does).
+/// as the default `max_event_bytes` allows ([`state_record::Records`], as the router does).
 /// Returns how many records it wrote.
 async fn write_records(
     kafka: &KafkaConfig,
@@ -224,8 +224,11 @@ async fn write_records(
         .iter()
         .map(one)
         .chain(records[lone..].chunks(DEFAULT_MAX_BATCH).flat_map(|batch| {
-            let batch = batch.iter().map(one).collect();
-            state_record::batched(batch, DEFAULT_MAX_EVENT_BYTES).records
+            let mut together = state_record::Records::new(DEFAULT_MAX_EVENT_BYTES);
+            for r in batch {
+                together.push(0, r.clone(), None);
+            }
+            together.finish(&state).records
         }))
         .collect();
     for chunk in outgoing.chunks(100) {

@@ -92,6 +92,19 @@ impl<V, K: Borrow<str> + Hash + Eq> ByTask<V, K> {
         old
     }
 
+    /// The entry of `id`, set to `make()` first when there is none, with whether it was: one
+    /// lookup where [`Self::get_mut`] then [`Self::insert`] take two.
+    pub fn get_or_insert_with(&mut self, id: K, make: impl FnOnce() -> V) -> (&mut V, bool) {
+        let shard = self.shard(id.borrow());
+        match self.shards[shard].entry(id) {
+            hash_map::Entry::Occupied(entry) => (entry.into_mut(), false),
+            hash_map::Entry::Vacant(entry) => {
+                self.len += 1;
+                (entry.insert(make()), true)
+            }
+        }
+    }
+
     /// Takes the entry of `id` out.
     pub fn remove(&mut self, id: &str) -> Option<V> {
         self.remove_entry(id).map(|(_, value)| value)
@@ -231,6 +244,9 @@ mod tests {
         assert_eq!(map.remove("t8"), None);
         assert_eq!(map.remove_entry("t9"), Some(("t9".to_string(), 9)));
         assert!(!map.contains_key("t9") && map.contains_key("t10"));
+        assert_eq!(map.get_or_insert_with("t9".into(), || 90), (&mut 90, true));
+        assert_eq!(map.get_or_insert_with("t9".into(), || 0), (&mut 90, false));
+        assert_eq!(map.remove("t9"), Some(90));
         assert_eq!(map.len(), 998);
         assert_eq!(map.iter().count(), 998);
         assert_eq!(map.values().filter(|v| **v == 70).count(), 2, "t7 and t70");

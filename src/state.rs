@@ -632,23 +632,32 @@ impl PartitionState {
     }
 
     /// Starts the task a submission's decision starts (a dead-lettered task may start again).
+    /// Each lookup hashes the id and probes a large table: a new task costs three (the finished
+    /// memory, the open tasks, the insert), a revived one a fourth.
     fn create(&mut self, record: &StateEvent, event: &TaskEvent) {
-        let id = &event.task_id;
-        let revivable = self.finished.get(id).is_none_or(|f| f.dead_lettered);
-        if event.kind == EventKind::Submitted && !self.tasks.contains_key(id) && revivable {
-            if let Decision::Routed { .. }
-            | Decision::Completed { .. }
-            | Decision::Escalated { .. }
-            | Decision::AwaitingLlm { .. } = record.decision
-            {
-                let step_base = self.finished.get(id).map_or(0, |f| f.last_step);
-                self.finished.remove(id);
-                self.tasks.insert(
-                    id.as_str().into(),
-                    Arc::new(TaskState::new(event, step_base)),
-                );
-            }
+        let starts = matches!(
+            record.decision,
+            Decision::Routed { .. }
+                | Decision::Completed { .. }
+                | Decision::Escalated { .. }
+                | Decision::AwaitingLlm { .. }
+        );
+        if event.kind != EventKind::Submitted || !starts {
+            return;
         }
+        let id = &event.task_id;
+        let finished = self.finished.get(id);
+        if finished.is_some_and(|f| !f.dead_lettered) || self.tasks.contains_key(id) {
+            return;
+        }
+        if finished.is_some() {
+            self.finished.remove(id);
+        }
+        let step_base = finished.map_or(0, |f| f.last_step);
+        self.tasks.insert(
+            id.as_str().into(),
+            Arc::new(TaskState::new(event, step_base)),
+        );
     }
 }
 

@@ -9,8 +9,6 @@
 //! the limit are written alone, as objects, as every record was before arrays. Readers take both
 //! through [`decode`]. A decision's position is its record's offset and its index in the record.
 
-use std::collections::HashMap;
-
 use crate::commit::Outgoing;
 use crate::envelope::{from_json, Decision, StateEvent};
 
@@ -34,41 +32,152 @@ pub fn owner(value: &[u8]) -> Option<String> {
 /// How a state event without its input event names that field.
 const NO_EVENT: &[u8] = b"\"event\":null";
 
-/// The state topic's record of one decision on `partition`, keyed by its task, with its trace
-/// header. `read` is the value of the input the decision copies, when that value is the input
-/// event's JSON text as read ([`crate::envelope::read_task_event`]): the record then copies that
-/// text instead of encoding the decoded event again, which decodes to the same event and costs
-/// a copy (`scripts/bench-decide --instructions`: 38,700 instructions per event instead of 42,600).
-pub fn record(
-    topic: String,
+/// What a state record takes besides the input it copies (about 460 bytes in
+/// `scripts/bench-routing`): room reserved per decision, so that a partition's record is not
+/// copied as it grows.
+pub const ROOM_PER_DECISION: usize = 512;
+
+/// A batch's state records, built as its decisions are made: each partition's decisions are
+/// encoded straight into the record that holds them (rather than into a record each, copied into
+/// it afterwards: an allocation, a copy and three frees per decision).
+pub struct Records {
+    max_bytes: usize,
+    /// The records so far, in order; a partition's last one takes its next decision.
+    groups: Vec<Group>,
+}
+
+/// One record's decisions, all of one partition.
+struct Group {
     partition: i32,
-    mut decision: StateEvent,
-    read: Option<&[u8]>,
-) -> Outgoing {
-    let text = match (read, &decision.event) {
-        (Some(text), Some(_)) => {
-            decision.event = None;
-            Some(text)
+    /// `[` and the decisions so far, separated by commas.
+    value: Vec<u8>,
+    /// Each decision's key (its task) and trace: a record of one decision keeps them.
+    decisions: Vec<(String, Option<String>)>,
+}
+
+impl Records {
+    /// No records yet; each will hold at most `max_bytes` (a decision larger than that alone).
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            max_bytes,
+            groups: Vec::new(),
         }
-        _ => None,
-    };
-    let mut record = Outgoing::json(topic, Some(partition), &decision.task_id, &decision);
-    if let (Some(text), Some(value)) = (text, record.payload.as_mut()) {
-        // The first `"event":null` is the field's: only fields of switchyard's own (the task id
-        // and the instance as strings, where a quote is escaped, and the input's position) come
-        // before it.
-        let at = memchr::memmem::find(value, NO_EVENT)
-            .expect("a state event without its event names it null");
-        // In place: the fields after it move to make room, then the text fills it.
-        let (null, end) = (at + NO_EVENT.len() - b"null".len(), at + NO_EVENT.len());
-        let (tail, len) = (value.len() - end, value.len() - end + null + text.len());
-        value.resize(len.max(value.len()), 0);
-        value.copy_within(end..end + tail, null + text.len());
-        value.truncate(len);
-        value[null..null + text.len()].copy_from_slice(text);
     }
-    record.traceparent = decision.trace;
-    record
+
+    /// Reserves room for `bytes` more of `partition`'s decisions (up to the largest record).
+    pub fn reserve(&mut self, partition: i32, bytes: usize) {
+        let max = self.max_bytes;
+        self.open(partition).value.reserve(bytes.min(max));
+    }
+
+    /// Adds the state event of one decision on `partition`. `read` is the value of the input
+    /// the decision copies, when that value is the input event's JSON text as read
+    /// ([`crate::envelope::read_task_event`]): the record then copies that text instead of
+    /// encoding the decoded event again, which decodes to the same event and costs a copy
+    /// (`scripts/bench-decide --instructions`: 38,700 instructions per event instead of 42,600).
+    pub fn push(&mut self, partition: i32, mut decision: StateEvent, read: Option<&[u8]>) {
+        let text = match (read, &decision.event) {
+            (Some(text), Some(_)) => {
+                decision.event = None;
+                Some(text)
+            }
+            _ => None,
+        };
+        let max = self.max_bytes;
+        let mut group = self.open(partition);
+        let joins = !group.decisions.is_empty();
+        if joins {
+            group.value.push(b',');
+        }
+        let start = group.value.len();
+        serde_json::to_writer(&mut group.value, &decision).expect("records serialize to JSON");
+        if let Some(text) = text {
+            splice(&mut group.value, start, text);
+        }
+        // The array with this decision would reach `max_bytes`: it starts the next record.
+        if joins && group.value.len() >= max {
+            let mut value = Vec::with_capacity(max.max(group.value.len() - start + 1));
+            value.push(b'[');
+            value.extend_from_slice(&group.value[start..]);
+            group.value.truncate(start - 1);
+            self.groups.push(Group {
+                partition,
+                value,
+                decisions: Vec::new(),
+            });
+            group = self.groups.last_mut().expect("just pushed");
+        }
+        group.decisions.push((decision.task_id, decision.trace));
+    }
+
+    /// Whether no decision was added.
+    pub fn is_empty(&self) -> bool {
+        self.groups.iter().all(|g| g.decisions.is_empty())
+    }
+
+    /// The records to write to `topic`, with how many decisions each holds: a JSON array of a
+    /// partition's decisions, or a decision's object alone (keyed by its task, with its trace
+    /// header) when it is its record's only one.
+    pub fn finish(self, topic: &str) -> Batched {
+        let mut out = Batched::default();
+        for Group {
+            partition,
+            mut value,
+            mut decisions,
+        } in self.groups
+        {
+            let n = decisions.len();
+            let (key, trace) = match n {
+                0 => continue,
+                1 => {
+                    value.remove(0);
+                    decisions.swap_remove(0)
+                }
+                _ => {
+                    value.push(b']');
+                    (String::new(), None)
+                }
+            };
+            let mut record = Outgoing::bytes(topic.to_string(), Some(partition), &key, value);
+            record.traceparent = trace;
+            out.records.push(record);
+            out.events.push(n);
+        }
+        out
+    }
+
+    /// `partition`'s record that takes its next decision.
+    fn open(&mut self, partition: i32) -> &mut Group {
+        let at = match self.groups.iter().rposition(|g| g.partition == partition) {
+            Some(at) => at,
+            None => {
+                self.groups.push(Group {
+                    partition,
+                    value: vec![b'['],
+                    decisions: Vec::new(),
+                });
+                self.groups.len() - 1
+            }
+        };
+        &mut self.groups[at]
+    }
+}
+
+/// Puts `text` in the place of the first `"event":null` of the state event encoded at
+/// `value[start..]`, in place: the fields after it move to make room, then the text fills it.
+fn splice(value: &mut Vec<u8>, start: usize, text: &[u8]) {
+    // The first `"event":null` is the field's: only fields of switchyard's own (the task id
+    // and the instance as strings, where a quote is escaped, and the input's position) come
+    // before it.
+    let at = start
+        + memchr::memmem::find(&value[start..], NO_EVENT)
+            .expect("a state event without its event names it null");
+    let (null, end) = (at + NO_EVENT.len() - b"null".len(), at + NO_EVENT.len());
+    let (tail, len) = (value.len() - end, value.len() - end + null + text.len());
+    value.resize(len.max(value.len()), 0);
+    value.copy_within(end..end + tail, null + text.len());
+    value.truncate(len);
+    value[null..null + text.len()].copy_from_slice(text);
 }
 
 /// State records to write, with how many decisions each holds.
@@ -78,52 +187,6 @@ pub struct Batched {
     pub records: Vec<Outgoing>,
     /// How many state events each record holds.
     pub events: Vec<usize>,
-}
-
-/// `records` (state records of one event each, with their partitions, in decision order) as
-/// few records of at most `max_bytes` as they fit in: consecutive events of a partition share one.
-pub fn batched(records: Vec<Outgoing>, max_bytes: usize) -> Batched {
-    // Each group with the size of its array: its events, the commas between them, the brackets.
-    let mut groups: Vec<(Vec<Outgoing>, usize)> = Vec::new();
-    let mut open: HashMap<Option<i32>, usize> = HashMap::new();
-    for record in records {
-        let size = record.payload.as_ref().map_or(0, Vec::len);
-        match open.get(&record.partition).map(|&g| &mut groups[g]) {
-            Some((group, bytes)) if *bytes + size < max_bytes => {
-                *bytes += size + 1;
-                group.push(record);
-            }
-            _ => {
-                open.insert(record.partition, groups.len());
-                groups.push((vec![record], size + 2));
-            }
-        }
-    }
-    let mut out = Batched::default();
-    for (mut group, bytes) in groups {
-        out.events.push(group.len());
-        if group.len() == 1 {
-            out.records.extend(group.pop());
-            continue;
-        }
-        let mut value = Vec::with_capacity(bytes);
-        value.push(b'[');
-        for (i, record) in group.iter().enumerate() {
-            if i > 0 {
-                value.push(b',');
-            }
-            value.extend_from_slice(record.payload.as_deref().unwrap_or(b"null"));
-        }
-        value.push(b']');
-        let first = &group[0];
-        out.records.push(Outgoing::bytes(
-            first.topic.clone(),
-            first.partition,
-            "",
-            value,
-        ));
-    }
-    out
 }
 
 #[cfg(test)]
@@ -140,18 +203,34 @@ mod tests {
         }
     }
 
-    fn single(p: i32, e: &StateEvent) -> Outgoing {
-        let mut r = Outgoing::json("s".into(), Some(p), &e.task_id, e);
-        r.traceparent = Some("00-t-s-01".into());
-        r
+    fn traced(mut e: StateEvent) -> StateEvent {
+        e.trace = Some("00-t-s-01".into());
+        e
+    }
+
+    fn batched<'a>(decisions: impl IntoIterator<Item = (i32, &'a StateEvent)>) -> Batched {
+        let mut records = Records::new(MAX);
+        for (p, e) in decisions {
+            records.push(p, e.clone(), None);
+        }
+        records.finish("s")
+    }
+
+    /// The record of one decision alone.
+    fn record(p: i32, decision: StateEvent, read: Option<&[u8]>) -> Outgoing {
+        let mut records = Records::new(MAX);
+        records.reserve(p, 100);
+        records.push(p, decision, read);
+        let mut out = records.finish("s");
+        assert_eq!(out.events, [1]);
+        out.records.remove(0)
     }
 
     #[test]
     fn a_partitions_decisions_share_a_record_in_order_and_read_back_as_they_were() {
-        let events: Vec<_> = (0..5).map(|i| event(&format!("t{i}"), 1)).collect();
+        let events: Vec<_> = (0..5).map(|i| traced(event(&format!("t{i}"), 1))).collect();
         let parts = [0, 1, 0, 0, 2];
-        let records = events.iter().zip(parts).map(|(e, p)| single(p, e));
-        let out = batched(records.collect(), MAX);
+        let out = batched(parts.into_iter().zip(&events));
         assert_eq!(
             out.events,
             [3, 1, 1],
@@ -177,13 +256,10 @@ mod tests {
     fn a_record_holds_at_most_max_bytes_and_a_larger_event_goes_alone() {
         let mut big = event("big", 1);
         big.event.as_mut().unwrap().payload = serde_json::json!("x".repeat(MAX));
-        let small: Vec<_> = (0..400)
-            .map(|i| single(0, &event(&format!("t{i}"), 1)))
-            .collect();
-        let one = small[0].payload.as_ref().unwrap().len();
-        let mut records = small.clone();
-        records.insert(200, single(0, &big));
-        let out = batched(records, MAX);
+        let mut events: Vec<_> = (0..400).map(|i| event(&format!("t{i}"), 1)).collect();
+        let one = serde_json::to_vec(&events[0]).unwrap().len();
+        events.insert(200, big);
+        let out = batched(events.iter().map(|e| (0, e)));
         for r in &out.records {
             let len = r.payload.as_ref().unwrap().len();
             assert!(len <= MAX || r.key == b"big", "{len} bytes");
@@ -194,6 +270,12 @@ mod tests {
             .flat_map(|r| decode(r.payload.as_deref().unwrap()).unwrap())
             .collect();
         assert_eq!(read.len(), 401, "nothing lost");
+        assert_eq!(out.events.iter().sum::<usize>(), 401);
+        let alone = out.records.iter().zip(&out.events);
+        assert!(
+            alone.filter(|(r, n)| r.key == b"big" && **n == 1).count() == 1,
+            "the large one alone, keyed"
+        );
         assert_eq!(read[200].task_id, "big", "order kept");
         let least = 400 * one / MAX + 1;
         let n = out.records.len();
@@ -219,7 +301,7 @@ mod tests {
                 ..StateEvent::new("t", 1, (3, "r\"event\":null"), Decision::Queued, 1_000)
             };
             decision.task_id = "t\"event\":null".into();
-            let r = record("s".into(), 2, decision.clone(), Some(text));
+            let r = record(2, decision.clone(), Some(text));
             let value = r.payload.as_deref().unwrap();
             assert!(
                 memchr::memmem::find(value, text).is_some(),
@@ -232,7 +314,25 @@ mod tests {
             );
             assert_eq!(r.traceparent.as_deref(), Some("00-t-s-01"));
         }
-        let shorter = record("s".into(), 2, event("t", 1), Some(b"{}"));
+        let mut together = Records::new(MAX);
+        let decisions: Vec<_> = texts
+            .iter()
+            .map(|text| {
+                let event = crate::envelope::read_task_event(text).unwrap().0;
+                let decision = StateEvent {
+                    event: Some(event),
+                    ..StateEvent::new("t", 1, (3, "r1"), Decision::Queued, 1_000)
+                };
+                together.push(2, decision.clone(), Some(text));
+                decision
+            })
+            .collect();
+        assert!(!together.is_empty());
+        let out = together.finish("s");
+        assert_eq!(out.events, [3], "one record");
+        let value = out.records[0].payload.as_deref().unwrap();
+        assert_eq!(decode(value).unwrap(), decisions, "each text in its place");
+        let shorter = record(2, event("t", 1), Some(b"{}"));
         let value = shorter.payload.unwrap();
         let (at, end) = (br#""event":{},"#.as_slice(), br#""at":1000}"#.as_slice());
         assert!(memchr::memmem::find(&value, at).is_some() && value.ends_with(end));
@@ -242,13 +342,13 @@ mod tests {
     fn without_a_text_or_an_event_a_record_is_the_decision_encoded() {
         let decision = event("t", 1);
         let encoded = serde_json::to_vec(&decision).unwrap();
-        let r = record("s".into(), 0, decision.clone(), None);
+        let r = record(0, decision.clone(), None);
         assert_eq!(r.payload.as_deref(), Some(encoded.as_slice()));
         let undecodable = StateEvent {
             event: None,
             ..decision
         };
-        let r = record("s".into(), 0, undecodable.clone(), Some(b"not json"));
+        let r = record(0, undecodable.clone(), Some(b"not json"));
         assert_eq!(
             decode(r.payload.as_deref().unwrap()).unwrap(),
             [undecodable]

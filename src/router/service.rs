@@ -48,7 +48,7 @@ use crate::envelope::{
 use crate::error::{Error, Result};
 use crate::kafka::{self, set_default, KafkaConfig, Topics};
 use crate::llm::{LlmClient, LlmConfig};
-use crate::metrics::RouterMetrics;
+use crate::metrics::{CounterCache, RouterMetrics};
 use crate::rules::Action;
 use crate::signing::SIGNATURE_HEADER;
 use crate::state::{PartitionState, TaskState, Undo};
@@ -164,10 +164,9 @@ const COMMIT_POSITIONS_EVERY: Duration = Duration::from_millis(20);
 const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
 /// Decisions ready to be written, in this order: dead letters, state events, work items.
-#[derive(Default)]
 struct Decided {
     dead: Vec<Outgoing>,
-    states: Vec<Outgoing>,
+    states: state_record::Records,
     /// Work items, encoded for their cards' topics.
     works: Vec<Outgoing>,
     /// What each work item is for (as many as `works`).
@@ -179,14 +178,39 @@ struct Decided {
 }
 
 impl Decided {
-    /// Room for the state events of `events` decisions and a work item each.
-    fn for_events(events: usize) -> Self {
+    /// Nothing yet; state records of at most `max_record` bytes (but for a larger decision).
+    fn new(max_record: usize) -> Self {
         Self {
-            states: Vec::with_capacity(events),
-            works: Vec::with_capacity(events),
-            sent: Vec::with_capacity(events),
-            ..Self::default()
+            dead: Vec::new(),
+            states: state_record::Records::new(max_record),
+            works: Vec::new(),
+            sent: Vec::new(),
+            undo: Vec::new(),
+            asks: Vec::new(),
         }
+    }
+
+    /// Room for the decisions of `batch`: a work item each, and each partition's state record
+    /// as large as its inputs and their decisions (a record that grows is copied each time), up
+    /// to `max_record`.
+    fn for_batch(batch: &[OwnedMessage], max_record: usize) -> Self {
+        let mut out = Self {
+            works: Vec::with_capacity(batch.len()),
+            sent: Vec::with_capacity(batch.len()),
+            ..Self::new(max_record)
+        };
+        let mut room: Vec<(i32, usize)> = Vec::new();
+        for message in batch {
+            let bytes = message.payload().map_or(0, <[u8]>::len) + state_record::ROOM_PER_DECISION;
+            match room.iter_mut().find(|(p, _)| *p == message.partition()) {
+                Some((_, total)) => *total += bytes,
+                None => room.push((message.partition(), bytes)),
+            }
+        }
+        for (p, bytes) in room {
+            out.states.reserve(p, bytes);
+        }
+        out
     }
 }
 
@@ -243,6 +267,9 @@ pub struct Router {
     config: RouterConfig,
     engine: Arc<Engine>,
     metrics: RouterMetrics,
+    /// The counters of events by kind and of decisions, resolved once.
+    events_counted: CounterCache,
+    decisions_counted: CounterCache,
     topics: Topics,
     writer: Writer,
     codec: Codec,
@@ -383,6 +410,8 @@ impl Router {
             writer,
             card_topics,
             engine: Arc::new(engine),
+            events_counted: CounterCache::new(metrics.events.clone()),
+            decisions_counted: CounterCache::new(metrics.decisions.clone()),
             metrics,
             partitions: HashMap::new(),
             timers: HashMap::new(),
@@ -695,7 +724,7 @@ impl Router {
         for (p, id) in flight.asks {
             self.ask(p, id);
         }
-        let mut follow = Decided::default();
+        let mut follow = self.decided();
         for (item, record, error) in &refused {
             self.refuse_work(item, record, error, &mut follow).await?;
         }
@@ -856,7 +885,7 @@ impl Router {
                 }
             }
             let sent = self.writer.send_each(&works).await?;
-            let mut follow = Decided::default();
+            let mut follow = self.decided();
             for ((record, item), sent) in works.iter().zip(&items).zip(sent) {
                 if let Err(error) = sent {
                     self.refuse_work(item, record, &error, &mut follow).await?;
@@ -870,10 +899,15 @@ impl Router {
         }
     }
 
-    /// A batch's state records (one event each) as the state topic holds them: a partition's
-    /// decisions together, each record at most `max_event_bytes` (which the topic accepts).
-    fn state_records(&self, states: Vec<Outgoing>) -> Batched {
-        state_record::batched(states, self.engine.rules.max_event_bytes)
+    /// Nothing decided yet, with state records as large as the rule table allows.
+    fn decided(&self) -> Decided {
+        Decided::new(self.engine.rules.max_event_bytes)
+    }
+
+    /// A batch's state records as the state topic holds them: a partition's decisions together,
+    /// each record at most `max_event_bytes` (which the topic accepts).
+    fn state_records(&self, states: state_record::Records) -> Batched {
+        states.finish(&self.topics.state())
     }
 
     /// Writes dead letters; one the broker refuses is written again without its value (its
@@ -942,7 +976,7 @@ impl Router {
             error: error.to_string(),
         };
         let followed = self.follow_up(p, &item.task_id, "refused_write");
-        let Some(mut partition) = self.partition(p) else {
+        let Some(mut partition) = self.partition(p, now_ms()) else {
             return Ok(());
         };
         partition.trace = followed;
@@ -1074,7 +1108,7 @@ impl Router {
         )
         .await?;
         let committed = self.committed(consumer, &parts);
-        let mut reemit = Decided::default();
+        let mut reemit = self.decided();
         let now = Instant::now();
         for ((p, (state, previous)), epoch) in parts.iter().zip(restored).zip(&epochs) {
             self.schedule.owned(*p, *epoch, now, previous);
@@ -1117,10 +1151,10 @@ impl Router {
                 }
             }
         }
-        let mut drained = Decided::default();
+        let mut drained = self.decided();
         for (p, id) in drains {
             let followed = self.follow_up(p, &id, "queued");
-            let Some(mut partition) = self.partition(p) else {
+            let Some(mut partition) = self.partition(p, now_ms()) else {
                 continue;
             };
             partition.trace = followed;
@@ -1328,7 +1362,7 @@ impl Router {
     /// a task that waits on another question by now is asked that one.
     async fn resolve(&mut self, answers: Vec<Answer>) -> Result<()> {
         self.drain().await?;
-        let mut out = Decided::default();
+        let mut out = self.decided();
         let mut taken = Vec::new();
         for answer in answers {
             let p = answer.partition;
@@ -1354,7 +1388,7 @@ impl Router {
                 Some((true, input)) => input,
             };
             let followed = self.follow_up(p, &answer.task_id, "llm_answer");
-            let Some(mut partition) = self.partition(p) else {
+            let Some(mut partition) = self.partition(p, now_ms()) else {
                 continue;
             };
             partition.trace = followed;
@@ -1489,7 +1523,7 @@ impl Router {
     /// firing is an input, not a side effect) and decided like any other event; a firing whose
     /// write is lost is fired again after a restore, since its task is still active then.
     async fn fire_due(&mut self) -> Result<()> {
-        let mut out = Decided::default();
+        let mut out = self.decided();
         let owned: Vec<i32> = self.partitions.keys().copied().collect();
         for p in owned {
             let Some(index) = self.timers.get(&p) else {
@@ -1500,7 +1534,7 @@ impl Router {
                 .iter()
                 .map(|id| (id.clone(), self.follow_up(p, id, "timer")))
                 .collect();
-            let Some(mut partition) = self.partition(p) else {
+            let Some(mut partition) = self.partition(p, now_ms()) else {
                 continue;
             };
             let mut fired = Vec::new();
@@ -1541,13 +1575,14 @@ impl Router {
         Ok(())
     }
 
-    /// The per-event step of owned partition `p`, stamping records with the time now.
-    fn partition(&mut self, p: i32) -> Option<Partition<'_>> {
+    /// The per-event step of owned partition `p`, stamping records with `now` (ms since the Unix
+    /// epoch: the time now, or a batch's start).
+    fn partition(&mut self, p: i32, now: i64) -> Option<Partition<'_>> {
         Some(Partition {
             engine: &self.engine,
             state: self.partitions.get_mut(&p)?,
             instance: &self.config.instance_id,
-            now: now_ms(),
+            now,
             keep_undo: self.config.consistency.keeps_undo(),
             trace: None,
         })
@@ -1625,7 +1660,7 @@ impl Router {
         if let Some(undo) = undo {
             out.undo.push((p, undo));
         }
-        count_decision(&self.metrics, &record);
+        count_decision(&self.metrics, &mut self.decisions_counted, &record);
         if let Some(task) = state.tasks.get(&record.task_id) {
             for item in self.engine.work_items(task, &record.decision, p) {
                 self.add_work(item, record.trace.as_deref(), out).await?;
@@ -1660,8 +1695,7 @@ impl Router {
             _ => {}
         }
         let text = text.and_then(Message::payload);
-        let state_record = state_record::record(self.topics.state(), p, record, text);
-        out.states.push(state_record);
+        out.states.push(p, record, text);
         Ok(())
     }
 
@@ -1723,9 +1757,11 @@ impl Router {
     async fn decide(&mut self, batch: Vec<OwnedMessage>) -> Result<Batch> {
         let tasks_topic = self.topics.tasks();
         let guard_gaps = self.config.consistency.refetches_holes();
-        let mut out = Decided::for_events(batch.len());
+        let mut out = Decided::for_batch(&batch, self.engine.rules.max_event_bytes);
         let mut decided = 0u64;
         let mut refetch = Vec::new();
+        // The batch's decisions are stamped with its start: the clock once, not per event.
+        let now = now_ms();
         for message in &batch {
             let p = message.partition();
             let Some(partition) = self.partitions.get_mut(&p) else {
@@ -1785,7 +1821,7 @@ impl Router {
                 consistency = %self.config.consistency,
             );
             let trace = trace::hop(&span, trace::extract(message.headers()));
-            let Some(mut partition) = self.partition(p) else {
+            let Some(mut partition) = self.partition(p, now) else {
                 continue;
             };
             partition.trace = Some(trace);
@@ -1796,7 +1832,7 @@ impl Router {
                 .event
                 .as_ref()
                 .map_or("undecodable", |e| e.kind.as_str());
-            self.metrics.events.with_label_values(&[kind]).inc();
+            self.events_counted.get(&[kind]).inc();
             let origin = Origin::Read {
                 message,
                 is_json_text: text,
@@ -1843,7 +1879,7 @@ fn record_decision(span: &tracing::Span, record: &StateEvent) {
     }
 }
 
-fn count_decision(metrics: &RouterMetrics, record: &StateEvent) {
+fn count_decision(metrics: &RouterMetrics, decisions: &mut CounterCache, record: &StateEvent) {
     if let Some(reason) = record.llm.as_ref().and_then(|c| c.error.as_deref()) {
         metrics.llm.fallbacks.with_label_values(&[reason]).inc();
     }
@@ -1869,31 +1905,16 @@ fn count_decision(metrics: &RouterMetrics, record: &StateEvent) {
         Decision::Routed { steps, decided_by } => {
             let source = decided_by.source();
             for step in steps {
-                metrics
-                    .decisions
-                    .with_label_values(&[name, source, &step.card])
-                    .inc();
+                decisions.get(&[name, source, &step.card]).inc();
             }
         }
-        Decision::Escalated { step, .. } => metrics
-            .decisions
-            .with_label_values(&[name, "rule", &step.card])
-            .inc(),
-        Decision::RetryScheduled { step } => metrics
-            .decisions
-            .with_label_values(&[name, "policy", &step.card])
-            .inc(),
+        Decision::Escalated { step, .. } => decisions.get(&[name, "rule", &step.card]).inc(),
+        Decision::RetryScheduled { step } => decisions.get(&[name, "policy", &step.card]).inc(),
         Decision::DeadLettered { reason, .. } => {
             metrics.dead_letters.with_label_values(&[reason]).inc();
-            metrics
-                .decisions
-                .with_label_values(&[name, "router", ""])
-                .inc();
+            decisions.get(&[name, "router", ""]).inc();
         }
-        _ => metrics
-            .decisions
-            .with_label_values(&[name, "router", ""])
-            .inc(),
+        _ => decisions.get(&[name, "router", ""]).inc(),
     }
 }
 

@@ -459,29 +459,29 @@ impl TimerIndex {
             let due = timers.iter().map(|f| f.due).min()?;
             Some((id, due, timers.len()))
         });
-        match (self.tasks.get_mut(task_id), next) {
-            (Some(filed), Some((_, due, held))) if due == filed.key.0 => {
-                self.pending = self.pending - filed.held + held;
-                filed.held = held;
-                return;
-            }
-            (Some(_), _) => {
-                if let Some(Filed { key, held }) = self.tasks.remove(task_id) {
-                    self.by_due.remove(&key);
-                    self.pending -= held;
-                }
-            }
-            // A new task (the common case) is looked up once before it is filed.
-            (None, _) => {}
-        }
         let Some((id, due, held)) = next else {
+            if let Some(Filed { key, held }) = self.tasks.remove(task_id) {
+                self.by_due.remove(&key);
+                self.pending -= held;
+            }
             return;
         };
+        // One lookup, whether the task is new (the common case) or filed already.
         let key = (due, self.filings);
+        let (filed, new) = self
+            .tasks
+            .get_or_insert_with(id.clone(), || Filed { key, held: 0 });
+        self.pending = self.pending - filed.held + held;
+        filed.held = held;
+        if !new && filed.key.0 == due {
+            return;
+        }
+        if !new {
+            self.by_due.remove(&filed.key);
+        }
+        filed.key = key;
         self.filings += 1;
         self.by_due.insert(key, id.clone());
-        self.tasks.insert(id.clone(), Filed { key, held });
-        self.pending += held;
     }
 
     /// The tasks with a timer due at `now`, in no particular order.
