@@ -215,12 +215,8 @@ impl Decided {
 }
 
 /// What the router keeps of a work item it writes: enough to end its task when the broker
-/// refuses the record.
+/// refuses the record (whose key is the task's id; the task's state names the step's card).
 pub struct Sent {
-    /// The task.
-    pub task_id: String,
-    /// The card the item is for.
-    pub card: String,
     /// The step.
     pub step_id: u32,
     /// The attempt.
@@ -230,10 +226,15 @@ pub struct Sent {
 }
 
 impl Sent {
-    /// `(task, step, attempt)`: what identifies a work item.
-    fn key(&self) -> (String, u32, u32) {
-        (self.task_id.clone(), self.step_id, self.attempt)
+    /// `(task, step, attempt)`: what identifies the work item `record`.
+    fn key(&self, record: &Outgoing) -> (String, u32, u32) {
+        (task_of(record), self.step_id, self.attempt)
     }
+}
+
+/// The task a work item is for: its key.
+fn task_of(work: &Outgoing) -> String {
+    String::from_utf8_lossy(&work.key).into_owned()
 }
 
 /// A decided input batch.
@@ -809,7 +810,9 @@ impl Router {
                     } else if i < n_dead + n_states {
                         return Err(state_refused(&record, error));
                     } else if let Some(item) = sent.get(i - n_dead - n_states) {
-                        self.refused.works.insert(item.key(), (record, error));
+                        self.refused
+                            .works
+                            .insert(item.key(&record), (record, error));
                     }
                 }
                 Ok(Some(self.take_back(undo, &cause)))
@@ -843,7 +846,7 @@ impl Router {
     async fn apply_refusals(&mut self, out: &mut Decided) -> Result<()> {
         let works = std::mem::take(&mut out.works);
         for (work, item) in works.into_iter().zip(std::mem::take(&mut out.sent)) {
-            match self.refused.works.remove(&item.key()) {
+            match self.refused.works.remove(&item.key(&work)) {
                 Some((record, error)) => self.refuse_work(&item, &record, &error, out).await?,
                 None => {
                     out.works.push(work);
@@ -946,16 +949,17 @@ impl Router {
             .rejected_records
             .with_label_values(&["work_item"])
             .inc();
-        tracing::warn!(task = %item.task_id, card = %item.card, step = item.step_id, bytes = record.size(), %error, "the broker refused a work item");
+        let task_id = task_of(record);
+        tracing::warn!(task = %task_id, topic = %record.topic, step = item.step_id, bytes = record.size(), %error, "the broker refused a work item");
         let p = item.partition;
-        let waiting = self
-            .partitions
-            .get(&p)
-            .and_then(|s| s.tasks.get(&item.task_id))
-            .is_some_and(|t| t.waits_for(item.step_id, item.attempt));
-        if !waiting {
+        let card = (self.partitions.get(&p))
+            .and_then(|s| s.tasks.get(&task_id))
+            .filter(|t| t.waits_for(item.step_id, item.attempt))
+            .and_then(|t| t.steps.get(&item.step_id))
+            .map(|step| step.card.clone());
+        let Some(card) = card else {
             return Ok(());
-        }
+        };
         let reason = if commit::too_large(error) {
             "too_large"
         } else {
@@ -963,7 +967,7 @@ impl Router {
         };
         let message = format!(
             "the broker refused the work item for `{}` (step {}, {} bytes) on `{}`: {error}",
-            item.card,
+            card,
             item.step_id,
             record.size(),
             record.topic
@@ -975,12 +979,12 @@ impl Router {
             bytes: record.size() as u64,
             error: error.to_string(),
         };
-        let followed = self.follow_up(p, &item.task_id, "refused_write");
+        let followed = self.follow_up(p, &task_id, "refused_write");
         let Some(mut partition) = self.partition(p, now_ms()) else {
             return Ok(());
         };
         partition.trace = followed;
-        let step = partition.refuse(&item.task_id, rejection, outcome);
+        let step = partition.refuse(&task_id, rejection, outcome);
         let source = dlq::Source {
             topic: record.topic.clone(),
             partition: -1,
@@ -1733,8 +1737,6 @@ impl Router {
         record.traceparent = trace.map(str::to_string);
         out.works.push(record);
         out.sent.push(Sent {
-            task_id: item.task_id.to_string(),
-            card: item.card.to_string(),
             step_id: item.step_id,
             attempt: item.attempt,
             partition: item.reply_partition,
