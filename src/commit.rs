@@ -136,10 +136,7 @@ impl Outgoing {
         key: &str,
         value: &T,
     ) -> Self {
-        // A state record is about 800 bytes: written into room for it rather than into a buffer
-        // that grows from 128 bytes three times.
-        let mut payload = Vec::with_capacity(1024);
-        serde_json::to_writer(&mut payload, value).expect("records serialize to JSON");
+        let payload = serde_json::to_vec(value).expect("records serialize to JSON");
         Self::bytes(topic, partition, key, payload)
     }
 

@@ -247,7 +247,7 @@ struct Batch {
 /// Where the input of a decision came from, for its dead letter.
 enum Origin<'a> {
     /// Read in this batch: the dead letter keeps the original bytes, and the state record copies
-    /// them when they are the event's JSON text (see [`state_record::record`]).
+    /// them when they are the event's JSON text (see [`state_record::Records::push`]).
     Read {
         /// The record read.
         message: &'a OwnedMessage,
